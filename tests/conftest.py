@@ -1,0 +1,36 @@
+"""Shared fixtures: every renderer test runs once per Taichi backend (x64 CPU and Vulkan)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+ARCHES = ("cpu", "vulkan")
+
+
+def _start(arch: str) -> None:
+    import taichi as ti
+
+    ti.reset()
+    ti.init(arch=getattr(ti, arch), default_fp=ti.f32, random_seed=0, log_level=ti.WARN)
+    actual = ti.lang.impl.current_cfg().arch
+    if actual != getattr(ti, arch):
+        raise RuntimeError(f"Taichi started on {actual} instead of {arch}")
+
+
+@pytest.fixture(scope="session", params=ARCHES)
+def arch(request) -> str:
+    """Start Taichi on each backend in turn; a missing Vulkan driver skips with the reason.
+
+    CI sets LOLNERF_REQUIRE_VULKAN=1 so that a missing driver fails the run instead of skipping it.
+    """
+    name = request.param
+    try:
+        _start(name)
+    except Exception as err:  # Taichi raises plain RuntimeError when no Vulkan device exists
+        reason = f"Taichi {name} backend unavailable on this machine: {err}"
+        if name == "vulkan" and os.environ.get("LOLNERF_REQUIRE_VULKAN") == "1":
+            pytest.fail(reason + " (LOLNERF_REQUIRE_VULKAN=1: install mesa-vulkan-drivers libvulkan1)")
+        pytest.skip(reason + " (install mesa-vulkan-drivers libvulkan1 for lavapipe)")
+    return name
