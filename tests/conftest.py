@@ -34,3 +34,12 @@ def arch(request) -> str:
             pytest.fail(reason + " (LOLNERF_REQUIRE_VULKAN=1: install mesa-vulkan-drivers libvulkan1)")
         pytest.skip(reason + " (install mesa-vulkan-drivers libvulkan1 for lavapipe)")
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny synthetic training run, trained once per test session and shared by the tests that need a
+    checkpoint (fit, render, evaluate). Returns the run directory."""
+    from tiny_run import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("tiny_run"))
