@@ -1,0 +1,235 @@
+"""Plain-torch reference of every renderer function (cumprod-based compositing).
+
+The Taichi kernels in this package are checked against these functions on every backend, and the
+benchmark times them as the baseline. They follow the same contract (docs/ARCHITECTURE.md) and the
+same sampling conventions, so for the same generator both give the same samples:
+
+- stratified: ``t_i = near + (far - near) * (i + u_i) / S`` with ``u_i ~ U[0, 1)`` drawn as one
+  ``torch.rand((R, S), generator=...)``; ``generator=None`` puts every sample at its bin centre.
+- importance: a piecewise-constant PDF over S bins whose edges are ``near``, the midpoints between
+  consecutive coarse ``t`` and ``far``. Bin ``i`` carries mass ``w_i + eps * width_i / (far - near)``,
+  so a ray whose weights are all zero samples uniformly in ``[near, far]``. The uniform numbers are
+  stratified, ``u_j = (j + v_j) / F`` with ``v_j`` drawn as one ``torch.rand((R, F), generator=...)``
+  (or 0.5 with ``generator=None``), so they are sorted and the samples come out sorted.
+- merge: a stable merge, so on ties the coarse sample comes first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Mass added to each importance bin in proportion to its width (as a fraction of the ray's interval).
+IMPORTANCE_EPS = 1e-5
+
+
+class Rays(NamedTuple):
+    """A batch of rays: origins (R, 3), unit directions (R, 3), near (R,), far (R,).
+
+    A ray that misses the bounding sphere has near == far.
+    """
+
+    origins: torch.Tensor
+    directions: torch.Tensor
+    near: torch.Tensor
+    far: torch.Tensor
+
+
+class Composited(NamedTuple):
+    """Compositing output: color (R, 3), opacity (R,), depth (R,), weights (R, S)."""
+
+    color: torch.Tensor
+    opacity: torch.Tensor
+    depth: torch.Tensor
+    weights: torch.Tensor
+
+
+def broadcast_cameras(
+    K: torch.Tensor, world_to_camera: torch.Tensor, n_rays: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand shared cameras to one per ray (broadcast views, no copy).
+
+    K (3, 3) | (R, 3, 3), world_to_camera (3, 4) | (R, 3, 4) -> (R, 3, 3), (R, 3, 4).
+    """
+    if K.shape[-2:] != (3, 3) or K.dim() not in (2, 3):
+        raise ValueError(f"K must have shape (3, 3) or (R, 3, 3), got {tuple(K.shape)}.")
+    if world_to_camera.shape[-2:] != (3, 4) or world_to_camera.dim() not in (2, 3):
+        raise ValueError(
+            f"world_to_camera must have shape (3, 4) or (R, 3, 4), got {tuple(world_to_camera.shape)}."
+        )
+    return K.expand(n_rays, 3, 3), world_to_camera.expand(n_rays, 3, 4)
+
+
+def generate_rays(
+    pixels: torch.Tensor, K: torch.Tensor, world_to_camera: torch.Tensor, radius: float = 2.0
+) -> Rays:
+    """Camera rays through pixel centres, clipped to the sphere of ``radius`` around the origin.
+
+    pixels (R, 2) integer (u, v) indices, K (R, 3, 3) or (3, 3), world_to_camera (R, 3, 4) or (3, 4)
+    -> Rays(origins (R, 3), directions (R, 3), near (R,), far (R,)).
+
+    The origin is the camera centre ``-R^T t``; near/far solve ``|o + t d| = radius`` exactly, with
+    near clamped at 0 when the camera is inside the sphere. A ray that misses gets near == far == 0.
+
+    >>> K = torch.tensor([[128.0, 0, 31.5], [0, 128, 31.5], [0, 0, 1]])
+    >>> w2c = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 7]])
+    >>> generate_rays(torch.tensor([[31.0, 31.0]]), K, w2c).near
+    tensor([5.])
+    """
+    n_rays = pixels.shape[0]
+    K, world_to_camera = broadcast_cameras(K, world_to_camera, n_rays)
+    rotation, translation = world_to_camera[..., :3], world_to_camera[..., 3]
+    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
+    skew = K[:, 0, 1]
+    y_cam = (pixels[:, 1] + 0.5 - cy) / fy
+    x_cam = (pixels[:, 0] + 0.5 - cx - skew * y_cam) / fx
+    dirs_cam = torch.stack([x_cam, y_cam, torch.ones_like(x_cam)], dim=-1)
+    directions = torch.einsum("rji,rj->ri", rotation, dirs_cam)  # R^T d
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    origins = -torch.einsum("rji,rj->ri", rotation, translation)  # -R^T t
+    half_b = (origins * directions).sum(-1)
+    c = (origins * origins).sum(-1) - radius * radius
+    disc = half_b * half_b - c
+    root = disc.clamp_min(0).sqrt()
+    near = (-half_b - root).clamp_min(0)
+    far = (-half_b + root).clamp_min(0)
+    hit = (disc > 0) & (far > near)
+    zero = torch.zeros_like(near)
+    return Rays(origins, directions, torch.where(hit, near, zero), torch.where(hit, far, zero))
+
+
+def sample_stratified(
+    near: torch.Tensor, far: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One jittered sample per equal bin of [near, far]: near, far (R,) -> t (R, S) sorted.
+
+    ``generator=None`` gives bin centres (deterministic, for evaluation).
+
+    >>> sample_stratified(torch.tensor([0.0]), torch.tensor([4.0]), 4)
+    tensor([[0.5000, 1.5000, 2.5000, 3.5000]])
+    """
+    n_rays = near.shape[0]
+    if generator is None:
+        u = torch.full((n_rays, n_samples), 0.5, dtype=near.dtype, device=near.device)
+    else:
+        u = torch.rand((n_rays, n_samples), generator=generator, dtype=near.dtype, device=near.device)
+    bins = torch.arange(n_samples, dtype=near.dtype, device=near.device)
+    return near[:, None] + (far - near)[:, None] * (bins + u) / n_samples
+
+
+def importance_uniforms(
+    n_rays: int, n_samples: int, generator: torch.Generator | None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Sorted stratified uniforms in [0, 1) for inverse-CDF sampling: -> u (R, F), ``(j + v_j) / F``."""
+    if generator is None:
+        jitter = torch.full((n_rays, n_samples), 0.5, device=device)
+    else:
+        jitter = torch.rand((n_rays, n_samples), generator=generator, device=device)
+    return (torch.arange(n_samples, dtype=torch.float32, device=device) + jitter) / n_samples
+
+
+def sample_importance(
+    t: torch.Tensor,
+    weights: torch.Tensor,
+    n_samples: int,
+    near: torch.Tensor,
+    far: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Inverse-CDF samples of the piecewise-constant PDF given by coarse weights (no gradient).
+
+    t, weights (R, S) coarse samples and their compositing weights; near, far (R,) -> t_fine (R, F) sorted.
+    Bin edges are [near, midpoints of t, far]; see the module docstring for the epsilon and the uniforms.
+
+    >>> t = torch.tensor([[0.5, 1.5, 2.5, 3.5]]); w = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    >>> sample_importance(t, w, 2, torch.tensor([0.0]), torch.tensor([4.0]))
+    tensor([[2.2500, 2.7500]])
+    """
+    t, weights = t.detach(), weights.detach()
+    near, far = near.detach(), far.detach()
+    n_rays = t.shape[0]
+    edges = torch.cat([near[:, None], 0.5 * (t[:, 1:] + t[:, :-1]), far[:, None]], dim=1)
+    widths = (edges[:, 1:] - edges[:, :-1]).clamp_min(0)
+    span = (far - near).clamp_min(torch.finfo(t.dtype).tiny)
+    mass = weights.clamp_min(0) + IMPORTANCE_EPS * widths / span[:, None]
+    cdf = torch.cat([torch.zeros_like(near)[:, None], torch.cumsum(mass, dim=1)], dim=1)
+    total = cdf[:, -1:]
+    u = importance_uniforms(n_rays, n_samples, generator, t.device).to(t.dtype) * total
+    # Bin index: the last edge whose cdf is <= u, within [0, S - 1].
+    index = (torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True) - 1).clamp(0, t.shape[1] - 1)
+    cdf_lo = cdf.gather(1, index)
+    bin_mass = mass.gather(1, index)
+    frac = torch.where(bin_mass > 0, (u - cdf_lo) / bin_mass.clamp_min(torch.finfo(t.dtype).tiny), 0.0)
+    frac = frac.clamp(0, 1)
+    samples = edges.gather(1, index) + frac * widths.gather(1, index)
+    # A miss (near == far) has no mass at all: every sample sits at near.
+    return torch.where(total > 0, samples, near[:, None].expand_as(samples))
+
+
+def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two per-ray sorted sample lists: (R, S), (R, F) -> t_all (R, S+F), order (R, S+F) int64.
+
+    ``order`` indexes ``torch.cat([t_a, t_b], 1)``, so per-sample network outputs can be gathered
+    without re-evaluating them. Ties keep the sample of ``t_a`` first (stable).
+
+    >>> merge_samples(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0]]))
+    (tensor([[0., 1., 2.]]), tensor([[0, 2, 1]]))
+    """
+    t_all, order = torch.sort(torch.cat([t_a, t_b], dim=1).detach(), dim=1, stable=True)
+    return t_all, order
+
+
+def sample_deltas(t_all: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+    """Interval lengths: t (R, S), far (R,) -> deltas (R, S), ``t[i+1] - t[i]`` and last ``far - t[-1]``.
+
+    >>> sample_deltas(torch.tensor([[1.0, 1.5, 3.0]]), torch.tensor([4.0]))
+    tensor([[0.5000, 1.5000, 1.0000]])
+    """
+    t_all = t_all.detach()
+    nxt = torch.cat([t_all[:, 1:], far.detach()[:, None]], dim=1)
+    return (nxt - t_all).clamp_min(0)
+
+
+def expand_background(background: torch.Tensor | float, n_rays: int, like: torch.Tensor) -> torch.Tensor:
+    """A background given as (R, 3), (3,) or a float, as an (R, 3) tensor (a broadcast view)."""
+    if not torch.is_tensor(background):
+        background = torch.tensor(float(background), dtype=like.dtype, device=like.device)
+    if background.dim() == 0:
+        background = background.expand(3)
+    if background.shape not in ((3,), (n_rays, 3)):
+        raise ValueError(f"background must be a float, a (3,) or an ({n_rays}, 3) tensor, "
+                         f"got shape {tuple(background.shape)}.")
+    return background.expand(n_rays, 3)
+
+
+def composite(
+    sigmas: torch.Tensor,
+    rgbs: torch.Tensor,
+    t: torch.Tensor,
+    deltas: torch.Tensor,
+    background: torch.Tensor | float = 0.0,
+) -> Composited:
+    """Volume rendering by alpha compositing (cumprod form).
+
+    sigmas (R, S) >= 0, rgbs (R, S, 3), t (R, S), deltas (R, S), background (R, 3) | (3,) | float
+    -> Composited(color (R, 3), opacity (R,), depth (R,), weights (R, S)).
+
+    ``alpha_i = 1 - exp(-sigma_i delta_i)``, ``T_i = prod_{j<i} (1 - alpha_j)``, ``w_i = T_i alpha_i``,
+    ``color = sum w_i c_i + (1 - sum w_i) background``, ``depth = sum w_i t_i``.
+
+    >>> out = composite(torch.tensor([[1e9]]), torch.ones(1, 1, 3), torch.tensor([[2.0]]), torch.ones(1, 1))
+    >>> out.opacity, out.depth
+    (tensor([1.]), tensor([2.]))
+    """
+    n_rays = sigmas.shape[0]
+    alpha = 1.0 - torch.exp(-sigmas * deltas)
+    transmittance = torch.cumprod(
+        torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1
+    )
+    weights = transmittance * alpha
+    opacity = weights.sum(1)
+    bg = expand_background(background, n_rays, sigmas)
+    color = (weights[..., None] * rgbs).sum(1) + (1.0 - opacity)[:, None] * bg
+    depth = (weights * t.detach()).sum(1)
+    return Composited(color, opacity, depth, weights)
