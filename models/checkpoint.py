@@ -1,0 +1,253 @@
+"""Checkpoints: atomic, self-describing, loadable with ``torch.load(weights_only=True)``.
+
+Layout of a run directory's checkpoints:
+
+    RUN/checkpoints/step_00001000.pt   the last ``keep_last`` of these are kept
+    RUN/checkpoints/best.pt            the lowest training loss seen at a checkpoint step
+
+Payload (a plain dict of tensors, numbers, strings, lists and dicts):
+
+    format "lolnerf-checkpoint", version 1,
+    model      {"field": FieldConfig dict, "latent_dim", "n_identities", "background": "network" | [r, g, b],
+                "background_net": BackgroundConfig dict or None}   (enough to rebuild the modules)
+    field, background, latents         state dicts
+    optimizers, schedulers             {name: state dict}
+    step, metric                       int, float or None
+    rng        {"torch", "python", ...}  (train.py adds the sampler's numpy state and its torch generator)
+    config     the run's full configuration as a plain dict (see train.py)
+    fingerprint  the dataset fingerprint (``PreparedDataset.fingerprint``)
+
+    ckpt = load_checkpoint(latest_checkpoint(run_dir))
+    ckpt.field, ckpt.background, ckpt.latents, ckpt.config, ckpt.step, ckpt.fingerprint, ckpt.render_config
+
+Writes go to a temporary file in the same directory, are fsync'ed, then ``os.replace``d over the target,
+so a write killed midway leaves every earlier checkpoint intact (the stray temp file is ignored and
+cleaned up by the next save).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.background import BackgroundConfig, BackgroundField, background_spec, make_background
+from models.field import ConditionedField, FieldConfig
+from models.latents import LatentTable
+from models.render import RenderConfig
+
+CHECKPOINT_FORMAT = "lolnerf-checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+BEST_NAME = "best.pt"
+TEMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(Exception):
+    """A file is not a readable checkpoint of this project, or none exists where one was expected."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Modules rebuilt from a checkpoint (on ``map_location``, in eval mode) plus its metadata.
+
+    ``payload`` is the raw dict (optimiser/scheduler/RNG states) that ``train.py --resume`` needs.
+    """
+
+    field: ConditionedField
+    background: nn.Module | None
+    latents: LatentTable
+    config: dict
+    step: int
+    fingerprint: str
+    render_config: RenderConfig = dataclass_field(default_factory=RenderConfig)
+    path: Path | None = None
+    payload: dict = dataclass_field(default_factory=dict, repr=False)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_description(field: ConditionedField, background: nn.Module | None, latents: LatentTable) -> dict:
+    """What ``build_modules`` needs to rebuild the networks, as a plain dict."""
+    return {
+        "field": dataclasses.asdict(field.cfg),
+        "latent_dim": field.latent_dim,
+        "n_identities": latents.n,
+        "background": background_spec(background) if background is not None else None,
+        "background_net": (dataclasses.asdict(background.cfg) if isinstance(background, BackgroundField)
+                           else None),
+    }
+
+
+def build_modules(model: dict) -> tuple[ConditionedField, nn.Module | None, LatentTable]:
+    """Fresh (untrained) field, background and latent table from a ``model_description`` dict."""
+    field = ConditionedField(FieldConfig(**model["field"]), model["latent_dim"])
+    background = None
+    if model["background"] is not None:
+        net_cfg = BackgroundConfig(**model["background_net"]) if model["background_net"] else None
+        background = make_background(model["background"], model["latent_dim"], net_cfg)
+    return field, background, LatentTable(model["n_identities"], model["latent_dim"])
+
+
+def checkpoint_payload(*, field: ConditionedField, background: nn.Module | None, latents: LatentTable,
+                       optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], step: int,
+                       rng: dict, config: dict, fingerprint: str, metric: float | None = None) -> dict:
+    """Assemble the checkpoint dict (tensors are moved to CPU so any device can load it)."""
+    def cpu_state(module: nn.Module) -> dict:
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": FORMAT_VERSION,
+        "model": model_description(field, background, latents),
+        "field": cpu_state(field),
+        "background": cpu_state(background) if background is not None else {},
+        "latents": cpu_state(latents),
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "schedulers": {name: sch.state_dict() for name, sch in schedulers.items()},
+        "step": int(step),
+        "metric": None if metric is None else float(metric),
+        "rng": rng,
+        "config": config,
+        "fingerprint": str(fingerprint),
+    }
+
+
+def save_checkpoint(path: Path, payload: dict) -> Path:
+    """Write a payload from ``checkpoint_payload`` atomically to ``path``."""
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("save_checkpoint expects a dict built by checkpoint_payload().")
+    return atomic_torch_save(payload, Path(path))
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and validate a checkpoint's raw payload; anything else raises ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file; pass a checkpoint written by "
+                              f"train.py (RUN/{CHECKPOINT_DIR}/step_*.pt or best.pt).")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path} is not a LOLNeRF checkpoint (torch.load failed: "
+                              f"{type(err).__name__}); pass a file written by train.py.") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a torch file but not a LOLNeRF checkpoint; pass a file written by "
+                              f"train.py.")
+    if payload.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {payload.get('version')}, this code "
+                              f"reads version {FORMAT_VERSION}; use the matching release of this project.")
+    return payload
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the trained field, background and latent table from a checkpoint file (eval mode)."""
+    payload = read_checkpoint(path, map_location)
+    field, background, latents = build_modules(payload["model"])
+    try:
+        field.load_state_dict(payload["field"])
+        if background is not None:
+            background.load_state_dict(payload["background"])
+        latents.load_state_dict(payload["latents"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} is damaged: its weights do not match its own model description "
+                              f"({err}).") from err
+    modules = [m for m in (field, background, latents) if m is not None]
+    for module in modules:
+        module.to(map_location).eval()
+    render = payload["config"].get("render") if isinstance(payload["config"], dict) else None
+    render_config = RenderConfig(**render) if render else RenderConfig()
+    return LoadedCheckpoint(field, background, latents, payload["config"], payload["step"],
+                            payload["fingerprint"], render_config, Path(path), payload)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run keeps its checkpoints."""
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """All ``step_*.pt`` checkpoints of a run, sorted by step (temp files are ignored)."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_PATTERN.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest ``step_*.pt`` of a run directory (or of its ``checkpoints/`` folder itself)."""
+    run_dir = Path(run_dir)
+    if run_dir.name == CHECKPOINT_DIR and not checkpoint_dir(run_dir).is_dir():
+        run_dir = run_dir.parent
+    found = step_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"no checkpoint found in {checkpoint_dir(run_dir)}; train first with "
+                              f"`python train.py --out {run_dir}`.")
+    return found[-1][1]
+
+
+class CheckpointKeeper:
+    """Writes step checkpoints, keeps the last ``keep_last`` and a copy of the best (lowest metric)."""
+
+    def __init__(self, run_dir: Path, keep_last: int = 3):
+        self.directory = checkpoint_dir(run_dir)
+        self.keep_last = max(1, keep_last)
+        self.best_metric: float | None = None
+        best = self.directory / BEST_NAME
+        if best.is_file():
+            try:
+                self.best_metric = read_checkpoint(best).get("metric")
+            except CheckpointError:
+                self.best_metric = None
+
+    def save(self, payload: dict) -> Path:
+        """Write ``step_<step>.pt`` (and ``best.pt`` when its metric improves), then prune old steps."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stray in self.directory.glob(TEMP_PREFIX + "*"):  # left by a write that was killed
+            stray.unlink(missing_ok=True)
+        path = save_checkpoint(self.directory / f"step_{payload['step']:08d}.pt", payload)
+        metric = payload.get("metric")
+        if metric is not None and (self.best_metric is None or metric < self.best_metric):
+            save_checkpoint(self.directory / BEST_NAME, payload)
+            self.best_metric = metric
+        for _, old in step_checkpoints(self.directory.parent)[:-self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
