@@ -1,0 +1,311 @@
+"""The prepared-dataset cache: a versioned directory of memory-mappable arrays that other tools can read.
+
+Layout (FORMAT_VERSION = 1)::
+
+    manifest.json     format_version, source, settings, fingerprint, template, counts, background, ...
+    images.npy        (N, H, W, 3) uint8
+    masks.npy         (N, H, W) uint8, 255 = foreground
+    cameras.npz       K (N, 3, 3) float32, world_to_camera (N, 3, 4) float32 (OpenCV, world-to-camera)
+    identities.npy    (N,) int64, which latent each image trains
+    sources.json      [{"file", "identity", "reprojection_error_px", ...}] per image
+    skipped.json      [{"file", "reason", "detail"}] per skipped file
+    depths.npy        optional (N, H, W) float32 ray distance t, 0 = background (synthetic only)
+    heldout/          optional: the same files for held-out views of training identities
+
+``manifest.json`` is written last and removed first, so a directory with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "heldout")
+SPLIT_FILES = ("manifest.json", "images.npy", "masks.npy", "cameras.npz", "identities.npy", "sources.json",
+               "skipped.json")
+
+
+class CacheError(RuntimeError):
+    """A prepared cache that cannot be read: missing, incomplete, corrupt or from a newer format."""
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write JSON to ``path`` via a temp file and os.replace, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez to ``path`` via a temp file and os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save to ``path`` via a temp file and os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def split_dir(cache_dir: Path, split: str) -> Path:
+    """``cache_dir`` for the training split, ``cache_dir/heldout`` for the held-out views."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use 'train' or 'heldout'.")
+    return Path(cache_dir) if split == "train" else Path(cache_dir) / "heldout"
+
+
+def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tuple[int, int],
+                with_depth: bool) -> None:
+    """Stream one split's chunks into the cache files without holding all images in memory.
+
+    Each chunk is a dict: image (k, H, W, 3) uint8, mask (k, H, W) uint8, depth (k, H, W) float32
+    (when with_depth), K (k, 3, 3), world_to_camera (k, 3, 4), identity (k,), sources (list of k dicts).
+    Big arrays go to temp files through np.lib.format.open_memmap and are moved into place at the end.
+    """
+    if n < 1:
+        raise ValueError(f"Nothing to write for {directory}: a split needs at least one image.")
+    directory.mkdir(parents=True, exist_ok=True)
+    height, width = image_size
+    shapes = {"images": ((n, height, width, 3), np.uint8), "masks": ((n, height, width), np.uint8)}
+    if with_depth:
+        shapes["depths"] = ((n, height, width), np.float32)
+    temps = {name: directory / f".{name}.npy.tmp" for name in shapes}
+    maps = {name: np.lib.format.open_memmap(temps[name], mode="w+", dtype=dtype, shape=shape)
+            for name, (shape, dtype) in shapes.items()}
+    Ks, world_to_cameras, identities, sources = [], [], [], []
+    start = 0
+    for chunk in chunks:
+        k = len(chunk["identity"])
+        if k == 0:
+            continue
+        maps["images"][start:start + k] = chunk["image"]
+        maps["masks"][start:start + k] = chunk["mask"]
+        if with_depth:
+            maps["depths"][start:start + k] = chunk["depth"]
+        Ks.append(np.asarray(chunk["K"], np.float32))
+        world_to_cameras.append(np.asarray(chunk["world_to_camera"], np.float32))
+        identities.append(np.asarray(chunk["identity"], np.int64))
+        sources.extend(chunk["sources"])
+        start += k
+    if start != n:
+        raise RuntimeError(f"internal error: expected {n} images for {directory}, got {start}")
+    for array in maps.values():
+        array.flush()
+    maps.clear()  # drop the memmaps before moving their files
+    for name, tmp in temps.items():
+        os.replace(tmp, directory / f"{name}.npy")
+    if not with_depth and (directory / "depths.npy").exists():
+        (directory / "depths.npy").unlink()
+    atomic_save_npz(directory / "cameras.npz", K=np.concatenate(Ks),
+                    world_to_camera=np.concatenate(world_to_cameras))
+    atomic_save_npy(directory / "identities.npy", np.concatenate(identities))
+    atomic_write_json(directory / "sources.json", sources)
+
+
+def records_to_chunk(records: list[dict]) -> dict:
+    """Stack per-image records (image, mask, [depth], K, world_to_camera, identity, source, ...) into a
+    chunk for ``write_split``; keys other than the arrays go into that image's sources.json entry."""
+    array_keys = ("image", "mask", "depth", "K", "world_to_camera", "identity")
+    chunk = {key: np.stack([r[key] for r in records]) for key in array_keys if records and key in records[0]}
+    chunk["identity"] = np.array([r["identity"] for r in records], np.int64)
+    chunk["sources"] = [{"file": r["source"], "identity": int(r["identity"]),
+                         **{k: v for k, v in r.items() if k not in (*array_keys, "source", "split")}}
+                        for r in records]
+    return chunk
+
+
+def invalidate(cache_dir: Path) -> None:
+    """Remove the manifests first, so an interrupted rewrite never looks like a complete cache."""
+    for directory in (Path(cache_dir), Path(cache_dir) / "heldout"):
+        (directory / "manifest.json").unlink(missing_ok=True)
+
+
+def complete_manifest(manifest: dict, counts: dict[str, int], skipped: list[dict],
+                      image_size: tuple[int, int]) -> dict:
+    """Add the fields every cache has: format version, counts (kept/heldout/skipped by reason), size."""
+    by_reason = Counter(entry["reason"] for entry in skipped)
+    return {
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "image_size": list(image_size),
+        "counts": {"kept": counts.get("train", 0), "heldout": counts.get("heldout", 0),
+                   "skipped": len(skipped), "skipped_by_reason": dict(sorted(by_reason.items()))},
+    }
+
+
+def write_cache(out_dir: str | Path, records_by_split: dict[str, list[dict]], manifest: dict,
+                skipped: list[dict]) -> Path:
+    """Write a whole cache from in-memory records (small datasets, e.g. synthetic). Returns out_dir.
+
+    ``records_by_split`` maps "train"/"heldout" to lists of records as in ``records_to_chunk``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    invalidate(out_dir)
+    train = records_by_split.get("train", [])
+    if not train:
+        raise ValueError("A cache needs at least one training image.")
+    image_size = tuple(train[0]["image"].shape[:2])
+    with_depth = "depth" in train[0]
+    counts = {split: len(records_by_split.get(split, [])) for split in SPLITS}
+    manifest = complete_manifest(manifest, counts, skipped, image_size)
+    for split in reversed(SPLITS):  # heldout first: the top-level manifest comes last
+        records = records_by_split.get(split, [])
+        directory = split_dir(out_dir, split)
+        if not records:
+            if split == "heldout":  # a stale heldout/ from an earlier build must not survive
+                shutil.rmtree(directory, ignore_errors=True)
+            continue
+        write_split(directory, [records_to_chunk(records)], len(records), image_size, with_depth)
+        atomic_write_json(directory / "skipped.json", skipped if split == "train" else [])
+        atomic_write_json(directory / "manifest.json", {**manifest, "split": split})
+    return out_dir
+
+
+def read_manifest(cache_dir: str | Path) -> dict | None:
+    """The manifest of a complete cache, or None when there is none (or it is unreadable)."""
+    try:
+        with open(Path(cache_dir) / "manifest.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _load_array(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise CacheError(f"Prepared cache file {path} is missing; delete {path.parent} and prepare the "
+                         "dataset again (python -m dataset.prepare ...).") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise CacheError(f"Prepared cache file {path} is corrupt ({err}); delete {path.parent} and prepare "
+                         "the dataset again (python -m dataset.prepare ...).") from None
+
+
+class PreparedDataset:
+    """A prepared cache split, memory-mapped: nothing big is read until it is indexed.
+
+    Attributes: images (N, H, W, 3) uint8 memmap, masks (N, H, W) uint8 memmap, depths (N, H, W) float32
+    memmap or None, K (N, 3, 3) float32, world_to_camera (N, 3, 4) float32, identities (N,) int64,
+    manifest (dict), fingerprint (str), n_identities (int, the size of the latent table, equal for both
+    splits), image_size (H, W), background ("network" for photos, or an RGB list), sources (list).
+
+    >>> ds = PreparedDataset("runs/cache/synthetic64", split="train")  # doctest: +SKIP
+    >>> ds.images.shape, ds.K.shape  # doctest: +SKIP
+    ((64, 64, 64, 3), (64, 3, 3))
+    """
+
+    def __init__(self, cache_dir: str | Path, split: str = "train"):
+        self.cache_dir = Path(cache_dir)
+        self.split = split
+        directory = split_dir(self.cache_dir, split)
+        top = self.cache_dir / "manifest.json"
+        if not self.cache_dir.is_dir():
+            raise CacheError(f"No prepared cache at {self.cache_dir}; create one with python -m "
+                             "dataset.prepare --dataset NAME --data-root DIR --out CACHE_DIR.")
+        if not top.exists():
+            raise CacheError(f"{self.cache_dir} has no manifest.json, so it is not a complete prepared cache "
+                             "(an interrupted build?); rerun python -m dataset.prepare with the same --out.")
+        self.manifest = self._read_json(top)
+        version = self.manifest.get("format_version")
+        if not isinstance(version, int):
+            raise CacheError(f"{top} has no integer format_version; it is not a prepared cache.")
+        if version > FORMAT_VERSION:
+            raise CacheError(f"{self.cache_dir} uses cache format {version}, newer than this code's "
+                             f"{FORMAT_VERSION}; update the code or prepare the dataset again.")
+        if split == "heldout":
+            if not directory.is_dir():
+                raise CacheError(f"{self.cache_dir} has no held-out split (heldout/); only synthetic and srn "
+                                 "datasets have held-out views.")
+            heldout_manifest = self._read_json(directory / "manifest.json")
+            if heldout_manifest.get("fingerprint") != self.manifest.get("fingerprint"):
+                raise CacheError(f"{directory} does not belong to the cache at {self.cache_dir} "
+                                 "(fingerprints differ); prepare the dataset again.")
+        self.images = _load_array(directory / "images.npy", mmap=True)
+        self.masks = _load_array(directory / "masks.npy", mmap=True)
+        self.identities = _load_array(directory / "identities.npy", mmap=False).astype(np.int64)
+        cameras_path = directory / "cameras.npz"
+        try:
+            with np.load(cameras_path, allow_pickle=False) as cameras:
+                self.K = np.asarray(cameras["K"], np.float32)
+                self.world_to_camera = np.asarray(cameras["world_to_camera"], np.float32)
+        except FileNotFoundError:
+            raise CacheError(f"Prepared cache file {cameras_path} is missing; prepare the dataset "
+                             "again.") from None
+        except (ValueError, OSError, KeyError, EOFError) as err:
+            raise CacheError(f"Prepared cache file {cameras_path} is corrupt ({err}); prepare the dataset "
+                             "again.") from None
+        depth_path = directory / "depths.npy"
+        self.depths = _load_array(depth_path, mmap=True) if depth_path.exists() else None
+        self.sources = self._read_json(directory / "sources.json")
+        self._check_shapes()
+
+    def _read_json(self, path: Path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise CacheError(f"Prepared cache file {path} is missing; prepare the dataset again.") from None
+        except ValueError as err:
+            raise CacheError(f"Prepared cache file {path} is corrupt ({err}); prepare the dataset "
+                             "again.") from None
+
+    def _check_shapes(self) -> None:
+        n = len(self.images)
+        problems = []
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            problems.append(f"images.npy is {self.images.dtype} {self.images.shape}, "
+                            "expected uint8 (N, H, W, 3)")
+        expected = {"masks.npy": (self.masks.shape, (n, *self.images.shape[1:3])),
+                    "cameras.npz K": (self.K.shape, (n, 3, 3)),
+                    "cameras.npz world_to_camera": (self.world_to_camera.shape, (n, 3, 4)),
+                    "identities.npy": (self.identities.shape, (n,)),
+                    "sources.json": ((len(self.sources),), (n,))}
+        if self.depths is not None:
+            expected["depths.npy"] = (self.depths.shape, (n, *self.images.shape[1:3]))
+        problems += [f"{name} has shape {got}, expected {want}" for name, (got, want) in expected.items()
+                     if tuple(got) != tuple(want)]
+        if problems:
+            raise CacheError(f"Prepared cache {self.cache_dir} ({self.split}) is inconsistent: "
+                             + "; ".join(problems) + ". Prepare the dataset again.")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def fingerprint(self) -> str:
+        """The manifest's fingerprint: a hash over the source files and the preparation settings."""
+        return self.manifest["fingerprint"]
+
+    @property
+    def background(self):
+        """"network" (photos: a background network learns it) or a constant RGB list in [0, 1]."""
+        return self.manifest.get("background", "network")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of every image in the cache."""
+        return tuple(int(s) for s in self.images.shape[1:3])
+
+    @property
+    def n_identities(self) -> int:
+        """Number of latent codes: identities run from 0 to n_identities - 1 in both splits."""
+        if "n_identities" in self.manifest:
+            return int(self.manifest["n_identities"])
+        return int(self.identities.max()) + 1 if len(self.identities) else 0
