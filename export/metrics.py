@@ -1,0 +1,149 @@
+"""Image and depth metrics: PSNR, SSIM (scikit-image), depth abs-rel / RMSE / correlation, optional LPIPS.
+
+Images are float RGB in [0, 1] (H, W, 3) or uint8; masks (H, W) select the pixels that count
+(> 0.5 for float masks, > 127 for uint8 ones).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+
+def _as_float_image(image) -> np.ndarray:
+    if hasattr(image, "detach"):
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float64) / 255.0
+    return arr.astype(np.float64)
+
+
+def _as_bool_mask(mask, shape: tuple[int, int]) -> np.ndarray:
+    if mask is None:
+        return np.ones(shape, dtype=bool)
+    if hasattr(mask, "detach"):
+        mask = mask.detach().cpu().numpy()
+    m = np.asarray(mask)
+    if m.shape != shape:
+        raise ValueError(
+            f"mask has shape {m.shape} but the image is {shape}; pass one (H, W) mask per image."
+        )
+    return m > 127 if m.dtype == np.uint8 else m > 0.5
+
+
+def psnr(pred, target, mask=None) -> float:
+    """Peak signal-to-noise ratio in dB for images in [0, 1]: -10 log10(MSE), over the mask if given.
+
+    pred, target (H, W, 3) or (H, W). A perfect prediction returns ``inf``.
+
+    >>> round(psnr(np.zeros((4, 4, 3)), np.full((4, 4, 3), 0.1)), 6)
+    20.0
+    """
+    p, t = _as_float_image(pred), _as_float_image(target)
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} must have the same shape.")
+    m = _as_bool_mask(mask, p.shape[:2])
+    if not m.any():
+        raise ValueError("The mask selects no pixels, so PSNR is undefined.")
+    mse = float(np.mean((p[m] - t[m]) ** 2))
+    return math.inf if mse == 0.0 else -10.0 * math.log10(mse)
+
+
+def ssim(pred, target, mask=None) -> float:
+    """Structural similarity (skimage.metrics.structural_similarity, data range 1, uniform 7x7
+    windows), averaged over the mask if given. pred, target (H, W, 3) or (H, W); 1.0 for identical images.
+    """
+    p, t = _as_float_image(pred), _as_float_image(target)
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} must have the same shape.")
+    win = min(7, p.shape[0], p.shape[1])
+    win -= 1 - win % 2  # the window must be odd
+    if win < 3:
+        raise ValueError(f"SSIM needs images of at least 3x3 pixels, got {p.shape[:2]}.")
+    channel_axis = -1 if p.ndim == 3 else None
+    _, full = structural_similarity(p, t, data_range=1.0, channel_axis=channel_axis, win_size=win, full=True)
+    if full.ndim == 3:
+        full = full.mean(axis=-1)
+    m = _as_bool_mask(mask, p.shape[:2])
+    if not m.any():
+        raise ValueError("The mask selects no pixels, so SSIM is undefined.")
+    return float(full[m].mean())
+
+
+def depth_errors(pred, target, mask=None) -> dict[str, float]:
+    """Depth error inside the mask, where the ground truth is positive (0 marks background).
+
+    pred, target (H, W) in world units. Returns {"abs_rel": mean |p - t| / t, "rmse": sqrt mean (p - t)^2,
+    "corr": Pearson correlation of p and t (NaN when either is constant), "n_pixels": count}.
+
+    >>> depth_errors(np.full((2, 2), 7.0), np.full((2, 2), 7.0))["rmse"]
+    0.0
+    """
+    p = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred, dtype=np.float64)
+    t = np.asarray(target.detach().cpu().numpy() if hasattr(target, "detach") else target, dtype=np.float64)
+    if p.shape != t.shape or p.ndim != 2:
+        raise ValueError(f"pred {p.shape} and target {t.shape} must both be (H, W) depth maps.")
+    valid = _as_bool_mask(mask, t.shape) & (t > 0) & np.isfinite(t) & np.isfinite(p)
+    n = int(valid.sum())
+    if n == 0:
+        raise ValueError("No pixel is inside the mask with a positive ground-truth depth.")
+    pv, tv = p[valid], t[valid]
+    diff = pv - tv
+    if n > 1 and pv.std() > 0 and tv.std() > 0:
+        corr = float(np.corrcoef(pv, tv)[0, 1])
+    else:
+        corr = math.nan
+    return {
+        "abs_rel": float(np.mean(np.abs(diff) / tv)),
+        "rmse": float(np.sqrt(np.mean(diff**2))),
+        "corr": corr,
+        "n_pixels": n,
+    }
+
+
+ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+
+
+def lpips_status() -> tuple[bool, str]:
+    """Whether LPIPS can run offline: the ``lpips`` package and the AlexNet backbone weights in torch's
+    hub cache must both already be present (this project never downloads). Returns (available, note)."""
+    if importlib.util.find_spec("lpips") is None:
+        return False, "LPIPS skipped: the 'lpips' package is not installed (pip install lpips)."
+    import torch
+
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
+    if not weights.is_file():
+        return (
+            False,
+            f"LPIPS skipped: AlexNet backbone weights not found at {weights} (never downloaded here).",
+        )
+    return True, "LPIPS (AlexNet) computed with weights found on this machine."
+
+
+class Lpips:
+    """LPIPS distance (lower is better) with the AlexNet backbone; only build it when ``lpips_status()``
+    says it is available, because otherwise torchvision would try to download weights."""
+
+    def __init__(self) -> None:
+        available, note = lpips_status()
+        if not available:
+            raise RuntimeError(note)
+        import lpips
+
+        self.model = lpips.LPIPS(net="alex", verbose=False).eval()
+
+    def __call__(self, pred, target) -> float:
+        """pred, target (H, W, 3) in [0, 1] -> LPIPS distance (float)."""
+        import torch
+
+        def to_tensor(img):
+            arr = _as_float_image(img).astype(np.float32)
+            return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+        with torch.no_grad():
+            return float(self.model(to_tensor(pred), to_tensor(target)).item())
