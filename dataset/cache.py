@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -187,6 +188,22 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
         return None
 
 
+def is_up_to_date(cache_dir: str | Path, fingerprint: str) -> bool:
+    """True when ``cache_dir`` holds a complete, readable cache of this format with this fingerprint."""
+    manifest = read_manifest(cache_dir)
+    if not manifest or manifest.get("fingerprint") != fingerprint:
+        return False
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return False
+    try:
+        PreparedDataset(cache_dir)
+        if (Path(cache_dir) / "heldout").exists():
+            PreparedDataset(cache_dir, split="heldout")
+    except CacheError:
+        return False
+    return True
+
+
 def _load_array(path: Path, mmap: bool) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -248,7 +265,7 @@ class PreparedDataset:
         except FileNotFoundError:
             raise CacheError(f"Prepared cache file {cameras_path} is missing; prepare the dataset "
                              "again.") from None
-        except (ValueError, OSError, KeyError, EOFError) as err:
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise CacheError(f"Prepared cache file {cameras_path} is corrupt ({err}); prepare the dataset "
                              "again.") from None
         depth_path = directory / "depths.npy"

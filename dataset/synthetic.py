@@ -252,11 +252,13 @@ def generate_synthetic(out_dir: str | Path, config: SyntheticConfig | None = Non
 
     >>> cache = generate_synthetic("/tmp/synthetic64", SyntheticConfig(n_identities=8))  # doctest: +SKIP
     """
-    from dataset.cache import write_cache
+    from dataset.cache import is_up_to_date, write_cache
 
     config = config or SyntheticConfig()
     if config.n_identities < 1 or config.train_views < 1 or config.heldout_views < 0:
         raise ValueError("SyntheticConfig needs n_identities >= 1, train_views >= 1 and heldout_views >= 0.")
+    if is_up_to_date(out_dir, config.fingerprint()):
+        return Path(out_dir)
     records_by_split: dict[str, list[dict]] = {"train": [], "heldout": []}
     for identity in range(config.n_identities):
         for record in render_identity(config, identity):
