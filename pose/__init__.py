@@ -1,0 +1,60 @@
+"""Cameras for single-view photos: landmarks, canonical template, LM camera solve, masks, framing.
+
+    from pose import load_image, prepare_photo
+    photo = prepare_photo(load_image("face.png"), resolution=64, framing="aligned")
+"""
+
+from .camera import (
+    CameraFit,
+    default_intrinsics,
+    project,
+    rotation_from_yaw_pitch_roll,
+    solve_camera,
+    yaw_pitch_roll,
+)
+from .config import PoseConfig
+from .errors import ImageError, NoFaceError, PoseRejectedError
+from .framing import CropBox, aligned_box, crop_and_resize, crop_intrinsics, landmark_box
+from .image_io import decode_image, load_image
+from .landmarks import FaceLandmarks, detect_landmarks
+from .masks import segment_foreground
+from .prepare import PreparedPhoto, prepare_photo
+from .template import (
+    CAMERA_DISTANCE,
+    EYE_DISTANCE,
+    FOCAL_FACTOR,
+    load_template,
+    save_template,
+    template_metadata,
+)
+
+__all__ = [
+    "CAMERA_DISTANCE",
+    "EYE_DISTANCE",
+    "FOCAL_FACTOR",
+    "CameraFit",
+    "CropBox",
+    "FaceLandmarks",
+    "ImageError",
+    "NoFaceError",
+    "PoseConfig",
+    "PoseRejectedError",
+    "PreparedPhoto",
+    "aligned_box",
+    "crop_and_resize",
+    "crop_intrinsics",
+    "decode_image",
+    "default_intrinsics",
+    "detect_landmarks",
+    "landmark_box",
+    "load_image",
+    "load_template",
+    "prepare_photo",
+    "project",
+    "rotation_from_yaw_pitch_roll",
+    "save_template",
+    "segment_foreground",
+    "solve_camera",
+    "template_metadata",
+    "yaw_pitch_roll",
+]
