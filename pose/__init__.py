@@ -19,6 +19,7 @@ from .image_io import decode_image, load_image
 from .landmarks import FaceLandmarks, detect_landmarks
 from .masks import segment_foreground
 from .prepare import PreparedPhoto, prepare_photo
+from .refine import TemplateRefinement, refine_template
 from .template import (
     CAMERA_DISTANCE,
     EYE_DISTANCE,
@@ -40,6 +41,7 @@ __all__ = [
     "PoseConfig",
     "PoseRejectedError",
     "PreparedPhoto",
+    "TemplateRefinement",
     "aligned_box",
     "crop_and_resize",
     "crop_intrinsics",
@@ -51,6 +53,7 @@ __all__ = [
     "load_template",
     "prepare_photo",
     "project",
+    "refine_template",
     "rotation_from_yaw_pitch_roll",
     "save_template",
     "segment_foreground",

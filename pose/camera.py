@@ -193,11 +193,23 @@ def solve_camera(points: np.ndarray, template: np.ndarray, image_size: tuple[int
         K = K.copy()
         K[0, 0] = K[1, 1] = K[0, 0] * np.exp(result.x[6])
     rotation = Rotation.from_rotvec(result.x[:3]).as_matrix()
-    world_to_camera = np.c_[rotation, result.x[3:6]]
+    return make_fit(points, template, K, np.c_[rotation, result.x[3:6]], image_size, config, name)
+
+
+def make_fit(points: np.ndarray, template: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray,
+             image_size: tuple[int, int], config: PoseConfig | None = None, initialisation: str = ""
+             ) -> CameraFit:
+    """Measure a given camera against the landmarks and wrap it as a `CameraFit`.
+
+    Args:
+        points: (P, 2) landmarks; template: (P, 3); K: (3, 3); world_to_camera: (3, 4);
+        image_size: (H, W).
+    """
+    config = config or PoseConfig()
     per_point = np.linalg.norm(project(template, K, world_to_camera) - points, axis=1)
     error = float(np.sqrt(np.mean(per_point**2)))
     threshold = config.max_error_fraction * image_size[1]
     return CameraFit(K=K, world_to_camera=world_to_camera, reprojection_error_px=error,
-                     per_point_error_px=per_point, yaw_pitch_roll_deg=yaw_pitch_roll(rotation),
+                     per_point_error_px=per_point, yaw_pitch_roll_deg=yaw_pitch_roll(world_to_camera[:, :3]),
                      accepted=bool(error <= threshold), threshold_px=float(threshold),
-                     image_size=(int(image_size[0]), int(image_size[1])), initialisation=name)
+                     image_size=(int(image_size[0]), int(image_size[1])), initialisation=initialisation)

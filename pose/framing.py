@@ -46,8 +46,8 @@ def landmark_box(landmarks: FaceLandmarks, crop_scale: float = 2.0) -> CropBox:
     eye_to_eye = np.linalg.norm(landmarks.eye_centres[1] - landmarks.eye_centres[0])
     eye_to_mouth = landmarks.mouth_centre - eye_mid
     centre = eye_mid + 0.1 * eye_to_mouth
-    side = max(int(round(crop_scale * max(2.0 * eye_to_eye, 1.8 * np.linalg.norm(eye_to_mouth)))), 1)
-    x0, y0 = (int(round(c - side / 2)) for c in centre)
+    side = max(round(crop_scale * max(2.0 * eye_to_eye, 1.8 * np.linalg.norm(eye_to_mouth))), 1)
+    x0, y0 = (round(float(c) - side / 2) for c in centre)
     return CropBox(x0, y0, side)
 
 
@@ -62,7 +62,8 @@ def crop_and_resize(array: np.ndarray, box: CropBox, resolution: int,
     (2, 2)
     """
     height, width = array.shape[:2]
-    pad = (max(-box.y0, 0), max(box.y0 + box.side - height, 0), max(-box.x0, 0), max(box.x0 + box.side - width, 0))
+    pad = (max(-box.y0, 0), max(box.y0 + box.side - height, 0),
+           max(-box.x0, 0), max(box.x0 + box.side - width, 0))
     if any(pad):
         array = cv2.copyMakeBorder(array, *pad, border, value=0)
     y0, x0 = box.y0 + pad[0], box.x0 + pad[2]
@@ -75,7 +76,8 @@ def crop_and_resize(array: np.ndarray, box: CropBox, resolution: int,
 def crop_intrinsics(K: np.ndarray, box: CropBox, resolution: int) -> np.ndarray:
     """K of the source image → K of the crop resized to r × r (exact: shift then scale).
 
-    >>> crop_intrinsics(np.array([[100., 0, 50], [0, 100, 40], [0, 0, 1]]), CropBox(10, 0, 80), 40)[0].tolist()
+    >>> K = np.array([[100.0, 0, 50], [0, 100, 40], [0, 0, 1]])
+    >>> crop_intrinsics(K, CropBox(10, 0, 80), 40)[0].tolist()
     [50.0, 0.0, 20.0]
     """
     scale = resolution / box.side

@@ -79,7 +79,8 @@ def decode_image(data: bytes, name: str = "image", min_side: int = 32) -> np.nda
         # applies the EXIF orientation.
         pixels = cv2.imdecode(buffer, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
     if pixels is None or pixels.size == 0:
-        raise ImageError(f"{name} is not a readable image (OpenCV cannot decode it); remove it from the data.")
+        raise ImageError(f"{name} is not a readable image (OpenCV cannot decode it); "
+                         "remove it from the data.")
     pixels = _to_uint8(pixels)
     if pixels.ndim == 2:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)

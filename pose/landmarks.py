@@ -189,7 +189,8 @@ def detect_landmarks(image: np.ndarray, config: PoseConfig | None = None) -> Fac
     """
     config = config or PoseConfig()
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"detect_landmarks needs a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}.")
+        raise ValueError(f"detect_landmarks needs a uint8 (H, W, 3) RGB image, "
+                         f"got {image.dtype} {image.shape}.")
     image_size = image.shape[:2]
     result = run_graph("face_mesh", image, max_num_faces=config.max_num_faces,
                        min_detection_confidence=config.min_detection_confidence)

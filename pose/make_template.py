@@ -53,7 +53,8 @@ def measure(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     detections = run_graph("face_detection", image, model_selection=1, min_detection_confidence=0.5)
     if not faces.multi_face_landmarks or not detections.detections:
         raise RuntimeError("A calibration photo has no face; the template cannot be derived.")
-    mesh = np.array([[p.x * width, p.y * height, p.z * width] for p in faces.multi_face_landmarks[0].landmark])
+    landmarks = faces.multi_face_landmarks[0].landmark
+    mesh = np.array([[p.x * width, p.y * height, p.z * width] for p in landmarks])
     keypoints = detections.detections[0].location_data.relative_keypoints
     xy = np.array([[keypoints[i].x * width, keypoints[i].y * height] for i in DETECTION_KEYPOINTS.values()])
     depth = LinearNDInterpolator(mesh[:, :2], mesh[:, 2])(xy)

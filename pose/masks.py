@@ -23,6 +23,7 @@ def segment_foreground(image: np.ndarray, config: PoseConfig | None = None) -> n
     """
     config = config or PoseConfig()
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"segment_foreground needs a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}.")
+        raise ValueError(f"segment_foreground needs a uint8 (H, W, 3) RGB image, "
+                         f"got {image.dtype} {image.shape}.")
     result = run_graph("selfie_segmentation", image, model_selection=config.segmentation_model)
     return np.clip(np.asarray(result.segmentation_mask, np.float32), 0.0, 1.0)

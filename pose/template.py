@@ -71,7 +71,8 @@ def save_template(points: dict[str, np.ndarray], path: str | Path, provenance: d
     path = Path(path)
     body = {
         "format": 1,
-        "units": f"head units: outer eye corners {EYE_DISTANCE} apart; origin {NOSE_DEPTH} behind the nose tip",
+        "units": f"head units: outer eye corners {EYE_DISTANCE} apart; "
+                 f"origin {NOSE_DEPTH} behind the nose tip",
         "axes": "OpenCV: x right, y down, the face looks towards -z",
         "points": {name: np.round(np.asarray(p, np.float64), 6).tolist() for name, p in points.items()},
         "provenance": provenance,
