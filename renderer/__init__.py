@@ -1,24 +1,24 @@
-"""Differentiable volume renderer: rays, sampling and compositing (see docs/ARCHITECTURE.md).
+"""Differentiable volume renderer in Taichi: rays, sampling and compositing (docs/ARCHITECTURE.md).
 
-Temporary: the plain-torch reference implementations are exported until the Taichi kernels land.
+Every function runs as Taichi kernels on the arch chosen by :func:`init_backend` and takes and returns
+torch tensors; ``composite`` has a hand-written backward. ``renderer.reference`` holds the same maths
+in plain torch, and ``renderer.profiling`` the switch for the kernel profiler.
 """
 
-from renderer.reference import (
-    Composited,
-    Rays,
-    composite,
-    generate_rays,
-    merge_samples,
-    sample_deltas,
-    sample_importance,
-    sample_stratified,
-)
+from renderer.backend import Backend, BackendUnavailableError, init_backend
+from renderer.composite import composite
+from renderer.rays import generate_rays
+from renderer.reference import Composited, Rays
+from renderer.sampling import merge_samples, sample_deltas, sample_importance, sample_stratified
 
 __all__ = [
+    "Backend",
+    "BackendUnavailableError",
     "Composited",
     "Rays",
     "composite",
     "generate_rays",
+    "init_backend",
     "merge_samples",
     "sample_deltas",
     "sample_importance",

@@ -1,0 +1,198 @@
+"""Choose and start the Taichi arch, and pair it with a torch device.
+
+>>> backend = init_backend(arch="cpu", device="cpu")   # doctest: +SKIP
+[renderer] Taichi arch=cpu (x64), torch device=cpu: asked for cpu.
+
+``auto`` takes CUDA when both torch and Taichi can use it, else Vulkan when a Vulkan device exists,
+else the CPU. Asking for a backend the machine lacks raises :class:`BackendUnavailableError` with one
+sentence naming what is missing; nothing falls back silently (``ti.init`` itself falls back to x64
+without a word, so the arch Taichi actually started on is checked after every init).
+
+Taichi CUDA kernels read torch CUDA tensors in place; the CPU and Vulkan arches read CPU tensors.
+Tensors on any other torch device (MPS, XPU, or CUDA beside a non-CUDA arch) are copied to the CPU
+for each kernel and the results copied back; the chosen backend's ``reason`` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import taichi as ti
+import torch
+
+ARCHES = ("auto", "cuda", "vulkan", "metal", "cpu")
+DEVICES = ("auto", "cuda", "mps", "xpu", "cpu")
+
+NO_VULKAN = (
+    "no Vulkan driver found: install your GPU's Vulkan driver, or mesa-vulkan-drivers and libvulkan1 "
+    "for a CPU fallback (lavapipe)"
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested Taichi arch or torch device does not exist on this machine."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The started backend: Taichi ``arch`` name, the torch ``device`` for data, and why they were chosen."""
+
+    arch: str
+    device: torch.device
+    reason: str
+
+
+def _started_arch() -> str | None:
+    """Name of the arch Taichi is running on ("cuda", "vulkan", "metal", "cpu"), or None if not started."""
+    if ti.lang.impl.get_runtime().prog is None:
+        return None
+    arch = ti.lang.impl.current_cfg().arch
+    if arch == ti.cuda:
+        return "cuda"
+    if arch == ti.vulkan:
+        return "vulkan"
+    if arch == ti.metal:
+        return "metal"
+    return "cpu"
+
+
+def _start(arch: str, kernel_profiler: bool, random_seed: int) -> bool:
+    """Start Taichi on ``arch``; True when it really runs there (not on Taichi's silent x64 fallback)."""
+    ti.reset()
+    try:
+        ti.init(
+            arch=getattr(ti, arch),
+            default_fp=ti.f32,
+            kernel_profiler=kernel_profiler,
+            random_seed=random_seed,
+            log_level=ti.WARN,
+        )
+    except Exception:  # Taichi raises bare RuntimeErrors when a device cannot be created
+        ti.reset()
+        return False
+    if _started_arch() != arch:
+        ti.reset()
+        return False
+    return True
+
+
+def _torch_cuda_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return (
+            "torch sees no CUDA device (torch.cuda.is_available() is False): install an NVIDIA driver "
+            "and a CUDA build of torch, or choose arch='vulkan' or arch='cpu'"
+        )
+    return None
+
+
+def _torch_device_missing(device: str) -> str | None:
+    if device == "cuda":
+        return _torch_cuda_missing()
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "torch has no MPS device (Apple GPU on macOS): use device='cpu'"
+    if device == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return "torch has no XPU device (Intel GPU with an XPU build of torch): use device='cpu'"
+    return None
+
+
+def _start_arch(arch: str, kernel_profiler: bool, random_seed: int) -> str:
+    """Start an explicitly requested arch or raise naming what is missing; returns the reason text."""
+    if arch == "cuda":
+        missing = _torch_cuda_missing()
+        if missing:
+            raise BackendUnavailableError(f"arch='cuda' is unavailable: {missing}.")
+        if not _start("cuda", kernel_profiler, random_seed):
+            raise BackendUnavailableError(
+                "arch='cuda' is unavailable: Taichi could not start CUDA although torch can; check that "
+                "the NVIDIA driver is recent enough for Taichi 1.7.4, or choose arch='vulkan' or 'cpu'."
+            )
+    elif arch == "vulkan":
+        if not _start("vulkan", kernel_profiler, random_seed):
+            raise BackendUnavailableError(f"arch='vulkan' is unavailable: {NO_VULKAN}.")
+    elif arch == "metal":
+        if not _start("metal", kernel_profiler, random_seed):
+            raise BackendUnavailableError(
+                "arch='metal' is unavailable: Metal needs macOS on a Mac with a Metal GPU; choose "
+                "arch='vulkan' or arch='cpu'."
+            )
+    elif not _start("cpu", kernel_profiler, random_seed):
+        raise BackendUnavailableError("arch='cpu' failed to start: reinstall taichi==1.7.4.")
+    return f"asked for {arch}"
+
+
+def _start_auto(kernel_profiler: bool, random_seed: int) -> tuple[str, str]:
+    """Start the best available arch in the order CUDA, Vulkan, CPU; returns (arch, reason)."""
+    cuda_missing = _torch_cuda_missing()
+    if cuda_missing is None and _start("cuda", kernel_profiler, random_seed):
+        return "cuda", "auto: torch and Taichi both use CUDA"
+    why_not_cuda = cuda_missing or "Taichi could not start CUDA"
+    if _start("vulkan", kernel_profiler, random_seed):
+        return "vulkan", f"auto: no CUDA ({why_not_cuda}); a Vulkan device exists"
+    _start("cpu", kernel_profiler, random_seed)
+    return "cpu", f"auto: no CUDA ({why_not_cuda}) and {NO_VULKAN}; using the CPU"
+
+
+def init_backend(
+    arch: str = "auto",
+    device: str = "auto",
+    kernel_profiler: bool = False,
+    random_seed: int = 0,
+    verbose: bool = True,
+) -> Backend:
+    """Start Taichi on ``arch`` and pair it with a torch ``device``; prints the choice and the reason.
+
+    arch: "auto" | "cuda" | "vulkan" | "metal" | "cpu"; device: "auto" | "cuda" | "mps" | "xpu" | "cpu".
+    ``kernel_profiler=True`` turns on Taichi's kernel profiler (see renderer.profiling).
+    Raises BackendUnavailableError naming what is missing; ValueError for an unknown name.
+    Calling it again switches arch in the same process (all renderer kernels recompile).
+    """
+    if arch not in ARCHES:
+        raise ValueError(f"Unknown Taichi arch {arch!r}: choose one of {', '.join(ARCHES)}.")
+    if device not in DEVICES:
+        raise ValueError(f"Unknown torch device {device!r}: choose one of {', '.join(DEVICES)}.")
+    if arch == "cuda" and device not in ("auto", "cuda"):
+        raise ValueError(
+            f"arch='cuda' reads torch CUDA tensors in place; device={device!r} cannot pair with it: "
+            "use device='cuda' (or 'auto')."
+        )
+    device_missing = _torch_device_missing(device) if device != "auto" else None
+    if device_missing:
+        raise BackendUnavailableError(f"device={device!r} is unavailable: {device_missing}.")
+
+    if arch == "auto":
+        started, reason = _start_auto(kernel_profiler, random_seed)
+    else:
+        started, reason = arch, _start_arch(arch, kernel_profiler, random_seed)
+
+    if device == "auto":
+        device = "cuda" if started == "cuda" else "cpu"
+        reason += f"; torch device {device} pairs with Taichi {started}"
+    elif started != "cuda" and device != "cpu":
+        reason += (
+            f"; Taichi {started} cannot read {device} tensors, so they are copied to the CPU "
+            "around every renderer kernel"
+        )
+    backend = Backend(arch=started, device=torch.device(device), reason=reason)
+    if verbose:
+        label = "x64" if started == "cpu" else started
+        print(f"[renderer] Taichi arch={started} ({label}), torch device={device}: {reason}.")
+    return backend
+
+
+def ensure_started() -> str:
+    """The running arch's name, starting the ``auto`` backend first if nobody has started Taichi."""
+    started = _started_arch()
+    if started is None:
+        started = init_backend("auto").arch
+    return started
+
+
+def kernel_device() -> torch.device:
+    """The torch device whose tensors the running Taichi arch reads in place (CUDA or CPU)."""
+    return torch.device("cuda") if ensure_started() == "cuda" else torch.device("cpu")
+
+
+def to_kernel(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``tensor`` as a contiguous, detached tensor of ``dtype`` that the running arch can read in place."""
+    device = kernel_device()
+    return tensor.detach().to(device=device, dtype=dtype).contiguous()

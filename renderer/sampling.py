@@ -1,0 +1,237 @@
+"""Sample placement along rays as Taichi kernels: stratified, importance, merge and interval lengths.
+
+Every function is one kernel launch, works per ray in parallel, and carries no gradient (sample
+positions are under stop-gradient in LOLNeRF). Random numbers are drawn in torch from the caller's
+generator and passed in, so each backend and the torch reference give the same samples for a seed;
+the conventions (bins, PDF edges, epsilon, uniforms) are in ``renderer.reference``'s docstring.
+"""
+
+import taichi as ti
+import torch
+
+from renderer.backend import kernel_device, to_kernel
+from renderer.reference import IMPORTANCE_EPS
+
+f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
+f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
+i64_2d = ti.types.ndarray(dtype=ti.i64, ndim=2)
+
+TINY = 1.1754944e-38  # smallest normal float32: guards divisions by a zero-length interval
+
+
+@ti.kernel
+def stratified_kernel(near: f32_1d, far: f32_1d, jitter: f32_2d, use_jitter: ti.i32, t: f32_2d):
+    """near, far (R,), jitter (R, S) in [0, 1) (ignored unless use_jitter) -> t (R, S)."""
+    n_samples = t.shape[1]
+    for ray, s in ti.ndrange(t.shape[0], n_samples):
+        u = 0.5
+        if use_jitter:
+            u = jitter[ray, s]
+        t[ray, s] = near[ray] + (far[ray] - near[ray]) * (s + u) / n_samples
+
+
+@ti.func
+def pdf_edge(t: ti.template(), near, far, ray, i):
+    """Edge i of the S bins around S coarse samples: near, midpoints of consecutive t, far."""
+    n_bins = t.shape[1]
+    edge = near
+    if i >= n_bins:
+        edge = far
+    elif i > 0:
+        edge = 0.5 * (t[ray, i] + t[ray, i - 1])
+    return edge
+
+
+@ti.func
+def bin_mass(t: ti.template(), weights: ti.template(), near, far, span, ray, i):
+    """Probability mass of bin i (unnormalised): its weight plus epsilon times its share of [near, far]."""
+    width = ti.max(pdf_edge(t, near, far, ray, i + 1) - pdf_edge(t, near, far, ray, i), 0.0)
+    return ti.max(weights[ray, i], 0.0) + IMPORTANCE_EPS * width / span
+
+
+@ti.kernel
+def importance_kernel(
+    t: f32_2d,
+    weights: f32_2d,
+    near: f32_1d,
+    far: f32_1d,
+    jitter: f32_2d,
+    use_jitter: ti.i32,
+    t_fine: f32_2d,
+):
+    """Inverse CDF by a two-pointer walk (the uniforms are sorted): (R, S) t, weights -> (R, F) t_fine."""
+    n_bins = t.shape[1]
+    n_fine = t_fine.shape[1]
+    for ray in range(t.shape[0]):
+        lo, hi = near[ray], far[ray]
+        span = ti.max(hi - lo, TINY)
+        total = 0.0
+        for i in range(n_bins):
+            total += bin_mass(t, weights, lo, hi, span, ray, i)
+        if total > 0.0:
+            i = 0
+            cdf_below = 0.0
+            mass = bin_mass(t, weights, lo, hi, span, ray, 0)
+            for j in range(n_fine):
+                v = 0.5
+                if use_jitter:
+                    v = jitter[ray, j]
+                u = (j + v) / n_fine * total
+                while i < n_bins - 1 and cdf_below + mass <= u:
+                    cdf_below += mass
+                    i += 1
+                    mass = bin_mass(t, weights, lo, hi, span, ray, i)
+                frac = 0.0
+                if mass > 0.0:
+                    frac = ti.min(ti.max((u - cdf_below) / mass, 0.0), 1.0)
+                left = pdf_edge(t, lo, hi, ray, i)
+                width = ti.max(pdf_edge(t, lo, hi, ray, i + 1) - left, 0.0)
+                t_fine[ray, j] = left + frac * width
+        else:  # a miss (near == far) has no mass: every sample sits at near
+            for j in range(n_fine):
+                t_fine[ray, j] = lo
+
+
+@ti.kernel
+def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d):
+    """Stable two-list merge per ray: (R, S), (R, F) sorted -> (R, S+F) sorted and source indices."""
+    n_a = t_a.shape[1]
+    n_b = t_b.shape[1]
+    for ray in range(t_a.shape[0]):
+        i, j = 0, 0
+        for k in range(n_a + n_b):
+            # Taichi does not short-circuit `or`, so both reads must stay in bounds.
+            a = t_a[ray, ti.min(i, n_a - 1)]
+            b = t_b[ray, ti.min(j, n_b - 1)]
+            if j >= n_b or (i < n_a and a <= b):
+                t_all[ray, k] = a
+                order[ray, k] = i
+                i += 1
+            else:
+                t_all[ray, k] = b
+                order[ray, k] = n_a + j
+                j += 1
+
+
+@ti.kernel
+def deltas_kernel(t: f32_2d, far: f32_1d, deltas: f32_2d):
+    """t (R, S), far (R,) -> deltas (R, S): next sample (or far) minus this one, never negative."""
+    n_samples = t.shape[1]
+    for ray, s in ti.ndrange(t.shape[0], n_samples):
+        nxt = far[ray]
+        if s + 1 < n_samples:
+            nxt = t[ray, s + 1]
+        deltas[ray, s] = ti.max(nxt - t[ray, s], 0.0)
+
+
+def _jitter(shape: tuple[int, int], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Uniforms from the caller's generator (on its device, as the reference draws them), or a dummy."""
+    if generator is None:
+        return torch.zeros((1, 1), device=kernel_device())
+    return to_kernel(torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32))
+
+
+def _check_rays(near: torch.Tensor, far: torch.Tensor) -> None:
+    if near.dim() != 1 or far.shape != near.shape:
+        raise ValueError(
+            f"near and far must both have shape (R,); got {tuple(near.shape)} and {tuple(far.shape)}."
+        )
+
+
+def sample_stratified(
+    near: torch.Tensor, far: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One jittered sample per equal bin of [near, far]: near, far (R,) -> t (R, S) sorted.
+
+    ``generator=None`` gives bin centres (deterministic, for evaluation).
+
+    >>> sample_stratified(torch.tensor([0.0]), torch.tensor([4.0]), 4)
+    tensor([[0.5000, 1.5000, 2.5000, 3.5000]])
+    """
+    _check_rays(near, far)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+    n_rays = near.shape[0]
+    t = torch.empty((n_rays, n_samples), device=kernel_device())
+    if n_rays > 0:
+        jitter = _jitter((n_rays, n_samples), generator, near)
+        stratified_kernel(to_kernel(near), to_kernel(far), jitter, int(generator is not None), t)
+    return t.to(near.device)
+
+
+def sample_importance(
+    t: torch.Tensor,
+    weights: torch.Tensor,
+    n_samples: int,
+    near: torch.Tensor,
+    far: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Inverse-CDF samples of the piecewise-constant PDF given by coarse weights (no gradient).
+
+    t, weights (R, S) coarse samples (sorted) and their compositing weights; near, far (R,)
+    -> t_fine (R, F) sorted. Bins are [near, midpoints of t, far]; zero weights sample uniformly.
+
+    >>> t = torch.tensor([[0.5, 1.5, 2.5, 3.5]]); w = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    >>> sample_importance(t, w, 2, torch.tensor([0.0]), torch.tensor([4.0]))
+    tensor([[2.2500, 2.7500]])
+    """
+    _check_rays(near, far)
+    if t.dim() != 2 or weights.shape != t.shape or t.shape[0] != near.shape[0]:
+        raise ValueError(
+            f"t and weights must both have shape (R, S) with R = {near.shape[0]} rays; got "
+            f"{tuple(t.shape)} and {tuple(weights.shape)}."
+        )
+    if n_samples < 1 or t.shape[1] < 1:
+        raise ValueError(f"need at least one coarse and one fine sample; got {t.shape[1]} and {n_samples}.")
+    n_rays = t.shape[0]
+    t_fine = torch.empty((n_rays, n_samples), device=kernel_device())
+    if n_rays > 0:
+        jitter = _jitter((n_rays, n_samples), generator, near)
+        importance_kernel(
+            to_kernel(t), to_kernel(weights), to_kernel(near), to_kernel(far), jitter,
+            int(generator is not None), t_fine,
+        )
+    return t_fine.to(t.device)
+
+
+def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two per-ray sorted sample lists: (R, S), (R, F) -> t_all (R, S+F), order (R, S+F) int64.
+
+    ``order`` indexes ``torch.cat([t_a, t_b], 1)``; ties keep ``t_a``'s sample first (stable). An
+    O(S+F) merge per ray, not a sort.
+
+    >>> merge_samples(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0]]))
+    (tensor([[0., 1., 2.]]), tensor([[0, 2, 1]]))
+    """
+    if t_a.dim() != 2 or t_b.dim() != 2 or t_a.shape[0] != t_b.shape[0]:
+        raise ValueError(
+            f"merge_samples needs two (R, S) and (R, F) tensors with the same R; got {tuple(t_a.shape)} "
+            f"and {tuple(t_b.shape)}."
+        )
+    n_rays, width = t_a.shape[0], t_a.shape[1] + t_b.shape[1]
+    device = kernel_device()
+    t_all = torch.empty((n_rays, width), device=device)
+    order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
+    if n_rays > 0 and t_a.shape[1] > 0 and t_b.shape[1] > 0:
+        merge_kernel(to_kernel(t_a), to_kernel(t_b), t_all, order)
+    elif n_rays > 0:  # one list is empty: the other is already the merge
+        t_all.copy_(to_kernel(t_a if t_a.shape[1] else t_b))
+        order.copy_(torch.arange(width, device=device).expand(n_rays, width))
+    return t_all.to(t_a.device), order.to(t_a.device)
+
+
+def sample_deltas(t_all: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+    """Interval lengths: t (R, S), far (R,) -> deltas (R, S), ``t[i+1] - t[i]`` and last ``far - t[-1]``.
+
+    >>> sample_deltas(torch.tensor([[1.0, 1.5, 3.0]]), torch.tensor([4.0]))
+    tensor([[0.5000, 1.5000, 1.0000]])
+    """
+    if t_all.dim() != 2 or far.shape != (t_all.shape[0],):
+        raise ValueError(
+            f"sample_deltas needs t (R, S) and far (R,); got {tuple(t_all.shape)} and {tuple(far.shape)}."
+        )
+    deltas = torch.empty(t_all.shape, device=kernel_device())
+    if t_all.numel() > 0:
+        deltas_kernel(to_kernel(t_all), to_kernel(far), deltas)
+    return deltas.to(t_all.device)
