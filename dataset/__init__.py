@@ -1,14 +1,31 @@
-"""Prepared datasets: the memory-mapped cache, its sources and builds, the synthetic generator, batches."""
+"""Prepared datasets: the memory-mapped cache, its sources and builds, the synthetic generator, batches.
 
-from dataset.cache import FORMAT_VERSION, CacheError, PreparedDataset
-from dataset.sampler import PixelBatchSampler
-from dataset.synthetic import SyntheticConfig, generate_synthetic
+Names are imported on first use, so worker processes and ``python -m dataset.prepare`` do not pay for
+torch (only the sampler needs it).
+"""
 
-__all__ = [
-    "FORMAT_VERSION",
-    "CacheError",
-    "PixelBatchSampler",
-    "PreparedDataset",
-    "SyntheticConfig",
-    "generate_synthetic",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "FORMAT_VERSION": "dataset.cache",
+    "CacheError": "dataset.cache",
+    "PreparedDataset": "dataset.cache",
+    "PixelBatchSampler": "dataset.sampler",
+    "PrepareConfig": "dataset.config",
+    "prepare_dataset": "dataset.prepare",
+    "BuildInterrupted": "dataset.build",
+    "DataRootError": "dataset.sources",
+    "SyntheticConfig": "dataset.synthetic",
+    "generate_synthetic": "dataset.synthetic",
+    "write_srn_layout": "dataset.srn",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dataset' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,69 @@
+"""`PrepareConfig`: every setting of dataset preparation, with the `paper` and `cpu` presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from pose.config import PoseConfig
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Settings for ``prepare_dataset`` (defaults are the ``cpu`` preset).
+
+    Attributes:
+        resolution: side of the square training images (cameras' K is scaled to match).
+        framing: "aligned" or "landmarks"; None picks the source's default ("aligned" for ffhq, celeba,
+            celebahq; "landmarks" for folder, whose raw photos need a crop centred on the face).
+        min_image_side: photos whose shorter side is below this (pixels) are skipped as "tiny".
+        chunk_size: images per resumable shard under ``partial/`` (what an interruption can lose).
+        limit: prepare only the first ``limit`` source items in sorted order (None: all).
+        views_per_identity: training views per identity (srn, synthetic); photos always have one.
+        heldout_views: held-out views per identity (srn, synthetic); -1 means all remaining (srn).
+        synthetic_identities: number of identities the synthetic generator draws.
+        srn_world_scale: SRN scenes are multiplied by this: objects of radius ~0.5 become radius ~1.5, like
+            a head, inside the renderer's radius-2 sphere (recorded in the manifest as world_scale).
+        srn_white_threshold: an SRN pixel is background when all its channels are at least this.
+        seed: seeds every random choice (synthetic shapes and views, SRN view split).
+        pose: landmark, camera-solve and mask settings (``pose.PoseConfig``).
+    """
+
+    resolution: int = field(default=64, metadata={"help": "side of the square training images"})
+    framing: str | None = field(default=None, metadata={
+        "help": "aligned (centred square) or landmarks (crop on the face); None: aligned for ffhq/celeba/"
+                "celebahq, landmarks for folder"})
+    min_image_side: int = field(default=64, metadata={"help": "skip photos whose shorter side is smaller"})
+    chunk_size: int = field(default=32, metadata={"help": "images per resumable shard under partial/"})
+    limit: int | None = field(default=None, metadata={"help": "prepare only the first N items (None: all)"})
+    views_per_identity: int = field(default=1, metadata={
+        "help": "training views per identity (srn, synthetic)"})
+    heldout_views: int = field(default=3, metadata={
+        "help": "held-out views per identity (srn, synthetic); -1: all remaining (srn)"})
+    synthetic_identities: int = field(default=64, metadata={
+        "help": "identities the synthetic generator draws"})
+    srn_world_scale: float = field(default=3.0, metadata={
+        "help": "multiply SRN scenes by this (radius-0.5 objects become radius 1.5)"})
+    srn_white_threshold: int = field(default=250, metadata={
+        "help": "an SRN pixel with every channel >= this is background"})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
+    pose: PoseConfig = field(default_factory=PoseConfig)
+
+    @classmethod
+    def preset(cls, name: str) -> PrepareConfig:
+        """``cpu``: 64² images, 64 synthetic identities; ``paper``: 256² images, 1,024 synthetic identities.
+
+        >>> PrepareConfig.preset("paper").resolution
+        256
+        """
+        presets = {"cpu": cls(), "paper": cls(resolution=256, synthetic_identities=1024)}
+        if name not in presets:
+            raise ValueError(f"Unknown prepare preset {name!r}; choose one of {sorted(presets)}.")
+        return presets[name]
+
+    def with_(self, **changes) -> PrepareConfig:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready settings (nested dataclasses become dicts)."""
+        return asdict(self)

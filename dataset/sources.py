@@ -1,0 +1,131 @@
+"""Photo sources (ffhq, celeba, celebahq, folder): which files an item is, and how one becomes records.
+
+A source is a small swappable component with three jobs:
+
+- ``list_items(data_root)``: the sorted relative paths of its items (a photo file, an SRN instance);
+- ``item_files(data_root, item)``: the files whose (path, size, mtime) make up the source fingerprint;
+- ``process(data_root, item, config)``: an ``ItemResult`` with cache records, or why it was skipped.
+
+``process`` runs inside worker processes, so sources are plain picklable dataclasses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dataset.config import PrepareConfig
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+class DataRootError(ValueError):
+    """The data root is missing or holds nothing this source can use."""
+
+
+@dataclass
+class ItemResult:
+    """What one source item produced: records for the cache, or a skip reason (one of ``REASONS``)."""
+
+    item: str
+    records: list[dict] = field(default_factory=list)
+    skipped: dict | None = None
+
+
+REASONS = {
+    "not_an_image": "not an image file",
+    "unreadable": "unreadable, truncated or corrupt image",
+    "tiny": "image smaller than min_image_side",
+    "no_face": "no face found",
+    "pose_rejected": "camera fit rejected (reprojection error above threshold)",
+    "bad_instance": "SRN instance with missing or inconsistent files",
+    "error": "unexpected error while preparing (a bug: please report it)",
+}
+
+
+def skip(item: str, reason: str, detail: str) -> ItemResult:
+    """An ItemResult that records why ``item`` was skipped (one line in skipped.json and the summary)."""
+    return ItemResult(item=item, skipped={"file": item, "reason": reason, "detail": detail})
+
+
+def walk_files(root: Path) -> list[str]:
+    """Every regular file under ``root`` at any depth, as sorted POSIX relative paths; hidden files and
+    folders (a leading dot) are ignored, so editor and OS droppings do not count as data."""
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        found += [Path(directory, f).relative_to(root).as_posix() for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class PhotoSource:
+    """Single-view photos, one identity each; cameras from ``pose.prepare_photo``."""
+
+    name: str
+    default_framing: str
+    layout: str
+    background = "network"
+    has_template = True
+
+    def list_items(self, data_root: Path) -> list[str]:
+        """Every (non-hidden) file at any depth: non-images are listed so they get a skip line."""
+        return walk_files(data_root)
+
+    def item_files(self, data_root: Path, item: str) -> list[str]:
+        return [item]
+
+    def settings(self, config: PrepareConfig) -> dict:
+        """The settings that change this source's output (they enter the fingerprint)."""
+        return {"resolution": config.resolution, "framing": self.framing(config),
+                "min_image_side": config.min_image_side, "pose": config.to_dict()["pose"]}
+
+    def framing(self, config: PrepareConfig) -> str:
+        return config.framing or self.default_framing
+
+    def process(self, data_root: Path, item: str, config: PrepareConfig) -> ItemResult:
+        """Load, check and prepare one photo; every known failure becomes a skip reason, never a crash."""
+        from pose import ImageError, NoFaceError, PoseRejectedError, load_image, prepare_photo
+
+        if Path(item).suffix.lower() not in IMAGE_EXTENSIONS:
+            return skip(item, "not_an_image", f"extension {Path(item).suffix or '(none)'!r} is not one of "
+                        f"{sorted(IMAGE_EXTENSIONS)}")
+        try:
+            image = load_image(Path(data_root) / item, min_side=1)
+        except ImageError as err:
+            return skip(item, "unreadable", str(err))
+        height, width = image.shape[:2]
+        if min(height, width) < config.min_image_side:
+            return skip(item, "tiny", f"{width}x{height} px is below min_image_side={config.min_image_side}")
+        try:
+            photo = prepare_photo(image, config.resolution, self.framing(config), config=config.pose)
+        except NoFaceError as err:
+            return skip(item, "no_face", str(err))
+        except PoseRejectedError as err:
+            return skip(item, "pose_rejected", str(err))
+        record = {
+            "split": "train",
+            "image": photo.image,
+            "mask": photo.mask,
+            "K": np.asarray(photo.K, np.float32),
+            "world_to_camera": np.asarray(photo.world_to_camera, np.float32),
+            "source": item,
+            "reprojection_error_px": round(float(photo.reprojection_error_px), 4),
+            "pose": photo.info,
+        }
+        return ItemResult(item=item, records=[record])
+
+
+PHOTO_SOURCES = {
+    "ffhq": PhotoSource("ffhq", "aligned", "FFHQ PNGs at any folder depth, e.g. DIR/00000/00000.png "
+                        "(images1024x1024 or thumbnails128x128 as shipped)"),
+    "celeba": PhotoSource("celeba", "aligned", "CelebA JPGs as shipped, e.g. "
+                          "DIR/img_align_celeba/000001.jpg"),
+    "celebahq": PhotoSource("celebahq", "aligned", "CelebA-HQ images as shipped, e.g. DIR/0.jpg or "
+                            "DIR/CelebA-HQ-img/0.jpg"),
+    "folder": PhotoSource("folder", "landmarks", "any photos (JPG, PNG, ...) at any folder depth, one face "
+                          "each"),
+}

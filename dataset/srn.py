@@ -1,0 +1,164 @@
+"""The ShapeNet-SRN source: ``<instance>/rgb/*.png``, ``pose/*.txt`` and ``intrinsics.txt``.
+
+SRN files, as SRN and pixelNeRF read them:
+
+- ``pose/<view>.txt``: 16 numbers, a 4x4 camera-to-world matrix in the OpenCV convention;
+- ``intrinsics.txt``: first line ``f cx cy 0.``, then the grid barycentre (3 numbers), a scale line, and
+  last line ``H W``: the image size that f, cx, cy refer to;
+- ``rgb/<view>.png``: the images on a white background.
+
+The given cameras are used as they are, except for one uniform scale: every camera position is
+multiplied by ``srn_world_scale`` (default 3) so that an object of radius ~0.5 (SRN cars: cameras at
+distance 1.3) becomes radius ~1.5 like a head inside the renderer's radius-2 sphere. The manifest records
+it as ``world_scale``. Each instance is one identity; ``views_per_identity`` seeded-random views train and
+``heldout_views`` others go to ``heldout/``. Masks come from the white background.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dataset.config import PrepareConfig
+from dataset.sources import ItemResult, skip
+from dataset.synthetic import SyntheticConfig, intrinsics, orbit_camera, render_identity
+
+
+def parse_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """SRN ``intrinsics.txt`` -> K (3, 3) float64 and the (H, W) it refers to.
+
+    >>> parse_intrinsics(Path("cars_train/1a0c.../intrinsics.txt"))  # doctest: +SKIP
+    (array([[131.25, 0., 64.], [0., 131.25, 64.], [0., 0., 1.]]), (128, 128))
+    """
+    lines = [line.split() for line in Path(path).read_text().splitlines() if line.strip()]
+    if len(lines) < 2 or len(lines[0]) < 3 or len(lines[-1]) != 2:
+        raise ValueError(f"{path} is not an SRN intrinsics file (first line 'f cx cy 0.', last line 'H W').")
+    f, cx, cy = (float(x) for x in lines[0][:3])
+    height, width = (int(float(x)) for x in lines[-1])
+    return np.array([[f, 0.0, cx], [0.0, f, cy], [0.0, 0.0, 1.0]]), (height, width)
+
+
+def read_camera(path: Path, world_scale: float) -> np.ndarray:
+    """SRN ``pose/<view>.txt`` (4x4 camera-to-world, OpenCV) -> world_to_camera (3, 4), scene scaled."""
+    camera_to_world = np.loadtxt(path, dtype=np.float64).reshape(4, 4)
+    rotation = camera_to_world[:3, :3]
+    centre = camera_to_world[:3, 3] * world_scale
+    return np.concatenate([rotation.T, (-rotation.T @ centre)[:, None]], axis=1)
+
+
+def mask_from_white(image: np.ndarray, threshold: int) -> np.ndarray:
+    """(H, W) float32 1 where any channel of uint8 (H, W, 3) is below ``threshold`` (not background)."""
+    return (image.min(axis=2) < threshold).astype(np.float32)
+
+
+def list_instances(root: Path) -> list[str]:
+    """Sorted relative paths of every folder that has an ``rgb/`` subfolder, at any depth."""
+    found = []
+    for directory, subdirs, _files in os.walk(root):
+        if "rgb" in subdirs:
+            found.append(Path(directory).relative_to(root).as_posix())
+            subdirs[:] = []
+        else:
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class SrnSource:
+    """ShapeNet-SRN instances with their given cameras; one identity per instance."""
+
+    name: str = "srn"
+    layout: str = ("SRN folders DIR/<instance>/rgb/*.png, DIR/<instance>/pose/*.txt (4x4 camera-to-world) "
+                   "and DIR/<instance>/intrinsics.txt")
+    background = (1.0, 1.0, 1.0)
+    has_template = False
+
+    def list_items(self, data_root: Path) -> list[str]:
+        return list_instances(Path(data_root))
+
+    def item_files(self, data_root: Path, item: str) -> list[str]:
+        root = Path(data_root)
+        return [Path(d, f).relative_to(root).as_posix()
+                for d, _s, files in os.walk(root / item) for f in files]
+
+    def settings(self, config: PrepareConfig) -> dict:
+        return {"resolution": config.resolution, "views_per_identity": config.views_per_identity,
+                "heldout_views": config.heldout_views, "world_scale": config.srn_world_scale,
+                "white_threshold": config.srn_white_threshold, "seed": config.seed}
+
+    def process(self, data_root: Path, item: str, config: PrepareConfig) -> ItemResult:
+        """Read one instance: chosen training views and held-out views as cache records."""
+        from pose import ImageError, load_image
+
+        instance = Path(data_root) / item
+        try:
+            K_file, (file_height, file_width) = parse_intrinsics(instance / "intrinsics.txt")
+        except (OSError, ValueError) as err:
+            return skip(item, "bad_instance", f"intrinsics.txt: {err}")
+        views = sorted(p.stem for p in (instance / "rgb").glob("*.png")
+                       if (instance / "pose" / f"{p.stem}.txt").exists())
+        if len(views) < config.views_per_identity:
+            return skip(item, "bad_instance", f"{len(views)} views with both rgb/<view>.png and "
+                        f"pose/<view>.txt, fewer than views_per_identity={config.views_per_identity}")
+        # Seeded by the instance's name, so its split does not depend on which other instances exist.
+        rng = np.random.default_rng([config.seed, zlib.crc32(item.encode())])
+        order = rng.permutation(len(views))
+        n_heldout = len(views) if config.heldout_views < 0 else config.heldout_views
+        chosen = [(views[i], "train") for i in order[: config.views_per_identity]]
+        chosen += [(views[i], "heldout") for i in order[config.views_per_identity:][:n_heldout]]
+        records = []
+        r = config.resolution
+        for view, split in chosen:
+            try:
+                image = load_image(instance / "rgb" / f"{view}.png", min_side=1)
+                world_to_camera = read_camera(instance / "pose" / f"{view}.txt", config.srn_world_scale)
+            except (ImageError, OSError, ValueError) as err:
+                return skip(item, "bad_instance", f"view {view}: {err}")
+            height, width = image.shape[:2]
+            # f, cx, cy refer to intrinsics.txt's H x W; scale them to the file, then to r x r.
+            K = np.diag([r / file_width, r / file_height, 1.0]) @ K_file
+            mask = mask_from_white(image, config.srn_white_threshold)
+            if (height, width) != (r, r):
+                image = cv2.resize(image, (r, r), interpolation=cv2.INTER_AREA)
+                mask = cv2.resize(mask, (r, r), interpolation=cv2.INTER_AREA)
+            records.append({
+                "split": split,
+                "image": image,
+                "mask": np.round(mask * 255).astype(np.uint8),
+                "K": K.astype(np.float32),
+                "world_to_camera": world_to_camera.astype(np.float32),
+                "source": f"{item}/rgb/{view}.png",
+                "reprojection_error_px": 0.0,
+            })
+        return ItemResult(item=item, records=records)
+
+
+def write_srn_layout(root: str | Path, config: SyntheticConfig, world_scale: float = 3.0) -> Path:
+    """Render synthetic identities into the SRN layout (for tests and for checking the SRN loader).
+
+    Instance i gets ``train_views + heldout_views`` views; camera positions are divided by
+    ``world_scale`` so that reading them back with ``srn_world_scale=world_scale`` restores the
+    synthetic cameras exactly. Returns ``root``.
+    """
+    root = Path(root)
+    K = intrinsics(config.resolution)
+    for identity in range(config.n_identities):
+        instance = root / f"instance_{identity:04d}"
+        (instance / "rgb").mkdir(parents=True, exist_ok=True)
+        (instance / "pose").mkdir(exist_ok=True)
+        (instance / "intrinsics.txt").write_text(
+            f"{K[0, 0]} {K[0, 2]} {K[1, 2]} 0.\n0. 0. 0.\n1.\n{config.resolution} {config.resolution}\n")
+        for view, record in enumerate(render_identity(config, identity)):
+            yaw, pitch = record["yaw_pitch_deg"]
+            world_to_camera = orbit_camera(yaw, pitch, config.camera_distance)
+            camera_to_world = np.eye(4)
+            camera_to_world[:3, :3] = world_to_camera[:, :3].T
+            camera_to_world[:3, 3] = -world_to_camera[:, :3].T @ world_to_camera[:, 3] / world_scale
+            np.savetxt(instance / "pose" / f"{view:06d}.txt", camera_to_world.reshape(1, 16), fmt="%.9f")
+            cv2.imwrite(str(instance / "rgb" / f"{view:06d}.png"), record["image"][..., ::-1])
+    return root
