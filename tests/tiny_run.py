@@ -1,0 +1,59 @@
+"""A tiny trained run shared by the tests that need a checkpoint (fit, render, evaluate).
+
+    run_dir = make_tiny_run(tmp_path)           # trains once, on Taichi x64, in about a minute
+    ckpt = load_checkpoint(latest_checkpoint(run_dir))
+    ckpt.config["data"]["cache"]                # the prepared synthetic cache, with heldout/ views
+
+The run: 16 synthetic identities at 64 × 64 px (1 training view each, 3 held-out views), the cpu-preset
+4 × 64 field, 16 + 16 samples per ray, 8 identities × 2 views × 32 px per step. Its previews are in
+``run_dir/previews``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_STEPS = 400
+TINY_ARGS = (
+    "--preset", "cpu", "--synthetic-identities", "16", "--resolution", "64",
+    "--render-n-coarse", "16", "--render-n-fine", "16",
+    "--batch-identities", "8", "--batch-views", "2", "--batch-pixels", "32",
+    "--log-every", "10", "--preview-every", "1000000", "--checkpoint-every", "1000000",
+    "--preview-identities", "2",
+)
+
+
+def current_arch() -> str | None:
+    """Name of the arch Taichi runs on now ("cpu", "vulkan", "cuda", "metal"), None before ti.init."""
+    import taichi as ti
+
+    if ti.lang.impl.get_runtime().prog is None:
+        return None
+    arch = ti.lang.impl.current_cfg().arch
+    return {ti.cuda: "cuda", ti.vulkan: "vulkan", ti.metal: "metal"}.get(arch, "cpu")
+
+
+def restore_arch(previous: str | None) -> None:
+    """Start Taichi again on the arch a caller had (tests parametrised over arches must keep theirs)."""
+    from renderer.backend import init_backend
+
+    if previous is not None and current_arch() != previous:
+        init_backend(previous, "cpu", verbose=False)
+
+
+def train_in_process(argv: list[str]) -> Path:
+    """``train.main(argv)`` that leaves the Taichi arch as it found it."""
+    import train
+
+    previous = current_arch()
+    try:
+        return train.main(argv)
+    finally:
+        restore_arch(previous)
+
+
+def make_tiny_run(out_dir: Path, steps: int = TINY_STEPS) -> Path:
+    """Train the tiny synthetic model under ``out_dir`` (x64 backend) and return its run directory."""
+    out_dir = Path(out_dir)
+    return train_in_process(["--arch", "cpu", "--device", "cpu", "--out", str(out_dir / "run"),
+                             "--cache", str(out_dir / "cache"), "--steps", str(steps), *TINY_ARGS])
