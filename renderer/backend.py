@@ -196,3 +196,9 @@ def to_kernel(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     """``tensor`` as a contiguous, detached tensor of ``dtype`` that the running arch can read in place."""
     device = kernel_device()
     return tensor.detach().to(device=device, dtype=dtype).contiguous()
+
+
+def launch(name: str, kernel, *args) -> None:
+    """Run a Taichi kernel inside a ``renderer.<name>`` torch.profiler range (shows in Chrome traces)."""
+    with torch.profiler.record_function(f"renderer.{name}"):
+        kernel(*args)

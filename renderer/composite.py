@@ -20,11 +20,10 @@ it stays accurate where T is tiny (saturated rays), unlike ``T_{k+1} = 1 - sum_{
 Gradients do not flow to t or deltas (sample positions carry no gradient).
 """
 
-
 import taichi as ti
 import torch
 
-from renderer.backend import kernel_device, to_kernel
+from renderer.backend import kernel_device, launch, to_kernel
 from renderer.reference import Composited, expand_background
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
@@ -129,17 +128,26 @@ class CompositeFunction(torch.autograd.Function):
         n_rays, n_samples = sigmas.shape
         out_device = sigmas.device
         device = kernel_device()
-        sigmas_k, rgbs_k, t_k, deltas_k, bg_k = (
-            to_kernel(x) for x in (sigmas, rgbs, t, deltas, background)
-        )
+        sigmas_k, rgbs_k, t_k, deltas_k, bg_k = (to_kernel(x) for x in (sigmas, rgbs, t, deltas, background))
         weights = torch.empty((n_rays, n_samples), device=device)
         color = torch.empty((n_rays, 3), device=device)
         opacity = torch.empty((n_rays,), device=device)
         depth = torch.empty((n_rays,), device=device)
         final_transmittance = torch.empty((n_rays,), device=device)
         if n_rays > 0:
-            composite_forward_kernel(
-                sigmas_k, rgbs_k, t_k, deltas_k, bg_k, weights, color, opacity, depth, final_transmittance
+            launch(
+                "composite_forward",
+                composite_forward_kernel,
+                sigmas_k,
+                rgbs_k,
+                t_k,
+                deltas_k,
+                bg_k,
+                weights,
+                color,
+                opacity,
+                depth,
+                final_transmittance,
             )
         ctx.save_for_backward(rgbs_k, t_k, deltas_k, bg_k, weights, opacity, final_transmittance)
         ctx.out_device = out_device
@@ -158,7 +166,9 @@ class CompositeFunction(torch.autograd.Function):
         grad_background = torch.empty((n_rays, 3), device=device)
         if n_rays > 0:
             use_grad_weights = grad_weights is not None
-            composite_backward_kernel(
+            launch(
+                "composite_backward",
+                composite_backward_kernel,
                 rgbs,
                 t,
                 deltas,

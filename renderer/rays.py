@@ -10,7 +10,7 @@ No gradient flows to the cameras.
 import taichi as ti
 import torch
 
-from renderer.backend import kernel_device, to_kernel
+from renderer.backend import kernel_device, launch, to_kernel
 from renderer.reference import Rays, broadcast_cameras
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
@@ -91,6 +91,17 @@ def generate_rays(
     near = torch.empty((n_rays,), device=device)
     far = torch.empty((n_rays,), device=device)
     if n_rays > 0:
-        rays_kernel(to_kernel(pixels), K_k, w2c_k, float(radius), origins, directions, near, far)
+        launch(
+            "generate_rays",
+            rays_kernel,
+            to_kernel(pixels),
+            K_k,
+            w2c_k,
+            float(radius),
+            origins,
+            directions,
+            near,
+            far,
+        )
     out = pixels.device
     return Rays(origins.to(out), directions.to(out), near.to(out), far.to(out))

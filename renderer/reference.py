@@ -198,8 +198,10 @@ def expand_background(background: torch.Tensor | float, n_rays: int, like: torch
     if background.dim() == 0:
         background = background.expand(3)
     if background.shape not in ((3,), (n_rays, 3)):
-        raise ValueError(f"background must be a float, a (3,) or an ({n_rays}, 3) tensor, "
-                         f"got shape {tuple(background.shape)}.")
+        raise ValueError(
+            f"background must be a float, a (3,) or an ({n_rays}, 3) tensor, "
+            f"got shape {tuple(background.shape)}."
+        )
     return background.expand(n_rays, 3)
 
 

@@ -9,7 +9,7 @@ the conventions (bins, PDF edges, epsilon, uniforms) are in ``renderer.reference
 import taichi as ti
 import torch
 
-from renderer.backend import kernel_device, to_kernel
+from renderer.backend import kernel_device, launch, to_kernel
 from renderer.reference import IMPORTANCE_EPS
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
@@ -155,7 +155,15 @@ def sample_stratified(
     t = torch.empty((n_rays, n_samples), device=kernel_device())
     if n_rays > 0:
         jitter = _jitter((n_rays, n_samples), generator, near)
-        stratified_kernel(to_kernel(near), to_kernel(far), jitter, int(generator is not None), t)
+        launch(
+            "sample_stratified",
+            stratified_kernel,
+            to_kernel(near),
+            to_kernel(far),
+            jitter,
+            int(generator is not None),
+            t,
+        )
     return t.to(near.device)
 
 
@@ -188,9 +196,16 @@ def sample_importance(
     t_fine = torch.empty((n_rays, n_samples), device=kernel_device())
     if n_rays > 0:
         jitter = _jitter((n_rays, n_samples), generator, near)
-        importance_kernel(
-            to_kernel(t), to_kernel(weights), to_kernel(near), to_kernel(far), jitter,
-            int(generator is not None), t_fine,
+        launch(
+            "sample_importance",
+            importance_kernel,
+            to_kernel(t),
+            to_kernel(weights),
+            to_kernel(near),
+            to_kernel(far),
+            jitter,
+            int(generator is not None),
+            t_fine,
         )
     return t_fine.to(t.device)
 
@@ -214,7 +229,7 @@ def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, t
     t_all = torch.empty((n_rays, width), device=device)
     order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
     if n_rays > 0 and t_a.shape[1] > 0 and t_b.shape[1] > 0:
-        merge_kernel(to_kernel(t_a), to_kernel(t_b), t_all, order)
+        launch("merge_samples", merge_kernel, to_kernel(t_a), to_kernel(t_b), t_all, order)
     elif n_rays > 0:  # one list is empty: the other is already the merge
         t_all.copy_(to_kernel(t_a if t_a.shape[1] else t_b))
         order.copy_(torch.arange(width, device=device).expand(n_rays, width))
@@ -233,5 +248,5 @@ def sample_deltas(t_all: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
         )
     deltas = torch.empty(t_all.shape, device=kernel_device())
     if t_all.numel() > 0:
-        deltas_kernel(to_kernel(t_all), to_kernel(far), deltas)
+        launch("sample_deltas", deltas_kernel, to_kernel(t_all), to_kernel(far), deltas)
     return deltas.to(t_all.device)
