@@ -1,0 +1,123 @@
+"""Benchmark: photos prepared per second, single-process against multi-process, measured in one run.
+
+    python benchmarks/prepare.py --images 48 --repeats 3 --json prepare.json
+
+The photos are seeded augmentations (flip, small rotation, scale, brightness) of the two real portraits
+shipped by installed packages (scikit-image's astronaut, matplotlib's grace_hopper), written as PNG/JPEG
+into a temp folder. Every repeat prepares the whole folder into a fresh cache with the ``folder`` source
+(landmark framing, MediaPipe Face Mesh + Selfie Segmentation + LM camera solve), so the times include
+worker start-up (each spawned worker builds its own MediaPipe graphs) and cache assembly.
+Medians are reported, and the multi-process speed-up is the ratio to the single-process baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataset import PrepareConfig, prepare_dataset
+from dataset.build import default_workers
+
+
+def portraits() -> list[np.ndarray]:
+    """The two real portraits as uint8 RGB."""
+    import skimage.data
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    return [skimage.data.astronaut(), np.ascontiguousarray(hopper)]
+
+
+def write_augmented(folder: Path, n: int, seed: int) -> None:
+    """``n`` seeded augmentations of the portraits: flip, rotation ±10°, scale 0.9-1.1, brightness ±15%."""
+    rng = np.random.default_rng(seed)
+    sources = portraits()
+    for i in range(n):
+        image = sources[i % len(sources)]
+        if rng.uniform() < 0.5:
+            image = image[:, ::-1]
+        height, width = image.shape[:2]
+        warp = cv2.getRotationMatrix2D((width / 2, height / 2), rng.uniform(-10, 10), rng.uniform(0.9, 1.1))
+        image = cv2.warpAffine(np.ascontiguousarray(image), warp, (width, height),
+                               borderMode=cv2.BORDER_REFLECT)
+        image = np.clip(image * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)
+        suffix = ".png" if i % 2 == 0 else ".jpg"
+        cv2.imwrite(str(folder / f"photo_{i:04d}{suffix}"), image[..., ::-1])
+
+
+def time_build(folder: Path, workers: int, config: PrepareConfig, scratch: Path) -> tuple[float, dict]:
+    """Seconds to prepare the folder from scratch with ``workers`` processes, and the manifest counts."""
+    out = scratch / f"cache_w{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    prepare_dataset("folder", folder, out, config, workers=workers, progress=False, verbose=False)
+    seconds = time.perf_counter() - start
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    return seconds, counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48, help="photos to prepare per run (default: 48)")
+    parser.add_argument("--resolution", type=int, default=64, help="training resolution (default: 64)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="processes for the multi-process run "
+                             f"(default: one per core, {default_workers()})")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting; medians are reported "
+                        "(default: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="augmentation seed (default: 0)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    config = PrepareConfig(resolution=args.resolution, chunk_size=max(1, args.images // (4 * args.workers)))
+    with tempfile.TemporaryDirectory(prefix="lolnerf_prepare_bench_") as tmp:
+        scratch = Path(tmp)
+        folder = scratch / "photos"
+        folder.mkdir()
+        write_augmented(folder, args.images, args.seed)
+        settings = {1: [], args.workers: []}
+        counts = {}
+        for _ in range(args.repeats):
+            for workers in settings:  # interleaved, so drift in machine load hits both settings alike
+                seconds, counts[workers] = time_build(folder, workers, config, scratch)
+                settings[workers].append(seconds)
+    rows = []
+    baseline = statistics.median(settings[1])
+    for workers, times in settings.items():
+        median = statistics.median(times)
+        rows.append({"workers": workers, "median_s": round(median, 3),
+                     "images_per_s": round(args.images / median, 2),
+                     "speedup_vs_1_worker": round(baseline / median, 3),
+                     "times_s": [round(t, 3) for t in times],
+                     "kept": counts[workers]["kept"], "skipped": counts[workers]["skipped"]})
+    print(f"prepare 'folder' source: {args.images} photos -> {args.resolution}² ({args.repeats} repeats, "
+          f"chunk_size {config.chunk_size}) on {platform.machine()} with {os.cpu_count()} CPUs")
+    print(f"{'workers':>8} {'median s':>9} {'images/s':>9} {'ratio':>7} {'kept':>5} {'skipped':>8}")
+    for row in rows:
+        print(f"{row['workers']:>8} {row['median_s']:>9.2f} {row['images_per_s']:>9.2f} "
+              f"{row['speedup_vs_1_worker']:>6.2f}x {row['kept']:>5} {row['skipped']:>8}")
+    if args.json:
+        result = {"benchmark": "prepare", "images": args.images, "resolution": args.resolution,
+                  "repeats": args.repeats, "machine": platform.machine(), "cpus": os.cpu_count(),
+                  "python": platform.python_version(), "rows": rows}
+        tmp_path = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
+        tmp_path.write_text(json.dumps(result, indent=1))
+        os.replace(tmp_path, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
