@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset import PrepareConfig, prepare_dataset
-from dataset.build import default_workers
+from dataset.sources import default_workers
 
 
 def portraits() -> list[np.ndarray]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ def fingerprint(source, data_root: Path, items: list[str], settings: dict) -> tu
     files = hashlib.sha256()
     for item in items:
         for rel in sorted(source.item_files(data_root, item)):
-            stat = (Path(data_root) / rel).stat()
+            stat = (data_root / rel).stat()
             files.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     source_fp = files.hexdigest()
     payload = json.dumps({"format_version": FORMAT_VERSION, "source": source.name, "settings": settings,
@@ -57,10 +56,10 @@ def fingerprint(source, data_root: Path, items: list[str], settings: dict) -> tu
 
 def list_source_items(source, data_root: Path, limit: int | None) -> list[str]:
     """The source's items, or one clear DataRootError naming the expected layout."""
-    if not Path(data_root).is_dir():
+    if source.needs_data_root and not Path(data_root).is_dir():
         raise DataRootError(f"Data root {data_root} does not exist or is not a folder; the {source.name} "
                             f"source expects {source.layout}.")
-    items = source.list_items(Path(data_root))
+    items = source.list_items(data_root)
     if not items:
         raise DataRootError(f"Data root {data_root} holds nothing the {source.name} source can use; it "
                             f"expects {source.layout}.")
@@ -117,10 +116,10 @@ def run_chunks(source, data_root: Path, items: list[str], config: PrepareConfig,
 
     chunks = [items[i:i + config.chunk_size] for i in range(0, len(items), config.chunk_size)]
     done = {i for i in range(len(chunks)) if (partial / f"chunk_{i:06d}.json").exists()}
-    tasks = [(source, Path(data_root), chunk, config, str(partial), i) for i, chunk in enumerate(chunks)
+    tasks = [(source, data_root, chunk, config, str(partial), i) for i, chunk in enumerate(chunks)
              if i not in done]
     limit = len(tasks) if stop_after_chunks is None else min(stop_after_chunks, len(tasks))
-    bar = tqdm(total=len(items), initial=sum(len(chunks[i]) for i in done), unit="img",
+    bar = tqdm(total=len(items), initial=sum(len(chunks[i]) for i in done), unit="item",
                desc=f"prepare {source.name}", disable=not progress)
     finished = 0
     workers = max(1, min(workers, len(tasks)))
@@ -223,11 +222,3 @@ def build_cache(source, data_root: Path, out_dir: Path, config: PrepareConfig, w
     manifest = finalise(partial, out_dir, build["chunks"], {**manifest, "build": build})
     shutil.rmtree(partial, ignore_errors=True)
     return manifest
-
-
-def default_workers() -> int:
-    """One worker per CPU core the process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1

@@ -15,18 +15,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from dataset.build import (
-    BuildInterrupted,
-    build_cache,
-    default_workers,
-    fingerprint,
-    list_source_items,
-)
+from dataset.build import BuildInterrupted, build_cache, fingerprint, list_source_items
 from dataset.cache import CacheError, is_up_to_date, read_manifest
 from dataset.config import PrepareConfig
-from dataset.sources import PHOTO_SOURCES, REASONS, DataRootError
+from dataset.sources import PHOTO_SOURCES, REASONS, DataRootError, default_workers
 from dataset.srn import SrnSource
-from dataset.synthetic import SyntheticConfig, generate_synthetic
+from dataset.synthetic import SyntheticConfig, SyntheticSource
 
 SOURCES = {**PHOTO_SOURCES, "srn": SrnSource()}
 DATASETS = ("synthetic", *SOURCES)
@@ -68,12 +62,21 @@ def format_summary(cache_dir: Path, up_to_date: bool = False) -> str:
             lines.append(f"  ... and {len(skipped) - SUMMARY_SKIP_LINES} more, listed in {skipped_path}")
     else:
         lines.append("Skipped 0.")
-    if manifest.get("median_reprojection_error_px") is not None and manifest.get("template"):
+    if manifest.get("template"):  # photo datasets: the landmark fit's quality
         size = manifest.get("image_size", ["?"])[-1]
         lines.append(f"Median reprojection error: {manifest['median_reprojection_error_px']:.3f} px "
                      f"(at {size} px).")
     lines.append(f"Cache: {Path(cache_dir).resolve()}")
     return "\n".join(lines)
+
+
+def source_for(name: str, config: PrepareConfig):
+    """The source component for a dataset name."""
+    if name == "synthetic":
+        return SyntheticSource(synthetic_config(config))
+    if name not in SOURCES:
+        raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    return SOURCES[name]
 
 
 def prepare_dataset(name: str, data_root: str | Path | None, out_dir: str | Path,
@@ -84,27 +87,29 @@ def prepare_dataset(name: str, data_root: str | Path | None, out_dir: str | Path
 
     Idempotent: an up-to-date cache (same fingerprint over source files and settings) is returned as
     is. Resumable: an interrupted build continues from its finished chunks. ``workers`` processes run
-    in parallel (default: one per core; 1 runs in this process). ``stop_after_chunks`` stops the build
-    (raising ``BuildInterrupted``) after that many new chunks, as an interruption would: for tests.
+    in parallel (default: one per core, or 1 for a small synthetic set; 1 runs in this process).
+    ``stop_after_chunks`` stops the build (raising ``BuildInterrupted``) after that many new chunks, as
+    an interruption would: for tests. ``data_root`` is None for "synthetic".
 
     >>> prepare_dataset("synthetic", None, "runs/cache/synthetic64")  # doctest: +SKIP
     PosixPath('runs/cache/synthetic64')
     """
     config = config or PrepareConfig()
+    return prepare_source(source_for(name, config), data_root, out_dir, config, workers, progress=progress,
+                          verbose=verbose, stop_after_chunks=stop_after_chunks)
+
+
+def prepare_source(source, data_root: str | Path | None, out_dir: str | Path, config: PrepareConfig,
+                   workers: int | None = None, *, progress: bool = True, verbose: bool = True,
+                   stop_after_chunks: int | None = None) -> Path:
+    """``prepare_dataset`` for a source component (see ``dataset.sources``) instead of a name."""
     out_dir = Path(out_dir)
     say = print if verbose else (lambda *_a, **_k: None)
-    if name == "synthetic":
-        synthetic = synthetic_config(config)
-        up_to_date = is_up_to_date(out_dir, synthetic.fingerprint())
-        generate_synthetic(out_dir, synthetic)
-        say(format_summary(out_dir, up_to_date))
-        return out_dir
-    if name not in SOURCES:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-    source = SOURCES[name]
-    if data_root is None:
-        raise DataRootError(f"The {name} dataset needs --data-root: a folder with {source.layout}.")
-    data_root = Path(data_root).expanduser().absolute()
+    if source.needs_data_root:
+        if data_root is None:
+            raise DataRootError(f"The {source.name} dataset needs --data-root: a folder with "
+                                f"{source.layout}.")
+        data_root = Path(data_root).expanduser().absolute()
     items = list_source_items(source, data_root, config.limit)
     settings = {**source.settings(config), "limit": config.limit}
     source_fp, cache_fp = fingerprint(source, data_root, items, settings)
@@ -112,22 +117,18 @@ def prepare_dataset(name: str, data_root: str | Path | None, out_dir: str | Path
         shutil.rmtree(out_dir / "partial", ignore_errors=True)  # left if a finished build was cut short
         say(format_summary(out_dir, up_to_date=True))
         return out_dir
+    background = source.background
     manifest = {
-        "source": {"name": name, "data_root": str(data_root)},
+        "source": {"name": source.name, "data_root": None if data_root is None else str(data_root)},
         "settings": settings,
         "fingerprint": cache_fp,
         "source_fingerprint": source_fp,
         "template": None,
-        "background": source.background if isinstance(source.background, str) else list(source.background),
+        "background": background if isinstance(background, str) else list(background),
+        **source.manifest_extra(config),
     }
-    if source.has_template:
-        from pose import template_metadata
-
-        manifest["template"] = template_metadata()
-    if name == "srn":
-        manifest["world_scale"] = config.srn_world_scale
-    build_cache(source, data_root, out_dir, config, workers or default_workers(), manifest, items, cache_fp,
-                stop_after_chunks=stop_after_chunks, progress=progress)
+    build_cache(source, data_root, out_dir, config, workers or source.default_workers(), manifest, items,
+                cache_fp, stop_after_chunks=stop_after_chunks, progress=progress)
     say(format_summary(out_dir))
     return out_dir
 

@@ -22,6 +22,14 @@ from dataset.config import PrepareConfig
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
+def default_workers() -> int:
+    """One worker per CPU core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class DataRootError(ValueError):
     """The data root is missing or holds nothing this source can use."""
 
@@ -70,6 +78,7 @@ class PhotoSource:
     layout: str
     background = "network"
     has_template = True
+    needs_data_root = True
 
     def list_items(self, data_root: Path) -> list[str]:
         """Every (non-hidden) file at any depth: non-images are listed so they get a skip line."""
@@ -82,6 +91,15 @@ class PhotoSource:
         """The settings that change this source's output (they enter the fingerprint)."""
         return {"resolution": config.resolution, "framing": self.framing(config),
                 "min_image_side": config.min_image_side, "pose": config.to_dict()["pose"]}
+
+    def manifest_extra(self, config: PrepareConfig) -> dict:
+        """The landmark template the cameras were solved against (its points, units and provenance)."""
+        from pose import template_metadata
+
+        return {"template": template_metadata()}
+
+    def default_workers(self) -> int:
+        return default_workers()
 
     def framing(self, config: PrepareConfig) -> str:
         return config.framing or self.default_framing

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from dataset.config import PrepareConfig
-from dataset.sources import ItemResult, skip
+from dataset.sources import ItemResult, default_workers, skip
 from dataset.synthetic import SyntheticConfig, intrinsics, orbit_camera, render_identity
 
 
@@ -77,6 +77,7 @@ class SrnSource:
                    "and DIR/<instance>/intrinsics.txt")
     background = (1.0, 1.0, 1.0)
     has_template = False
+    needs_data_root = True
 
     def list_items(self, data_root: Path) -> list[str]:
         return list_instances(Path(data_root))
@@ -90,6 +91,12 @@ class SrnSource:
         return {"resolution": config.resolution, "views_per_identity": config.views_per_identity,
                 "heldout_views": config.heldout_views, "world_scale": config.srn_world_scale,
                 "white_threshold": config.srn_white_threshold, "seed": config.seed}
+
+    def manifest_extra(self, config: PrepareConfig) -> dict:
+        return {"world_scale": config.srn_world_scale}
+
+    def default_workers(self) -> int:
+        return default_workers()
 
     def process(self, data_root: Path, item: str, config: PrepareConfig) -> ItemResult:
         """Read one instance: chosen training views and held-out views as cache records."""
