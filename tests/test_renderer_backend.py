@@ -1,0 +1,107 @@
+"""Backend selection errors and the profiling switch."""
+
+import json
+import sys
+
+import pytest
+import taichi as ti
+import torch
+
+import renderer
+from renderer import backend
+from renderer.profiling import profile
+
+
+@pytest.fixture
+def restore_taichi():
+    """Put Taichi back on the arch (and profiler setting) it ran before the test."""
+    arch = backend._started_arch()
+    profiler = bool(ti.lang.impl.current_cfg().kernel_profiler) if arch else False
+    yield
+    if arch is None:
+        ti.reset()
+    else:
+        assert backend._start(arch, profiler, 0), f"could not restart Taichi on {arch}"
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="Unknown Taichi arch 'opengl'"):
+        renderer.init_backend(arch="opengl")
+    with pytest.raises(ValueError, match="Unknown torch device 'tpu'"):
+        renderer.init_backend(device="tpu")
+    with pytest.raises(ValueError, match="device='cuda'"):
+        renderer.init_backend(arch="cuda", device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_missing_cuda_is_one_clear_error(restore_taichi):
+    with pytest.raises(
+        renderer.BackendUnavailableError, match=r"arch='cuda' is unavailable: torch sees no CUDA"
+    ):
+        renderer.init_backend(arch="cuda")
+    with pytest.raises(renderer.BackendUnavailableError, match=r"device='cuda' is unavailable"):
+        renderer.init_backend(arch="cpu", device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_taichi_silent_fallback_is_detected(restore_taichi):
+    """ti.init(arch=ti.cuda) without CUDA quietly starts x64; _start must report the failure."""
+    assert backend._start("cuda", False, 0) is False
+    assert backend._started_arch() is None
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS may have Metal")
+def test_missing_metal_and_mps_are_clear_errors(restore_taichi):
+    with pytest.raises(renderer.BackendUnavailableError, match="Metal needs macOS"):
+        renderer.init_backend(arch="metal")
+    with pytest.raises(renderer.BackendUnavailableError, match="torch has no MPS device"):
+        renderer.init_backend(arch="cpu", device="mps")
+
+
+def test_missing_vulkan_names_the_driver_and_auto_says_why(restore_taichi, monkeypatch, capsys):
+    real_start = backend._start
+
+    def start_without_gpu_drivers(arch, kernel_profiler, random_seed):
+        if arch in ("vulkan", "cuda"):
+            return False
+        return real_start(arch, kernel_profiler, random_seed)
+
+    monkeypatch.setattr(backend, "_start", start_without_gpu_drivers)
+    with pytest.raises(renderer.BackendUnavailableError, match="no Vulkan driver found: install"):
+        renderer.init_backend(arch="vulkan")
+    chosen = renderer.init_backend(arch="auto")
+    assert chosen.arch == "cpu" and chosen.device == torch.device("cpu")
+    assert "no Vulkan driver found" in chosen.reason
+    assert "Taichi arch=cpu" in capsys.readouterr().out
+
+
+def test_auto_picks_an_arch_that_really_runs(restore_taichi, capsys):
+    chosen = renderer.init_backend(arch="auto")
+    assert chosen.arch == backend._started_arch()
+    assert chosen.arch in ("cuda", "vulkan", "cpu")
+    assert f"Taichi arch={chosen.arch}" in capsys.readouterr().out
+    out = renderer.composite(torch.ones(2, 3), torch.ones(2, 3, 3), torch.ones(2, 3), torch.ones(2, 3), 0.0)
+    assert torch.isfinite(out.color).all()
+
+
+def test_profile_table_and_chrome_trace(arch, tmp_path, capsys):
+    sigmas = torch.rand(64, 16, requires_grad=True)
+    rgbs = torch.rand(64, 16, 3, requires_grad=True)
+    near, far = torch.full((64,), 1.0), torch.full((64,), 3.0)
+    trace = tmp_path / "trace.json"
+    with profile(trace_path=trace) as prof:
+        for _ in range(2):
+            t = renderer.sample_stratified(near, far, 16)
+            out = renderer.composite(sigmas, rgbs, t, renderer.sample_deltas(t, far), 1.0)
+            (out.color.sum() + out.weights.sum()).backward()
+    assert backend._started_arch() == arch
+    rows = {(r.source, r.name): r for r in prof.rows}
+    for kernel in ("composite_forward_kernel", "composite_backward_kernel", "stratified_kernel"):
+        row = rows[("taichi", kernel)]
+        assert row.calls == 2 and row.total_ms > 0
+        assert row.mean_ms == pytest.approx(row.total_ms / 2)
+    assert any(source == "torch" for source, _ in rows)
+    printed = capsys.readouterr().out
+    assert "composite_backward_kernel" in printed and "total ms" in printed
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "renderer.composite_forward" for e in events)
