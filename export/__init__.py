@@ -8,12 +8,13 @@ from export.cameras import (
     scale_intrinsics,
     yaw_cameras,
 )
-from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png, to_uint8
+from export.media import caption, colorize_depth, image_grid, save_gif, save_mp4, save_png, to_uint8, upscale
 from export.mesh import Mesh, extract_mesh, mesh_volume, write_ply
 from export.metrics import depth_errors, psnr, ssim
 
 __all__ = [
     "Mesh",
+    "caption",
     "colorize_depth",
     "depth_errors",
     "extract_mesh",
@@ -30,6 +31,7 @@ __all__ = [
     "scale_intrinsics",
     "ssim",
     "to_uint8",
+    "upscale",
     "write_ply",
     "yaw_cameras",
 ]

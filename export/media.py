@@ -6,13 +6,13 @@ never leaves a half-written file under the final name. Images are RGB: float in 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from export.outputs import atomic_path
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -81,22 +81,32 @@ def colorize_depth(
     return out
 
 
-def label_image(image: np.ndarray, text: str, scale: float | None = None) -> np.ndarray:
-    """Write ``text`` in the top-left corner (white on a dark band so it reads on any background).
-
-    image (H, W, 3) -> (H, W, 3) uint8, a copy.
+def upscale(image: np.ndarray, min_side: int) -> np.ndarray:
+    """Enlarge by an integer factor (nearest neighbour, so pixels stay crisp) until the short side is at
+    least ``min_side``. (H, W, C) -> (kH, kW, C) uint8; images already large enough are returned as is.
     """
-    img = to_uint8(image).copy()
-    h, w = img.shape[:2]
-    scale = scale if scale is not None else max(w / 400.0, 0.25)
-    thickness = 1
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    band = min(h, th + base + 4)
-    img[:band, : min(w, tw + 4)] = (img[:band, : min(w, tw + 4)] * 0.35).astype(np.uint8)
-    cv2.putText(
-        img, text, (2, th + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA
-    )
-    return img
+    img = to_uint8(image)
+    factor = int(np.ceil(min_side / min(img.shape[:2])))
+    if factor <= 1:
+        return img
+    return cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+
+
+def caption(image: np.ndarray, text: str, fill: int = 255) -> np.ndarray:
+    """Put ``text`` in a band above the image (never over it), scaled to fit the image's width.
+
+    image (H, W, 3) -> (H + band, W, 3) uint8.
+    """
+    img = to_uint8(image)
+    w = img.shape[1]
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+    scale = min(0.5, (w - 4) / max(tw, 1))
+    height = int(np.ceil((th + base) * scale)) + 6
+    band = np.full((height, w, 3), fill, dtype=np.uint8)
+    color = (0, 0, 0) if fill > 127 else (255, 255, 255)
+    baseline_y = height - int(base * scale) - 3
+    cv2.putText(band, text, (2, baseline_y), cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+    return np.concatenate([band, img], axis=0)
 
 
 def image_grid(
@@ -108,8 +118,8 @@ def image_grid(
     """Tile images into one picture: ``rows[i][j]`` is the cell at row i, column j.
 
     Cells may be float [0, 1] or uint8, gray or RGB, and of different sizes (each is centred in a cell
-    of the largest size); rows may have different lengths. ``labels`` (same nesting) writes a caption in
-    each cell. Returns (H, W, 3) uint8.
+    of the largest size); rows may have different lengths. ``labels`` (same nesting) adds a caption band
+    above each cell. Returns (H, W, 3) uint8.
 
     >>> image_grid([[np.zeros((4, 4, 3)), np.ones((4, 4))]]).shape
     (4, 10, 3)
@@ -119,7 +129,7 @@ def image_grid(
     cells = [[to_uint8(img) for img in row] for row in rows]
     if labels is not None:
         cells = [
-            [label_image(img, text) if text else img for img, text in zip(row, lrow, strict=False)]
+            [caption(img, text, fill) for img, text in zip(row, lrow, strict=False)]
             for row, lrow in zip(cells, labels, strict=False)
         ]
     cell_h = max(img.shape[0] for row in cells for img in row)
@@ -136,27 +146,15 @@ def image_grid(
     return grid
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temp path in the destination folder with the same suffix (writers choose formats by suffix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write an RGB image (float [0, 1] or uint8, gray or RGB) as PNG, atomically. Returns the path.
 
     The format follows the suffix (OpenCV), so ``.png`` is expected; other suffixes such as ``.jpg`` work.
     """
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), cv2.cvtColor(to_uint8(image), cv2.COLOR_RGB2BGR)):
             raise OSError(f"OpenCV could not write {path}; check that the folder is writable.")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -179,8 +177,7 @@ def save_mp4(path: str | Path, frames: Sequence[np.ndarray], fps: float = 24.0) 
     rgb = _check_frames(frames)
     h, w = rgb[0].shape[:2]
     H, W = h + h % 2, w + w % 2
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (W, H))
         if not writer.isOpened():
             raise OSError(f"OpenCV has no MP4 encoder here, so {path} cannot be written; save a GIF instead.")
@@ -189,9 +186,6 @@ def save_mp4(path: str | Path, frames: Sequence[np.ndarray], fps: float = 24.0) 
             padded[:h, :w] = f
             writer.write(cv2.cvtColor(padded, cv2.COLOR_RGB2BGR))
         writer.release()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -202,8 +196,7 @@ def save_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 24.0) 
     path = Path(path)
     rgb = _check_frames(frames)
     images = [Image.fromarray(f) for f in rgb]
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         images[0].save(
             tmp,
             format="GIF",
@@ -213,7 +206,4 @@ def save_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 24.0) 
             loop=0,
             optimize=True,
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

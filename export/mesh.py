@@ -6,8 +6,6 @@ vertex at index coordinates v lies at -bound + v * spacing.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from skimage.measure import marching_cubes
+
+from export.outputs import atomic_path
 
 
 @dataclass
@@ -162,16 +162,10 @@ def write_ply(path: str | Path, mesh: Mesh) -> Path:
     faces = np.empty(n_f, dtype=[("n", "u1"), ("idx", "<i4", (3,))])
     faces["n"] = 3
     faces["idx"] = mesh.faces
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".ply", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(("\n".join(header) + "\n").encode("ascii"))
-            fh.write(vertices.tobytes())
-            fh.write(faces.tobytes())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(("\n".join(header) + "\n").encode("ascii"))
+        fh.write(vertices.tobytes())
+        fh.write(faces.tobytes())
     return path
 
 

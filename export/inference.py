@@ -1,0 +1,242 @@
+"""A trained model at inference time: load it frozen, read its training settings, render views and paths,
+mesh a latent. fit.py, render.py and evaluate.py share these so they render exactly the same way.
+
+    model = load_model("runs/x/checkpoints/best.pt")
+    view = render_view(model, model.latents.mean(), K, w2c, 128, 128)   # numpy color/opacity/depth
+    mesh = latent_mesh(model, z, resolution=128)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.mesh import Mesh, density_grid, extract_mesh, vertex_colors
+from models import render_image
+from models.background import ConstantBackground
+from models.checkpoint import LoadedCheckpoint, load_checkpoint
+
+DEFAULT_CAMERA_DISTANCE = 7.0
+DEFAULT_MESH_LEVEL = 10.0
+
+
+def start_renderer(arch: str = "cpu", verbose: bool = False) -> str:
+    """Start the Taichi renderer on ``arch`` ("auto" | "cpu" | "vulkan" | "cuda" | "metal").
+
+    The renderer may still be the plain-torch reference (no Taichi); then this is a no-op returning "torch".
+    """
+    try:
+        from renderer.backend import init_backend
+    except ImportError:
+        return "torch"
+    return init_backend(arch=arch, device="cpu", verbose=verbose).arch
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load a checkpoint (``weights_only=True`` inside models.checkpoint) with every weight frozen.
+
+    A file that is not a checkpoint of this project raises ``models.checkpoint.CheckpointError``.
+    """
+    ckpt = load_checkpoint(Path(path), map_location=device)
+    for module in (ckpt.field, ckpt.background, ckpt.latents):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    if ckpt.background is None:
+        # No background recorded: composite over black, which is what an empty background term means.
+        ckpt.background = ConstantBackground([0.0, 0.0, 0.0])
+    return ckpt
+
+
+def _lookup(config: dict, *paths: Sequence[str]):
+    """First value found at any of the nested key paths, or None."""
+    for path in paths:
+        node = config
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            return node
+    return None
+
+
+def training_cache(model: LoadedCheckpoint) -> Path | None:
+    """The prepared dataset the checkpoint was trained on, as recorded in its config (None if absent)."""
+    found = _lookup(
+        model.config,
+        ("data", "cache"),
+        ("data", "cache_dir"),
+        ("dataset", "cache"),
+        ("dataset", "cache_dir"),
+        ("cache",),
+        ("cache_dir",),
+    )
+    return Path(found) if found else None
+
+
+def training_resolution(model: LoadedCheckpoint) -> int:
+    """Side of the square training images: from the config, else from the training cache's manifest."""
+    found = _lookup(
+        model.config,
+        ("data", "resolution"),
+        ("dataset", "resolution"),
+        ("resolution",),
+        ("data", "image_size"),
+        ("image_size",),
+    )
+    if isinstance(found, (list, tuple)):
+        found = found[0]
+    if found:
+        return int(found)
+    cache = training_cache(model)
+    if cache is not None and cache.is_dir():
+        from dataset import PreparedDataset
+
+        return int(PreparedDataset(cache).image_size[0])
+    raise ValueError("The checkpoint's config records no training resolution; pass --resolution.")
+
+
+def training_framing(model: LoadedCheckpoint) -> str:
+    """How training photos were cropped ("aligned" unless the config says otherwise)."""
+    found = _lookup(
+        model.config, ("data", "framing"), ("dataset", "framing"), ("pose", "framing"), ("framing",)
+    )
+    return str(found) if found else "aligned"
+
+
+def default_camera(
+    height: int, width: int, distance: float = DEFAULT_CAMERA_DISTANCE, yaw_deg: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The project's standard frontal view at any size: K (3, 3) with focal 2 x width, [R|t] (3, 4)."""
+    from export.cameras import default_intrinsics, look_at_origin
+
+    return default_intrinsics(height, width), look_at_origin(distance, yaw_deg=yaw_deg)
+
+
+def render_view(
+    model: LoadedCheckpoint,
+    latent: torch.Tensor,
+    K: np.ndarray,
+    world_to_camera: np.ndarray,
+    height: int,
+    width: int,
+    chunk: int = 8192,
+) -> dict[str, np.ndarray]:
+    """Render one view with ``models.render_image`` (chunks of ``chunk`` rays, so memory is bounded).
+
+    latent (L,), K (3, 3), world_to_camera (3, 4) ->
+    {"color": (H, W, 3) float32 in [0, 1], "opacity": (H, W), "depth": (H, W) ray distance}.
+    """
+    out = render_image(
+        model.field,
+        model.background,
+        torch.as_tensor(latent, dtype=torch.float32),
+        torch.as_tensor(np.asarray(K), dtype=torch.float32),
+        torch.as_tensor(np.asarray(world_to_camera), dtype=torch.float32),
+        int(height),
+        int(width),
+        model.render_config,
+        chunk=chunk,
+    )
+    return {key: value.detach().cpu().numpy().astype(np.float32) for key, value in out.items()}
+
+
+def render_path(
+    model: LoadedCheckpoint,
+    latent: torch.Tensor,
+    K: np.ndarray,
+    cameras: np.ndarray,
+    height: int,
+    width: int,
+    chunk: int = 8192,
+    desc: str | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Render one latent from each camera of a path: cameras (N, 3, 4) -> N dicts as ``render_view``."""
+    frames = []
+    for w2c in tqdm(cameras, desc=desc, disable=desc is None, leave=False):
+        frames.append(render_view(model, latent, K, w2c, height, width, chunk))
+    return frames
+
+
+def surface_level(model: LoadedCheckpoint, latent: torch.Tensor, height: int = 32, width: int = 32) -> float:
+    """A density iso-level for meshing, read off the model itself: the median density at the rendered
+    depth of the frontal view's opaque pixels (where the renders put the surface). Falls back to
+    ``DEFAULT_MESH_LEVEL`` when nothing opaque is rendered."""
+    import renderer
+    from models.render import pixel_grid
+
+    K, w2c = default_camera(height, width)
+    view = render_view(model, latent, K, w2c, height, width)
+    opaque = view["opacity"].reshape(-1) > 0.5
+    if not opaque.any():
+        return DEFAULT_MESH_LEVEL
+    with torch.no_grad():
+        rays = renderer.generate_rays(
+            pixel_grid(height, width),
+            torch.as_tensor(K),
+            torch.as_tensor(w2c),
+            radius=model.render_config.radius,
+        )
+        depth = torch.as_tensor(view["depth"].reshape(-1))
+        points = (rays.origins + depth[:, None] * rays.directions)[torch.as_tensor(opaque)]
+        sigma, _ = model.field(points, latent[None].expand(points.shape[0], -1))
+    level = float(sigma.median())
+    return level if math.isfinite(level) and level > 0 else DEFAULT_MESH_LEVEL
+
+
+def latent_mesh(
+    model: LoadedCheckpoint,
+    latent: torch.Tensor,
+    resolution: int = 128,
+    bound: float = 1.5,
+    level: float | None = None,
+    chunk: int = 65536,
+) -> Mesh:
+    """Marching cubes on the density of one latent over [-bound, bound]^3, coloured by the colour field.
+
+    ``level=None`` picks the level with ``surface_level``. Raises ValueError when no density reaches it.
+    """
+    latent = torch.as_tensor(latent, dtype=torch.float32)
+    if level is None:
+        level = surface_level(model, latent)
+
+    def density(points: torch.Tensor) -> torch.Tensor:
+        return model.field(points, latent[None].expand(points.shape[0], -1))[0]
+
+    def color(points: torch.Tensor) -> torch.Tensor:
+        return model.field(points, latent[None].expand(points.shape[0], -1))[1]
+
+    grid = density_grid(density, resolution, bound, chunk)
+    mesh = extract_mesh(grid, bound, level)
+    # Colour slightly inside the surface: the iso-level is where density starts, colour is settled inside.
+    mesh.colors = vertex_colors(color, mesh, inset=2.0 * bound / (resolution - 1), chunk=chunk)
+    return mesh
+
+
+def random_latents(model: LoadedCheckpoint, n: int, psi: float, seed: int) -> torch.Tensor:
+    """New identities: Gaussian codes with the latent table's per-dimension mean and spread, truncated
+    towards the mean by ``psi`` (z' = z_mean + psi (z - z_mean)). Returns (n, L)."""
+    codes = model.latents.codes.detach()
+    mean = codes.mean(0)
+    std = codes.std(0, unbiased=False) if codes.shape[0] > 1 else torch.ones_like(mean)
+    generator = torch.Generator().manual_seed(int(seed))
+    z = mean + std * torch.randn(n, codes.shape[1], generator=generator)
+    return model.latents.truncate(z, psi)
+
+
+def training_losses(model: LoadedCheckpoint):
+    """The loss weights the checkpoint was trained with (``models.LossConfig``; defaults if unrecorded)."""
+    import dataclasses
+
+    from models import LossConfig
+
+    found = _lookup(model.config, ("loss",), ("losses",), ("train", "loss"))
+    if not isinstance(found, dict):
+        return LossConfig()
+    names = {f.name for f in dataclasses.fields(LossConfig)}
+    return LossConfig(**{k: v for k, v in found.items() if k in names})

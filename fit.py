@@ -1,0 +1,383 @@
+"""Learn from one look: fit a new photo's latent with the network frozen, then render it in 3D.
+
+    python fit.py --checkpoint runs/cpu/checkpoints/best.pt --out fits photo.jpg [more.jpg ...]
+    python fit.py --checkpoint CKPT --out fits --from-cache data/synthetic64 --split heldout --index 0 3
+
+Each photo goes through the training preparation (``pose.prepare_photo``: landmarks, camera solve, mask)
+at the checkpoint's training resolution. A fresh latent starts at the mean latent and is optimised with
+the training losses (RGB + mask + hard-surface) to reconstruct the photo. Per photo, ``OUT/<name>/`` gets:
+
+    latent.npy          the fitted code (L,) float32
+    reconstruction.png  input | reconstruction | depth, with PSNR / SSIM written on it
+    depth.png           colour-mapped depth of the reconstruction (near = warm)
+    orbit.mp4, orbit.gif  the head turning (yaw +-35 deg, pitch +-10 deg) around the photo's camera
+    mesh.ply            marching cubes on the density grid, vertex colours from the colour field
+    metrics.json        PSNR, SSIM, camera, losses, settings
+
+A photo with no face or a rejected camera is reported and skipped; the others still run, and the exit
+code is 1 if any photo failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import renderer
+from export.cameras import orbit_cameras, scale_intrinsics
+from export.inference import (
+    latent_mesh,
+    load_model,
+    render_path,
+    render_view,
+    start_renderer,
+    training_framing,
+    training_losses,
+    training_resolution,
+)
+from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png, upscale
+from export.mesh import write_ply
+from export.metrics import psnr, ssim
+from export.outputs import OutputExistsError, claim_dir, save_npy, write_json
+from models import compute_losses, render_rays
+from models.checkpoint import CheckpointError, LoadedCheckpoint
+from models.render import pixel_grid
+
+
+@dataclass
+class FitConfig:
+    """Latent optimisation: Adam on the code only, learning rate decaying exponentially to
+    ``lr * final_lr_fraction`` over ``steps``, ``rays_per_step`` random pixels of the photo per step."""
+
+    steps: int = 300
+    lr: float = 0.03
+    final_lr_fraction: float = 0.1
+    rays_per_step: int = 1024
+    seed: int = 0
+
+    @classmethod
+    def paper(cls) -> FitConfig:
+        """256² photos on a GPU: more rays and steps."""
+        return cls(steps=1000, rays_per_step=4096)
+
+    @classmethod
+    def cpu(cls) -> FitConfig:
+        """64² photos on 2 CPU cores: about a minute per photo."""
+        return cls()
+
+
+@dataclass
+class FitResult:
+    """A fitted code (L,) and the per-step loss terms."""
+
+    latent: torch.Tensor
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _as_float_image(image: np.ndarray) -> torch.Tensor:
+    arr = np.asarray(image)
+    arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def fit_latent(
+    model: LoadedCheckpoint,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    K: np.ndarray,
+    world_to_camera: np.ndarray,
+    config: FitConfig | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Optimise one latent so the frozen model reconstructs ``image`` seen from (K, world_to_camera).
+
+    image (H, W, 3) uint8 or float [0, 1]; mask (H, W) uint8 {0..255} or float [0, 1] or None (no mask
+    term); K (3, 3); world_to_camera (3, 4). Starts from the latent table's mean and uses the training
+    losses recorded in the checkpoint. Every random draw comes from a generator seeded with ``config.seed``.
+
+    >>> result = fit_latent(model, photo.image, photo.mask, photo.K, photo.world_to_camera)  # doctest: +SKIP
+    >>> result.latent.shape                                                                 # doctest: +SKIP
+    torch.Size([32])
+    """
+    config = config or FitConfig.cpu()
+    if config.steps < 1 or config.rays_per_step < 1 or config.lr <= 0:
+        raise ValueError("fit needs steps >= 1, rays_per_step >= 1 and lr > 0.")
+    rgb = _as_float_image(image)
+    height, width = rgb.shape[:2]
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"fit_latent needs an (H, W, 3) image, got {tuple(rgb.shape)}.")
+    target_rgb = rgb.reshape(-1, 3)
+    target_mask = None if mask is None else _as_float_image(mask).reshape(-1)
+    if target_mask is not None and target_mask.shape[0] != target_rgb.shape[0]:
+        raise ValueError(f"mask has {target_mask.shape[0]} pixels but the image has {target_rgb.shape[0]}.")
+    pixels = pixel_grid(height, width)
+    K_t = torch.as_tensor(np.asarray(K), dtype=torch.float32)
+    w2c_t = torch.as_tensor(np.asarray(world_to_camera), dtype=torch.float32)
+    loss_config = training_losses(model)
+
+    latent = torch.nn.Parameter(model.latents.mean().clone())
+    optimizer = torch.optim.Adam([latent], lr=config.lr)
+    gamma = config.final_lr_fraction ** (1.0 / max(config.steps - 1, 1))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
+    generator = torch.Generator().manual_seed(int(config.seed))
+    n_rays = min(config.rays_per_step, pixels.shape[0])
+    history = []
+    bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
+    for _ in bar:
+        index = torch.randperm(pixels.shape[0], generator=generator)[:n_rays]
+        rays = renderer.generate_rays(pixels[index], K_t, w2c_t, radius=model.render_config.radius)
+        out = render_rays(
+            model.field,
+            model.background,
+            rays,
+            latent[None].expand(n_rays, -1),
+            model.render_config,
+            generator=generator,
+        )
+        terms = compute_losses(
+            out.color,
+            out.opacity,
+            out.weights,
+            target_rgb[index],
+            None if target_mask is None else target_mask[index],
+            loss_config,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        scheduler.step()
+        history.append({k: float(v.detach()) for k, v in terms.items()})
+        bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
+    return FitResult(latent.detach().clone(), history)
+
+
+def reconstruction_scores(
+    model: LoadedCheckpoint,
+    latent: torch.Tensor,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    K: np.ndarray,
+    world_to_camera: np.ndarray,
+    chunk: int = 8192,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Render the fitted latent at the photo's camera and score it against the photo.
+
+    Returns ({"psnr", "ssim", and with a mask "psnr_masked"}, the rendered view as ``render_view``).
+    """
+    target = _as_float_image(image).numpy()
+    view = render_view(model, latent, K, world_to_camera, target.shape[0], target.shape[1], chunk)
+    scores = {"psnr": psnr(view["color"], target), "ssim": ssim(view["color"], target)}
+    if mask is not None and (_as_float_image(mask).numpy() > 0.5).any():
+        scores["psnr_masked"] = psnr(view["color"], target, _as_float_image(mask).numpy())
+    return scores, view
+
+
+@dataclass
+class OutputSettings:
+    """What to write besides the latent: orbit length and size, mesh grid."""
+
+    frames: int = 36
+    fps: float = 18.0
+    video_size: int | None = None  # None: twice the training resolution
+    mesh_resolution: int = 128
+    mesh_level: float | None = None  # None: read off the model (export.inference.surface_level)
+    chunk: int = 8192
+
+
+def write_outputs(
+    model: LoadedCheckpoint,
+    result: FitResult,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    K: np.ndarray,
+    world_to_camera: np.ndarray,
+    out_dir: Path,
+    settings: OutputSettings,
+    extra: dict | None = None,
+) -> dict:
+    """Write every per-photo output into ``out_dir`` (already claimed). Returns the metrics record."""
+    scores, view = reconstruction_scores(
+        model, result.latent, image, mask, K, world_to_camera, settings.chunk
+    )
+    save_npy(out_dir / "latent.npy", result.latent.numpy().astype(np.float32))
+    depth_rgb = colorize_depth(view["depth"], view["opacity"])
+    save_png(out_dir / "depth.png", depth_rgb)
+    label = f"PSNR {scores['psnr']:.1f} SSIM {scores['ssim']:.2f}"
+    cells = [upscale(cell, 128) for cell in (image, view["color"], depth_rgb)]
+    save_png(out_dir / "reconstruction.png", image_grid([cells], labels=[["input", label, "depth"]]))
+
+    size = settings.video_size or 2 * int(np.asarray(image).shape[0])
+    K_video = scale_intrinsics(K, np.asarray(image).shape[:2], (size, size))
+    cameras = orbit_cameras(world_to_camera, n_frames=settings.frames)
+    frames = [
+        f["color"]
+        for f in render_path(model, result.latent, K_video, cameras, size, size, settings.chunk, desc="orbit")
+    ]
+    save_mp4(out_dir / "orbit.mp4", frames, fps=settings.fps)
+    save_gif(out_dir / "orbit.gif", frames, fps=settings.fps)
+
+    mesh = latent_mesh(model, result.latent, resolution=settings.mesh_resolution, level=settings.mesh_level)
+    write_ply(out_dir / "mesh.ply", mesh)
+
+    record = {
+        **scores,
+        "final_loss": result.history[-1] if result.history else None,
+        "mesh": {"vertices": len(mesh.vertices), "faces": len(mesh.faces)},
+        "K": np.asarray(K).tolist(),
+        "world_to_camera": np.asarray(world_to_camera).tolist(),
+        **(extra or {}),
+    }
+    write_json(out_dir / "metrics.json", record)
+    return record
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("photos", nargs="*", type=Path, help="photos to fit (any format OpenCV reads)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py")
+    parser.add_argument("--out", required=True, type=Path, help="output folder; one subfolder per photo")
+    parser.add_argument("--from-cache", type=Path, help="fit already-prepared views of a dataset cache")
+    parser.add_argument("--split", default="heldout", choices=["train", "heldout"], help="with --from-cache")
+    parser.add_argument("--index", type=int, nargs="+", default=[0], help="with --from-cache: view indices")
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="FitConfig preset")
+    parser.add_argument("--steps", type=int, help="optimisation steps (default: the preset's)")
+    parser.add_argument("--lr", type=float, help="latent learning rate (default: the preset's)")
+    parser.add_argument("--rays", type=int, help="random pixels per step (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int, default=36, help="frames of the orbit video")
+    parser.add_argument("--video-size", type=int, help="orbit video side in pixels (default 2x training)")
+    parser.add_argument("--mesh-resolution", type=int, default=128, help="density grid side for the mesh")
+    parser.add_argument("--mesh-level", type=float, help="density iso-level (default: read off the model)")
+    parser.add_argument("--framing", choices=["aligned", "landmarks"], help="default: as in training")
+    parser.add_argument("--arch", default="cpu", help="Taichi arch for the renderer: auto|cpu|vulkan|cuda")
+    parser.add_argument("--chunk", type=int, default=8192, help="rays per rendering chunk (bounds memory)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if not args.photos and args.from_cache is None:
+        parser.error("give at least one photo, or --from-cache CACHE with --index.")
+    return args
+
+
+def _jobs(args: argparse.Namespace, resolution: int, framing: str):
+    """Yield (name, loader) pairs; a loader returns (image, mask, K, world_to_camera, info) or raises."""
+    used: set[str] = set()
+
+    def unique(name: str) -> str:
+        candidate, k = name, 2
+        while candidate in used:
+            candidate, k = f"{name}_{k}", k + 1
+        used.add(candidate)
+        return candidate
+
+    for path in args.photos:
+
+        def load(path=path):
+            from pose import prepare_photo
+
+            photo = prepare_photo(path, resolution=resolution, framing=framing)
+            info = {"source": str(path), "reprojection_error_px": float(photo.reprojection_error_px)}
+            return photo.image, photo.mask, photo.K, photo.world_to_camera, info
+
+        yield unique(path.stem), load
+
+    if args.from_cache is not None:
+        from dataset import PreparedDataset
+
+        ds = PreparedDataset(args.from_cache, split=args.split)
+        for index in args.index:
+
+            def load(index=index):
+                if not 0 <= index < len(ds):
+                    raise IndexError(f"index {index} is outside the {args.split} split (0..{len(ds) - 1}).")
+                source = ds.sources[index]
+                info = {
+                    "source": source if isinstance(source, str) else source.get("source", str(source)),
+                    "cache": str(args.from_cache),
+                    "split": args.split,
+                    "index": index,
+                    "identity": int(ds.identities[index]),
+                }
+                mask = np.asarray(ds.masks[index])
+                return np.asarray(ds.images[index]), mask, ds.K[index], ds.world_to_camera[index], info
+
+            yield unique(f"{args.split}_{index:04d}"), load
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Fit every photo; returns the exit code (0 if all succeeded, 1 if any failed, 2 on a bad checkpoint)."""
+    args = parse_args(argv)
+    from pose import ImageError, NoFaceError, PoseRejectedError
+
+    try:
+        model = load_model(args.checkpoint)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    start_renderer(args.arch)
+    resolution = training_resolution(model)
+    framing = args.framing or training_framing(model)
+    preset = FitConfig.paper() if args.preset == "paper" else FitConfig.cpu()
+    config = FitConfig(
+        steps=args.steps or preset.steps,
+        lr=args.lr or preset.lr,
+        final_lr_fraction=preset.final_lr_fraction,
+        rays_per_step=args.rays or preset.rays_per_step,
+        seed=args.seed,
+    )
+    settings = OutputSettings(
+        frames=args.frames,
+        video_size=args.video_size,
+        mesh_resolution=args.mesh_resolution,
+        mesh_level=args.mesh_level,
+        chunk=args.chunk,
+    )
+    summary: list[tuple[str, str]] = []
+    for name, load in _jobs(args, resolution, framing):
+        started = time.perf_counter()
+        try:
+            image, mask, K, w2c, info = load()
+            out_dir = claim_dir(args.out / name, force=args.force)
+            result = fit_latent(model, image, mask, K, w2c, config, progress=not args.quiet)
+            record = write_outputs(
+                model,
+                result,
+                image,
+                mask,
+                K,
+                w2c,
+                out_dir,
+                settings,
+                extra={**info, "fit": asdict(config), "checkpoint": str(args.checkpoint)},
+            )
+            line = f"ok      PSNR {record['psnr']:.2f} dB  SSIM {record['ssim']:.3f}  -> {out_dir}"
+        except (
+            ImageError,
+            NoFaceError,
+            PoseRejectedError,
+            OutputExistsError,
+            IndexError,
+            ValueError,
+            OSError,
+        ) as err:
+            line = f"FAILED  {err}"
+        summary.append((name, f"{line}  ({time.perf_counter() - started:.1f} s)"))
+        print(f"{name}: {summary[-1][1]}", flush=True)
+    failed = sum(1 for _, line in summary if line.startswith("FAILED"))
+    print(f"\nfit.py summary: {len(summary) - failed} of {len(summary)} fitted")
+    for name, line in summary:
+        print(f"  {name}: {line}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
