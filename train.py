@@ -15,6 +15,7 @@ variable ``LOLNERF_DEBUG_NAN_STEPS=3,4`` makes the loss NaN at those steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -227,20 +228,22 @@ def default_cache(data: dict) -> Path:
     return root.parent / f"{root.name}-prepared-{data['dataset']}-{data['resolution']}"
 
 
-def prepare_cache(data: dict, seed: int) -> Path:
-    """Make sure the prepared cache exists (idempotent) and return its directory."""
+def prepare_cache(data: dict, reuse_existing: bool = False) -> Path:
+    """Make sure the prepared cache exists (idempotent) and return its directory.
+
+    ``reuse_existing`` (resume) opens a complete cache as it is, so a --cache that points at another
+    dataset is refused by the fingerprint check instead of being rebuilt.
+    """
     cache = Path(data["cache"]) if data["cache"] else default_cache(data)
-    if data["dataset"] == "synthetic":
-        from dataset.synthetic import SyntheticConfig, generate_synthetic
-
-        return generate_synthetic(cache, SyntheticConfig(n_identities=data["synthetic_identities"],
-                                                         resolution=data["resolution"], seed=seed))
-    if not data["data_root"]:
+    if reuse_existing and (cache / "manifest.json").is_file():
+        return cache
+    if data["dataset"] != "synthetic" and not data["data_root"]:
         raise SystemExit(f"--dataset {data['dataset']} needs --data-root DIR pointing at the photos.")
-    from dataset import prepare_dataset
+    from dataset.config import PrepareConfig
+    from dataset.prepare import prepare_dataset
 
-    return Path(prepare_dataset(data["dataset"], data["data_root"], cache,
-                                {"resolution": data["resolution"], "seed": seed}))
+    settings = PrepareConfig(resolution=data["resolution"], synthetic_identities=data["synthetic_identities"])
+    return Path(prepare_dataset(data["dataset"], data["data_root"] or None, cache, settings))
 
 
 class RenderModule(nn.Module):
@@ -350,6 +353,7 @@ class Trainer:
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim))
                            for name, opt in self.optimizers.items()}
         self.ray_generator = torch.Generator(device="cpu").manual_seed(run["seed"] * 1000 + 7 + self.rank)
+        self.timer = NullTimer()
         self.step = 0
         self.bad_in_row = 0
         self.last_loss: float | None = None
@@ -421,25 +425,32 @@ class Trainer:
         """Sample a batch, render it, take an optimiser step. Returns metrics, or None for a skipped step."""
         import renderer
 
-        batch = {k: v.to(self.device) for k, v in self.sampler.sample().items()}
-        rays = renderer.generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"],
-                                      radius=self.module.render_config.radius)
-        codes = self.latents(batch["identity"])
-        out = self.model(rays, codes, self.ray_generator)
-        terms = compute_losses(out.color, out.opacity, out.weights, batch["rgb"], batch.get("mask"),
-                               LossConfig(**self.config["loss"]))
-        if self.step + 1 in self.nan_steps:
-            terms["total"] = terms["total"] * float("nan")
-        finite = bool(torch.isfinite(terms["total"]).item())
+        timer = self.timer
+        with timer.phase("data"):
+            batch = {k: v.to(self.device) for k, v in self.sampler.sample().items()}
+        with timer.phase("forward"):
+            rays = renderer.generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"],
+                                          radius=self.module.render_config.radius)
+            codes = self.latents(batch["identity"])
+            out = self.model(rays, codes, self.ray_generator)
+        with timer.phase("loss"):
+            terms = compute_losses(out.color, out.opacity, out.weights, batch["rgb"], batch.get("mask"),
+                                   LossConfig(**self.config["loss"]))
+            if self.step + 1 in self.nan_steps:
+                terms["total"] = terms["total"] * float("nan")
+            finite = bool(torch.isfinite(terms["total"]).item())
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         if all_agree(not finite, self.device):
             return None
-        terms["total"].backward()
-        for opt in self.optimizers.values():
-            opt.step()
-        for sch in self.schedulers.values():
-            sch.step()
+        with timer.phase("backward"):
+            terms["total"].backward()
+        with timer.phase("optimiser"):
+            for opt in self.optimizers.values():
+                opt.step()
+            for sch in self.schedulers.values():
+                sch.step()
+        timer.steps += 1
         metrics = {k: float(v.detach()) for k, v in terms.items()}
         metrics["psnr"] = psnr(metrics["rgb"])
         metrics["rays"] = int(batch["rgb"].shape[0])
@@ -491,7 +502,7 @@ class Trainer:
                 if all_agree(stop.signal_name is not None, self.device):
                     reason = "signal"
                     break
-                if self.step % run["checkpoint_every"] == 0:
+                if self.step % run["checkpoint_every"] == 0 and self.bad_in_row == 0:
                     self.save()
                 if self.is_main and self.step % run["preview_every"] == 0:
                     self.write_preview()
@@ -530,6 +541,52 @@ class Trainer:
             log.write(json.dumps({"step": self.step, "skipped": "non-finite loss",
                                   "in_a_row": self.bad_in_row, "time": time.time()}) + "\n")
             log.flush()
+
+
+class NullTimer:
+    """Stands in for ``models.step_timing.PhaseTimer`` when nothing is being measured."""
+
+    steps = 0
+
+    @staticmethod
+    def phase(name: str):
+        return contextlib.nullcontext()
+
+
+def profile_training(trainer: Trainer, n_steps: int, run_dir: Path) -> dict[str, float]:
+    """``--profile N``: N steps under the Taichi kernel profiler and torch.profiler; print one table."""
+    from models.step_timing import PhaseTimer, TimedField, breakdown_table
+    from renderer.profiling import profile
+
+    warmup = 2  # compiles the Taichi kernels and warms torch's allocator outside the measurement
+    for _ in range(warmup):
+        trainer.train_step()
+    timer = PhaseTimer(trainer.device)
+    trainer.timer = timer
+    timed = TimedField(trainer.module.field, timer)
+    trainer.module.field = timed
+    trace = run_dir / "profile_trace.json"
+    rays = 0
+    try:
+        with profile(trace_path=trace, print_table=False) as prof:
+            for _ in range(n_steps):
+                with timer.phase("step"):
+                    metrics = trainer.train_step()
+                timed.collect_backward()
+                rays = metrics["rays"] if metrics else rays
+    finally:
+        trainer.module.field = timed.field
+        trainer.timer = NullTimer()
+    per_step = timer.per_step()
+    per_step["renderer forward"] = per_step.pop("forward") - per_step.get("field forward", 0.0)
+    per_step["renderer backward"] = per_step.pop("backward") - per_step.get("field backward", 0.0)
+    print(f"[profile] {n_steps} steps after {warmup} warm-up steps; Taichi arch {trainer.backend.arch}, "
+          f"torch device {trainer.device}")
+    print(breakdown_table(per_step, rays))
+    print("\nrenderer kernels (Taichi kernel profiler) and top torch operators (torch.profiler), all steps:")
+    print(prof.table())
+    print(f"[profile] Chrome trace: {trace}")
+    return per_step
 
 
 def open_tensorboard(run_dir: Path):
@@ -616,10 +673,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cache = prepare_cache(config["data"], config["run"]["seed"])
+        cache = prepare_cache(config["data"], reuse_existing=resume_payload is not None)
     if distributed:
         torch.distributed.barrier()
-        cache = prepare_cache(config["data"], config["run"]["seed"]) if rank != 0 else cache
+        if rank != 0:  # the cache now exists: every other rank just opens it
+            cache = prepare_cache(config["data"], reuse_existing=True)
     config["data"]["cache"] = str(Path(cache).resolve())
 
     if resume_payload is not None:
@@ -633,8 +691,6 @@ def main(argv: list[str] | None = None) -> Path:
 
     trainer = Trainer(config, run_dir, backend, resume_payload, parse_nan_steps(args.debug_nan_steps))
     if args.profile > 0:
-        from models.train_profile import profile_training
-
         profile_training(trainer, args.profile, run_dir)
         return run_dir
     with StopRequest() as stop:

@@ -16,6 +16,7 @@ Each sample is evaluated by the network exactly once:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -63,29 +64,31 @@ def evaluate_samples(field: nn.Module, rays: renderer.Rays, t: torch.Tensor,
 
 
 def render_rays(field: nn.Module, background: nn.Module, rays: renderer.Rays, latents: torch.Tensor,
-                cfg: RenderConfig, generator: torch.Generator | None = None) -> RayOutput:
+                cfg: RenderConfig, generator: torch.Generator | None = None,
+                ops: ModuleType = renderer) -> RayOutput:
     """Coarse + importance rendering of a ray batch, one network evaluation per sample.
 
     Shapes: rays with R rows, latents (R, L) -> RayOutput with S + F samples per ray.
-    ``generator=None`` is deterministic (bin centres), for previews and evaluation.
+    ``generator=None`` is deterministic (bin centres), for previews and evaluation. ``ops`` provides the
+    renderer functions (``renderer`` = Taichi kernels; ``renderer.reference`` = plain torch, a baseline).
     """
-    t_coarse = renderer.sample_stratified(rays.near, rays.far, cfg.n_coarse, generator=generator)
+    t_coarse = ops.sample_stratified(rays.near, rays.far, cfg.n_coarse, generator=generator)
     sigma_coarse, rgb_coarse = evaluate_samples(field, rays, t_coarse, latents)
     with torch.no_grad():
-        deltas_coarse = renderer.sample_deltas(t_coarse, rays.far)
-        coarse = renderer.composite(sigma_coarse.detach(), rgb_coarse.detach(), t_coarse, deltas_coarse, 0.0)
+        deltas_coarse = ops.sample_deltas(t_coarse, rays.far)
+        coarse = ops.composite(sigma_coarse.detach(), rgb_coarse.detach(), t_coarse, deltas_coarse, 0.0)
     if cfg.n_fine > 0:
-        t_fine = renderer.sample_importance(t_coarse, coarse.weights, cfg.n_fine, rays.near, rays.far,
-                                            generator=generator)
+        t_fine = ops.sample_importance(t_coarse, coarse.weights, cfg.n_fine, rays.near, rays.far,
+                                       generator=generator)
         sigma_fine, rgb_fine = evaluate_samples(field, rays, t_fine, latents)
-        t_all, order = renderer.merge_samples(t_coarse, t_fine)
+        t_all, order = ops.merge_samples(t_coarse, t_fine)
         sigma = torch.cat([sigma_coarse, sigma_fine], dim=1).gather(1, order)
         rgb = torch.cat([rgb_coarse, rgb_fine], dim=1).gather(1, order[..., None].expand(-1, -1, 3))
     else:
         t_all, sigma, rgb = t_coarse, sigma_coarse, rgb_coarse
-    deltas = renderer.sample_deltas(t_all, rays.far)
+    deltas = ops.sample_deltas(t_all, rays.far)
     bg = background(rays.directions, latents)
-    out = renderer.composite(sigma.contiguous(), rgb.contiguous(), t_all.contiguous(), deltas, bg)
+    out = ops.composite(sigma.contiguous(), rgb.contiguous(), t_all.contiguous(), deltas, bg)
     return RayOutput(out.color, out.opacity, out.depth, out.weights)
 
 

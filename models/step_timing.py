@@ -1,0 +1,112 @@
+"""Where a training step's time goes: data, field forward/backward, renderer, loss, optimiser.
+
+Used by ``train.py --profile N`` (with the renderer's Taichi kernel profiler and torch.profiler) and by
+``benchmarks/train_step.py``.
+
+Field forward time is measured around each call of the field. Field backward time is measured with two
+identity autograd functions placed around the field's outputs and inputs: the backward pass reaches the
+outputs' marker when the field's backward starts and the inputs' marker when it ends (the CPU autograd
+engine runs one node at a time, so that interval is the field's backward). Everything else in the
+backward pass is the renderer's (compositing, gathering) and the loss's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work so wall-clock timers mean something on GPUs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Accumulates seconds per named phase; ``per_step()`` gives means over the recorded steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time the enclosed block (synchronised) and add it to ``name``."""
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.seconds[name] += time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add time measured elsewhere."""
+        self.seconds[name] += seconds
+
+    def per_step(self) -> dict[str, float]:
+        """Mean seconds per step of each phase."""
+        return {name: total / max(self.steps, 1) for name, total in self.seconds.items()}
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose backward records the time at which the gradient passes through it."""
+
+    @staticmethod
+    def forward(ctx, timer, key, *tensors):
+        ctx.timer, ctx.key = timer, key
+        return tensors if len(tensors) > 1 else tensors[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sync(ctx.timer.device)
+        ctx.timer.marks[ctx.key].append(time.perf_counter())
+        return (None, None, *grads)
+
+
+class TimedField(nn.Module):
+    """Wraps a field: times its forward calls and (through ``_Mark``) its backward passes."""
+
+    def __init__(self, field: nn.Module, timer: PhaseTimer):
+        super().__init__()
+        self.field = field
+        self.timer = timer
+        self.timer.marks = defaultdict(list)
+
+    def forward(self, points: torch.Tensor, latents: torch.Tensor):
+        tracking = torch.is_grad_enabled() and latents.requires_grad
+        if tracking:
+            latents = _Mark.apply(self.timer, "end", latents)
+        with self.timer.phase("field forward"):
+            sigma, rgb = self.field(points, latents)
+        if tracking:
+            sigma, rgb = _Mark.apply(self.timer, "start", sigma, rgb)
+        return sigma, rgb
+
+    def collect_backward(self) -> None:
+        """Turn this step's start/end marks into field-backward seconds."""
+        starts, ends = sorted(self.timer.marks["start"]), sorted(self.timer.marks["end"])
+        for start, end in zip(starts, ends, strict=False):
+            self.timer.add("field backward", max(end - start, 0.0))
+        self.timer.marks.clear()
+
+
+def breakdown_table(per_step: dict[str, float], rays_per_step: int) -> str:
+    """Fixed-width table of ms per step and share of the step, plus rays/s and the non-MLP share."""
+    total = per_step.get("step", sum(v for k, v in per_step.items() if k != "step"))
+    order = ["data", "field forward", "renderer forward", "loss", "field backward", "renderer backward",
+             "optimiser"]
+    lines = [f"{'phase':<22} {'ms/step':>10} {'share':>7}"]
+    for name in order:
+        if name in per_step:
+            lines.append(f"{name:<22} {per_step[name] * 1e3:>10.2f} {per_step[name] / total:>7.1%}")
+    lines.append(f"{'step (wall)':<22} {total * 1e3:>10.2f} {1:>7.1%}")
+    mlp = per_step.get("field forward", 0.0) + per_step.get("field backward", 0.0)
+    lines.append(f"rays/s: {rays_per_step / total:,.0f}   share of the step outside the field MLP: "
+                 f"{1 - mlp / total:.1%}")
+    return "\n".join(lines)
