@@ -16,6 +16,8 @@ import multiprocessing
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -131,14 +133,25 @@ def run_chunks(source, data_root: Path, items: list[str], config: PrepareConfig,
                 finished += 1
         else:
             # spawn: workers start clean (no forked MediaPipe/Taichi state) and build their own graphs.
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for _index, n in pool.imap_unordered(process_chunk, tasks):
+            # An executor (unlike multiprocessing.Pool) reports a crashed worker instead of hanging.
+            executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                futures = [executor.submit(process_chunk, task) for task in tasks]
+                for future in as_completed(futures):
+                    _index, n = future.result()
                     bar.update(n)
                     finished += 1
                     if finished >= limit:
-                        break  # leaving the with-block terminates the pool: chunks in flight are lost
+                        break
+            finally:
+                executor.shutdown(wait=True, cancel_futures=True)
+    except BrokenProcessPool as err:
+        raise RuntimeError("A preparation worker process died (a crash inside a decoder or MediaPipe?); "
+                           "finished chunks are kept: rerun with --workers 1 to continue and see which file "
+                           "fails.") from err
     finally:
         bar.close()
+    finished = sum((partial / f"chunk_{i:06d}.json").exists() for i in range(len(chunks))) - len(done)
     if finished < len(tasks):
         raise BuildInterrupted(f"Stopped after {finished} new chunks ({len(done) + finished} of "
                                f"{len(chunks)} done); rerun the same command to continue.")

@@ -23,6 +23,7 @@ import shutil
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +38,21 @@ class CacheError(RuntimeError):
     """A prepared cache that cannot be read: missing, incomplete, corrupt or from a newer format."""
 
 
+def _json_default(value):
+    """numpy scalars and arrays inside records (fit summaries) become plain JSON numbers and lists."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def atomic_write_json(path: Path, obj) -> None:
     """Write JSON to ``path`` via a temp file and os.replace, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=1, default=_json_default)
     os.replace(tmp, path)
 
 
@@ -221,7 +231,8 @@ class PreparedDataset:
     Attributes: images (N, H, W, 3) uint8 memmap, masks (N, H, W) uint8 memmap, depths (N, H, W) float32
     memmap or None, K (N, 3, 3) float32, world_to_camera (N, 3, 4) float32, identities (N,) int64,
     manifest (dict), fingerprint (str), n_identities (int, the size of the latent table, equal for both
-    splits), image_size (H, W), background ("network" for photos, or an RGB list), sources (list).
+    splits), image_size (H, W), background ("network" for photos, or an RGB list), sources (list, read
+    on first use).
 
     >>> ds = PreparedDataset("runs/cache/synthetic64", split="train")  # doctest: +SKIP
     >>> ds.images.shape, ds.K.shape  # doctest: +SKIP
@@ -270,7 +281,10 @@ class PreparedDataset:
                              "again.") from None
         depth_path = directory / "depths.npy"
         self.depths = _load_array(depth_path, mmap=True) if depth_path.exists() else None
-        self.sources = self._read_json(directory / "sources.json")
+        self._sources_path = directory / "sources.json"
+        if not self._sources_path.is_file():
+            raise CacheError(f"Prepared cache file {self._sources_path} is missing; prepare the dataset "
+                             "again.")
         self._check_shapes()
 
     def _read_json(self, path: Path):
@@ -292,8 +306,7 @@ class PreparedDataset:
         expected = {"masks.npy": (self.masks.shape, (n, *self.images.shape[1:3])),
                     "cameras.npz K": (self.K.shape, (n, 3, 3)),
                     "cameras.npz world_to_camera": (self.world_to_camera.shape, (n, 3, 4)),
-                    "identities.npy": (self.identities.shape, (n,)),
-                    "sources.json": ((len(self.sources),), (n,))}
+                    "identities.npy": (self.identities.shape, (n,))}
         if self.depths is not None:
             expected["depths.npy"] = (self.depths.shape, (n, *self.images.shape[1:3]))
         problems += [f"{name} has shape {got}, expected {want}" for name, (got, want) in expected.items()
@@ -301,6 +314,16 @@ class PreparedDataset:
         if problems:
             raise CacheError(f"Prepared cache {self.cache_dir} ({self.split}) is inconsistent: "
                              + "; ".join(problems) + ". Prepare the dataset again.")
+
+    @cached_property
+    def sources(self) -> list[dict]:
+        """Per image: source file, identity, reprojection error (px) and fit details; read on first use,
+        since for 70,000 photos it is tens of MB that training never needs."""
+        sources = self._read_json(self._sources_path)
+        if not isinstance(sources, list) or len(sources) != len(self):
+            raise CacheError(f"Prepared cache file {self._sources_path} does not list one entry per image; "
+                             "prepare the dataset again.")
+        return sources
 
     def __len__(self) -> int:
         return len(self.images)

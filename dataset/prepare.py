@@ -12,6 +12,7 @@ import argparse
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -111,6 +112,31 @@ def prepare_source(source, data_root: str | Path | None, out_dir: str | Path, co
                                 f"{source.layout}.")
         data_root = Path(data_root).expanduser().absolute()
     items = list_source_items(source, data_root, config.limit)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with build_lock(out_dir):  # a second process (another rank, a second shell) waits, then finds it done
+        return _prepare_locked(source, data_root, out_dir, config, items, workers, say, progress,
+                               stop_after_chunks)
+
+
+@contextmanager
+def build_lock(out_dir: Path):
+    """An exclusive advisory lock on ``out_dir/.lock`` for the duration of a build (POSIX only)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; do not run two builds into one cache there
+        yield
+        return
+    with open(out_dir / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, items: list[str],
+                    workers: int | None, say, progress: bool, stop_after_chunks: int | None) -> Path:
+    """Under the lock: return an up-to-date cache as it is, or (re)build it and print the summary."""
     settings = {**source.settings(config), "limit": config.limit}
     source_fp, cache_fp = fingerprint(source, data_root, items, settings)
     if is_up_to_date(out_dir, cache_fp):

@@ -70,7 +70,7 @@ def test_corrupt_or_missing_file_is_one_clear_error(cache, tmp_path, name):
     data = (copy / name).read_bytes()
     (copy / name).write_bytes(data[: len(data) // 3])
     with pytest.raises(CacheError, match=f"{name}.*(corrupt|inconsistent)|inconsistent"):
-        PreparedDataset(copy)
+        PreparedDataset(copy).sources  # noqa: B018 (sources.json is read on first use)
     (copy / name).unlink()
     with pytest.raises(CacheError, match="missing"):
         PreparedDataset(copy)
