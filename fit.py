@@ -38,6 +38,7 @@ from export.inference import (
     render_path,
     render_view,
     start_renderer,
+    surface_depth,
     training_framing,
     training_losses,
     training_resolution,
@@ -207,7 +208,7 @@ def write_outputs(
         model, result.latent, image, mask, K, world_to_camera, settings.chunk
     )
     save_npy(out_dir / "latent.npy", result.latent.numpy().astype(np.float32))
-    depth_rgb = colorize_depth(view["depth"], view["opacity"])
+    depth_rgb = colorize_depth(surface_depth(view), view["opacity"])
     save_png(out_dir / "depth.png", depth_rgb)
     label = f"PSNR {scores['psnr']:.1f} SSIM {scores['ssim']:.2f}"
     cells = [upscale(cell, 128) for cell in (image, view["color"], depth_rgb)]

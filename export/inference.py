@@ -240,3 +240,12 @@ def training_losses(model: LoadedCheckpoint):
         return LossConfig()
     names = {f.name for f in dataclasses.fields(LossConfig)}
     return LossConfig(**{k: v for k, v in found.items() if k in names})
+
+
+def surface_depth(view: dict[str, np.ndarray]) -> np.ndarray:
+    """Depth of the surface a pixel sees: the rendered sum_i w_i t_i divided by the opacity sum_i w_i.
+
+    The raw sum counts the (transparent) rest of the ray as depth 0, so half-opaque edge pixels would look
+    close to the camera; dividing by opacity gives the expected depth given the ray hits. (H, W) -> (H, W).
+    """
+    return view["depth"] / np.maximum(view["opacity"], 1e-6)
