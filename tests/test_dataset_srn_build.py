@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,25 @@ def test_cli_prints_summary_and_clear_errors(srn_root, tmp_path):
     bad = subprocess.run([*run[:6], str(tmp_path / "nope"), *run[7:]], capture_output=True, text=True,
                          env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "expects SRN folders" in bad.stderr
+
+
+def test_concurrent_builds_into_one_cache_build_once(srn_root, tmp_path, capsys):
+    """Two builders of the same cache (e.g. two ranks) serialise on its lock: one builds, one reuses."""
+    out = tmp_path / "cache"
+    errors = []
+
+    def build():
+        try:
+            prepare_dataset("srn", srn_root, out, CONFIG, workers=1, progress=False)
+        except Exception as err:  # surfaced below; a thread cannot raise into the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    printed = capsys.readouterr().out
+    assert printed.count("is up to date") == 1 and printed.count("Kept 5 training images") == 2
+    assert len(PreparedDataset(out)) == 5
