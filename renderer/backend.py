@@ -56,9 +56,12 @@ def _started_arch() -> str | None:
     return "cpu"
 
 
-def _start(arch: str, kernel_profiler: bool, random_seed: int) -> bool:
+def _start(
+    arch: str, kernel_profiler: bool = False, random_seed: int = 0, cpu_threads: int | None = None
+) -> bool:
     """Start Taichi on ``arch``; True when it really runs there (not on Taichi's silent x64 fallback)."""
     ti.reset()
+    options = {"cpu_max_num_threads": cpu_threads} if cpu_threads else {}
     try:
         ti.init(
             arch=getattr(ti, arch),
@@ -66,6 +69,7 @@ def _start(arch: str, kernel_profiler: bool, random_seed: int) -> bool:
             kernel_profiler=kernel_profiler,
             random_seed=random_seed,
             log_level=ti.WARN,
+            **options,
         )
     except Exception:  # Taichi raises bare RuntimeErrors when a device cannot be created
         ti.reset()
@@ -95,40 +99,40 @@ def _torch_device_missing(device: str) -> str | None:
     return None
 
 
-def _start_arch(arch: str, kernel_profiler: bool, random_seed: int) -> str:
+def _start_arch(arch: str, settings: dict) -> str:
     """Start an explicitly requested arch or raise naming what is missing; returns the reason text."""
     if arch == "cuda":
         missing = _torch_cuda_missing()
         if missing:
             raise BackendUnavailableError(f"arch='cuda' is unavailable: {missing}.")
-        if not _start("cuda", kernel_profiler, random_seed):
+        if not _start("cuda", **settings):
             raise BackendUnavailableError(
                 "arch='cuda' is unavailable: Taichi could not start CUDA although torch can; check that "
                 "the NVIDIA driver is recent enough for Taichi 1.7.4, or choose arch='vulkan' or 'cpu'."
             )
     elif arch == "vulkan":
-        if not _start("vulkan", kernel_profiler, random_seed):
+        if not _start("vulkan", **settings):
             raise BackendUnavailableError(f"arch='vulkan' is unavailable: {NO_VULKAN}.")
     elif arch == "metal":
-        if not _start("metal", kernel_profiler, random_seed):
+        if not _start("metal", **settings):
             raise BackendUnavailableError(
                 "arch='metal' is unavailable: Metal needs macOS on a Mac with a Metal GPU; choose "
                 "arch='vulkan' or arch='cpu'."
             )
-    elif not _start("cpu", kernel_profiler, random_seed):
+    elif not _start("cpu", **settings):
         raise BackendUnavailableError("arch='cpu' failed to start: reinstall taichi==1.7.4.")
     return f"asked for {arch}"
 
 
-def _start_auto(kernel_profiler: bool, random_seed: int) -> tuple[str, str]:
+def _start_auto(settings: dict) -> tuple[str, str]:
     """Start the best available arch in the order CUDA, Vulkan, CPU; returns (arch, reason)."""
     cuda_missing = _torch_cuda_missing()
-    if cuda_missing is None and _start("cuda", kernel_profiler, random_seed):
+    if cuda_missing is None and _start("cuda", **settings):
         return "cuda", "auto: torch and Taichi both use CUDA"
     why_not_cuda = cuda_missing or "Taichi could not start CUDA"
-    if _start("vulkan", kernel_profiler, random_seed):
+    if _start("vulkan", **settings):
         return "vulkan", f"auto: no CUDA ({why_not_cuda}); a Vulkan device exists"
-    _start("cpu", kernel_profiler, random_seed)
+    _start("cpu", **settings)
     return "cpu", f"auto: no CUDA ({why_not_cuda}) and {NO_VULKAN}; using the CPU"
 
 
@@ -138,11 +142,13 @@ def init_backend(
     kernel_profiler: bool = False,
     random_seed: int = 0,
     verbose: bool = True,
+    cpu_threads: int | None = None,
 ) -> Backend:
     """Start Taichi on ``arch`` and pair it with a torch ``device``; prints the choice and the reason.
 
     arch: "auto" | "cuda" | "vulkan" | "metal" | "cpu"; device: "auto" | "cuda" | "mps" | "xpu" | "cpu".
-    ``kernel_profiler=True`` turns on Taichi's kernel profiler (see renderer.profiling).
+    ``kernel_profiler=True`` turns on Taichi's kernel profiler (see renderer.profiling);
+    ``cpu_threads`` caps the threads of Taichi's CPU backend (default: all cores).
     Raises BackendUnavailableError naming what is missing; ValueError for an unknown name.
     Calling it again switches arch in the same process (all renderer kernels recompile).
     """
@@ -159,10 +165,11 @@ def init_backend(
     if device_missing:
         raise BackendUnavailableError(f"device={device!r} is unavailable: {device_missing}.")
 
+    settings = {"kernel_profiler": kernel_profiler, "random_seed": random_seed, "cpu_threads": cpu_threads}
     if arch == "auto":
-        started, reason = _start_auto(kernel_profiler, random_seed)
+        started, reason = _start_auto(settings)
     else:
-        started, reason = arch, _start_arch(arch, kernel_profiler, random_seed)
+        started, reason = arch, _start_arch(arch, settings)
 
     if device == "auto":
         device = "cuda" if started == "cuda" else "cpu"

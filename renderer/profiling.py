@@ -77,7 +77,8 @@ def enable_kernel_profiler() -> None:
     """Make sure Taichi runs with the kernel profiler, restarting it on the same arch if needed."""
     arch = ensure_started()
     if not kernel_profiler_enabled():
-        init_backend(arch=arch, kernel_profiler=True, verbose=False)
+        threads = ti.lang.impl.current_cfg().cpu_max_num_threads
+        init_backend(arch=arch, kernel_profiler=True, verbose=False, cpu_threads=threads)
 
 
 def taichi_kernel_rows() -> list[KernelRow]:

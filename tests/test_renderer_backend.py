@@ -61,10 +61,10 @@ def test_missing_metal_and_mps_are_clear_errors(restore_taichi):
 def test_missing_vulkan_names_the_driver_and_auto_says_why(restore_taichi, monkeypatch, capsys):
     real_start = backend._start
 
-    def start_without_gpu_drivers(arch, kernel_profiler, random_seed):
+    def start_without_gpu_drivers(arch, **settings):
         if arch in ("vulkan", "cuda"):
             return False
-        return real_start(arch, kernel_profiler, random_seed)
+        return real_start(arch, **settings)
 
     monkeypatch.setattr(backend, "_start", start_without_gpu_drivers)
     with pytest.raises(renderer.BackendUnavailableError, match="no Vulkan driver found: install"):
