@@ -1,0 +1,310 @@
+"""Measure a trained model the way the paper did; write JSON and a Markdown table.
+
+    python evaluate.py --checkpoint runs/cpu/checkpoints/best.pt --json eval.json
+    python evaluate.py --checkpoint CKPT --views srn_cars/cars_test --json eval.json
+
+- Reconstruction: PSNR / SSIM of each training image rendered from its own camera with its own latent.
+- Novel views: PSNR / SSIM of held-out views of training identities, rendered with the latent learned
+  from the training view(s) - from the cache's ``heldout/`` split, or from an SRN-layout folder
+  (``--views DIR``: DIR/<instance>/rgb/*.png, pose/*.txt camera-to-world 4x4, intrinsics.txt) whose
+  instance names match training source names.
+- Depth, where the data has ground truth (synthetic): abs-rel, RMSE and correlation inside the mask,
+  rendered depth taken as sum(w t) / sum(w) (the surface a ray hits; ground truth is ray distance).
+- LPIPS only if the ``lpips`` package and AlexNet weights are already on this machine (never downloads).
+- The mean-image baseline: the mean training image (and mean training depth) predicted for every view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export.inference import load_model, render_view, start_renderer, surface_depth, training_cache
+from export.metrics import Lpips, depth_errors, lpips_status, psnr, ssim
+from export.outputs import OutputExistsError, claim_file, write_json, write_text
+from models.checkpoint import CheckpointError, LoadedCheckpoint
+
+
+def spread_indices(n: int, limit: int | None) -> np.ndarray:
+    """Up to ``limit`` indices evenly spread over range(n) (deterministic). ``limit=None``: all.
+
+    >>> spread_indices(10, 3).tolist()
+    [0, 4, 9]
+    """
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+
+
+def score_view(
+    pred: dict[str, np.ndarray],
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    depth: np.ndarray | None,
+    lpips: Lpips | None,
+) -> dict[str, float]:
+    """Metrics of one rendered view against its ground truth.
+
+    pred: {"color" (H, W, 3), "opacity" (H, W), "depth" (H, W)}; image (H, W, 3) uint8 or float;
+    mask (H, W) or None; depth (H, W) ground-truth ray distance (0 = background) or None.
+    """
+    scores = {"psnr": psnr(pred["color"], image), "ssim": ssim(pred["color"], image)}
+    if lpips is not None:
+        scores["lpips"] = lpips(pred["color"], image)
+    if depth is not None and (np.asarray(depth) > 0).any():
+        errors = depth_errors(surface_depth(pred), depth, mask)
+        scores.update({f"depth_{k}": v for k, v in errors.items() if k != "n_pixels"})
+    return scores
+
+
+def summarise(records: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over views (NaN-skipping; a single infinite PSNR makes the mean infinite)."""
+    keys = sorted({k for r in records for k in r if isinstance(r[k], float)})
+    out: dict[str, float] = {"n_views": len(records)}
+    for key in keys:
+        values = np.array([r[key] for r in records if key in r], dtype=np.float64)
+        finite = values[~np.isnan(values)]
+        out[key] = float(finite.mean()) if finite.size else math.nan
+    return out
+
+
+def evaluate_views(
+    model: LoadedCheckpoint, views, lpips: Lpips | None, chunk: int, desc: str
+) -> list[dict[str, float]]:
+    """Render and score views. ``views`` yields (identity, image, mask, K, world_to_camera, depth or None)."""
+    records = []
+    for identity, image, mask, K, w2c, depth in tqdm(list(views), desc=desc, leave=False):
+        latent = model.latents.codes[int(identity)].detach()
+        pred = render_view(model, latent, K, w2c, image.shape[0], image.shape[1], chunk)
+        records.append({"identity": int(identity), **score_view(pred, image, mask, depth, lpips)})
+    return records
+
+
+def cache_views(ds, indices: np.ndarray):
+    """(identity, image, mask, K, w2c, depth) for the chosen indices of a PreparedDataset split."""
+    for i in indices:
+        depth = None if ds.depths is None else np.asarray(ds.depths[i])
+        yield (
+            int(ds.identities[i]),
+            np.asarray(ds.images[i]),
+            np.asarray(ds.masks[i]),
+            ds.K[i],
+            ds.world_to_camera[i],
+            depth,
+        )
+
+
+def read_srn_instance(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """One SRN instance folder -> [(image uint8 (H, W, 3), mask uint8 (H, W), K (3, 3), w2c (3, 4))].
+
+    SRN stores camera-to-world 4x4 matrices in OpenCV axes (x right, y down, z forward), which is this
+    project's convention, so the world-to-camera matrix is their inverse. The mask is "not white"
+    (SRN renders on a white background).
+    """
+    import cv2
+
+    lines = (folder / "intrinsics.txt").read_text().split("\n")
+    f, cx, cy = (float(v) for v in lines[0].split()[:3])
+    views = []
+    for rgb_path in sorted((folder / "rgb").glob("*.png")):
+        pose_path = folder / "pose" / f"{rgb_path.stem}.txt"
+        if not pose_path.is_file():
+            continue
+        bgr = cv2.imread(str(rgb_path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"{rgb_path} is not a readable image.")
+        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        h = image.shape[0]
+        # intrinsics.txt describes the full-size render (principal point at its centre); rgb/ may hold
+        # downscaled images (e.g. 512 -> 128), so K scales by the ratio of sizes.
+        s = h / (2.0 * cy)
+        K = np.array([[f * s, 0, cx * s], [0, f * s, cy * s], [0, 0, 1]], dtype=np.float32)
+        c2w = np.loadtxt(pose_path, dtype=np.float64).reshape(4, 4)
+        w2c = np.linalg.inv(c2w)[:3].astype(np.float32)
+        mask = (np.abs(image.astype(np.int16) - 255).max(axis=2) > 8).astype(np.uint8) * 255
+        views.append((image, mask, K, w2c))
+    return views
+
+
+def srn_views(folder: Path, train_ds):
+    """Held-out views from an SRN-layout folder whose instance names match training source names."""
+    sources = [s if isinstance(s, str) else str(s.get("source", s)) for s in train_ds.sources]
+    instances = sorted(p for p in Path(folder).iterdir() if (p / "rgb").is_dir())
+    if not instances:
+        raise ValueError(f"{folder} has no SRN instance folders (<instance>/rgb, pose, intrinsics.txt).")
+    matched = 0
+    for instance in instances:
+        hits = {
+            int(train_ds.identities[i])
+            for i, s in enumerate(sources)
+            if instance.name in Path(s).parts or instance.name in s
+        }
+        if len(hits) != 1:
+            continue
+        matched += 1
+        identity = hits.pop()
+        for image, mask, K, w2c in read_srn_instance(instance):
+            yield identity, image, mask, K, w2c, None
+    if matched == 0:
+        raise ValueError(f"no instance folder in {folder} matches a training identity's source name.")
+
+
+def mean_image_baseline(train_ds, views) -> list[dict[str, float]]:
+    """Score the mean training image (and the mean training depth) as the prediction for every view."""
+    mean_image = np.mean(np.asarray(train_ds.images, dtype=np.float64), axis=0) / 255.0
+    mean_depth = None
+    if train_ds.depths is not None:
+        depths = np.asarray(train_ds.depths, dtype=np.float64)
+        hit = depths > 0
+        counts = hit.sum(axis=0)
+        overall = depths[hit].mean() if hit.any() else 0.0
+        mean_depth = np.where(counts > 0, depths.sum(axis=0) / np.maximum(counts, 1), overall)
+    records = []
+    for identity, image, mask, _, _, depth in views:
+        if image.shape[:2] != mean_image.shape[:2]:
+            raise ValueError("the mean-image baseline needs views at the training resolution.")
+        pred = {
+            "color": mean_image,
+            "opacity": np.ones(image.shape[:2]),
+            "depth": mean_depth if mean_depth is not None else np.zeros(image.shape[:2]),
+        }
+        scores = score_view(pred, image, mask, depth if mean_depth is not None else None, None)
+        records.append({"identity": int(identity), **scores})
+    return records
+
+
+def markdown_table(results: dict) -> str:
+    """The summary as a Markdown table: metrics as rows, evaluations as columns."""
+    columns = [
+        ("reconstruction", "Reconstruction (train views)"),
+        ("novel_view", "Novel views (held out)"),
+        ("baseline_reconstruction", "Mean image (train views)"),
+        ("baseline_novel_view", "Mean image (held out)"),
+    ]
+    columns = [
+        (k, title) for k, title in columns if isinstance(results.get(k), dict) and "n_views" in results[k]
+    ]
+    metrics = [
+        ("n_views", "views", "{:.0f}"),
+        ("psnr", "PSNR (dB) ↑", "{:.2f}"),
+        ("ssim", "SSIM ↑", "{:.3f}"),
+        ("lpips", "LPIPS ↓", "{:.3f}"),
+        ("depth_abs_rel", "depth abs rel ↓", "{:.4f}"),
+        ("depth_rmse", "depth RMSE ↓", "{:.4f}"),
+        ("depth_corr", "depth correlation ↑", "{:.3f}"),
+    ]
+    lines = ["| metric | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key, title, fmt in metrics:
+        if not any(key in results[k] for k, _ in columns):
+            continue
+        cells = [fmt.format(results[k][key]) if key in results[k] else "–" for k, _ in columns]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    notes = [f"- {results[k]['skipped']}" for k in ("novel_view",) if "skipped" in results.get(k, {})]
+    notes.append(f"- {results['lpips_note']}")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def evaluate(
+    model: LoadedCheckpoint,
+    cache: Path,
+    views_dir: Path | None = None,
+    max_images: int | None = 200,
+    chunk: int = 8192,
+) -> dict:
+    """Every evaluation for one checkpoint and its training cache. Returns the results dict (JSON-ready)."""
+    from dataset import CacheError, PreparedDataset
+
+    train = PreparedDataset(cache, split="train")
+    if train.n_identities != model.latents.n:
+        raise ValueError(
+            f"the cache {cache} has {train.n_identities} identities but the checkpoint has "
+            f"{model.latents.n}; pass the cache the model was trained on (--cache)."
+        )
+    available, note = lpips_status()
+    lpips = Lpips() if available else None
+    results: dict = {"step": model.step, "cache": str(cache), "lpips_note": note}
+
+    train_idx = spread_indices(len(train), max_images)
+    per_train = evaluate_views(model, cache_views(train, train_idx), lpips, chunk, "reconstruction")
+    results["reconstruction"] = summarise(per_train)
+    results["baseline_reconstruction"] = summarise(mean_image_baseline(train, cache_views(train, train_idx)))
+
+    novel = None
+    if views_dir is not None:
+        novel = list(srn_views(views_dir, train))
+        novel = [novel[i] for i in spread_indices(len(novel), max_images)]
+        results["novel_view_source"] = str(views_dir)
+    else:
+        try:
+            heldout = PreparedDataset(cache, split="heldout")
+        except CacheError as err:
+            results["novel_view"] = {"skipped": f"novel views skipped: {err}"}
+        else:
+            novel = list(cache_views(heldout, spread_indices(len(heldout), max_images)))
+            results["novel_view_source"] = f"{cache}/heldout"
+    per_novel = []
+    if novel is not None:
+        per_novel = evaluate_views(model, novel, lpips, chunk, "novel views")
+        results["novel_view"] = summarise(per_novel)
+        same_size = all(v[1].shape[:2] == train.image_size for v in novel)
+        if same_size:
+            results["baseline_novel_view"] = summarise(mean_image_baseline(train, novel))
+    results["per_view"] = {"reconstruction": per_train, "novel_view": per_novel}
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py")
+    parser.add_argument("--cache", type=Path, help="training cache (default: the one the checkpoint records)")
+    parser.add_argument(
+        "--views", type=Path, help="SRN-layout folder of held-out views (instead of heldout/)"
+    )
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--markdown", type=Path, help="write the Markdown table here (always printed)")
+    parser.add_argument("--max-images", type=int, default=200, help="views per evaluation, evenly spread")
+    parser.add_argument("--chunk", type=int, default=8192, help="rays per rendering chunk (bounds memory)")
+    parser.add_argument("--arch", default="cpu", help="Taichi arch for the renderer: auto|cpu|vulkan|cuda")
+    parser.add_argument("--force", action="store_true", help="overwrite existing --json / --markdown")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate and report; returns the exit code (2 for unusable inputs)."""
+    from dataset import CacheError
+
+    args = parse_args(argv)
+    try:
+        for path in (args.json, args.markdown):
+            if path is not None:
+                claim_file(path, force=args.force)
+        model = load_model(args.checkpoint)
+        cache = args.cache or training_cache(model)
+        if cache is None:
+            raise ValueError("the checkpoint records no training cache; pass --cache DIR.")
+        start_renderer(args.arch)
+        with torch.no_grad():
+            results = evaluate(model, Path(cache), args.views, args.max_images, args.chunk)
+    except (CheckpointError, CacheError, OutputExistsError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results["checkpoint"] = str(args.checkpoint)
+    table = markdown_table(results)
+    print(table)
+    if args.json is not None:
+        write_json(args.json, results)
+    if args.markdown is not None:
+        write_text(args.markdown, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
