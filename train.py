@@ -253,13 +253,17 @@ class RenderModule(nn.Module):
     """
 
     def __init__(self, field: ConditionedField, background: nn.Module, render_config: RenderConfig):
+        import renderer
+
         super().__init__()
         self.field = field
         self.background = background
         self.render_config = render_config
+        self.ops = renderer  # renderer.reference swaps in the plain-torch baseline (benchmarks)
 
     def forward(self, rays, latents: torch.Tensor, generator: torch.Generator | None):
-        return render_rays(self.field, self.background, rays, latents, self.render_config, generator)
+        return render_rays(self.field, self.background, rays, latents, self.render_config, generator,
+                           ops=self.ops)
 
 
 def lr_factor(optim: dict):
@@ -423,13 +427,11 @@ class Trainer:
     # ----- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict | None:
         """Sample a batch, render it, take an optimiser step. Returns metrics, or None for a skipped step."""
-        import renderer
-
         timer = self.timer
         with timer.phase("data"):
             batch = {k: v.to(self.device) for k, v in self.sampler.sample().items()}
         with timer.phase("forward"):
-            rays = renderer.generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"],
+            rays = self.module.ops.generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"],
                                           radius=self.module.render_config.radius)
             codes = self.latents(batch["identity"])
             out = self.model(rays, codes, self.ray_generator)

@@ -32,6 +32,7 @@ class PhaseTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.marks: dict[str, list[float]] = defaultdict(list)  # backward-pass times from _Mark
         self.steps = 0
 
     @contextmanager
@@ -75,8 +76,7 @@ class TimedField(nn.Module):
     def __init__(self, field: nn.Module, timer: PhaseTimer):
         super().__init__()
         self.field = field
-        self.timer = timer
-        self.timer.marks = defaultdict(list)
+        self.timer = timer  # may be swapped for a fresh PhaseTimer between steps
 
     def forward(self, points: torch.Tensor, latents: torch.Tensor):
         tracking = torch.is_grad_enabled() and latents.requires_grad
@@ -96,17 +96,25 @@ class TimedField(nn.Module):
         self.timer.marks.clear()
 
 
-def breakdown_table(per_step: dict[str, float], rays_per_step: int) -> str:
-    """Fixed-width table of ms per step and share of the step, plus rays/s and the non-MLP share."""
-    total = per_step.get("step", sum(v for k, v in per_step.items() if k != "step"))
+def breakdown_table(per_step: dict[str, float], rays_per_step: int,
+                    shares: dict[str, float] | None = None) -> str:
+    """Fixed-width table: ms per step and share of the step per phase, rays/s, and the non-MLP share.
+
+    ``shares`` (e.g. medians of per-step shares) replaces ``per_step[phase] / step`` when ``per_step``
+    holds medians, which need not add up on a loaded machine.
+    """
+    total = per_step["step"]
+    shares = shares or {name: value / total for name, value in per_step.items()}
     order = ["data", "field forward", "renderer forward", "loss", "field backward", "renderer backward",
              "optimiser"]
     lines = [f"{'phase':<22} {'ms/step':>10} {'share':>7}"]
     for name in order:
         if name in per_step:
-            lines.append(f"{name:<22} {per_step[name] * 1e3:>10.2f} {per_step[name] / total:>7.1%}")
+            lines.append(f"{name:<22} {per_step[name] * 1e3:>10.2f} {shares[name]:>7.1%}")
+    other = 1.0 - sum(shares[name] for name in order if name in shares)
+    lines.append(f"{'(untimed rest)':<22} {'':>10} {other:>7.1%}")
     lines.append(f"{'step (wall)':<22} {total * 1e3:>10.2f} {1:>7.1%}")
-    mlp = per_step.get("field forward", 0.0) + per_step.get("field backward", 0.0)
+    mlp = shares.get("field forward", 0.0) + shares.get("field backward", 0.0)
     lines.append(f"rays/s: {rays_per_step / total:,.0f}   share of the step outside the field MLP: "
-                 f"{1 - mlp / total:.1%}")
+                 f"{1 - mlp:.1%}")
     return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Time breakdown of one training step at the cpu preset, Taichi renderer vs the plain-torch baseline.
+
+    python benchmarks/train_step.py                 # cpu preset, x64, 20 measured steps per variant
+    python benchmarks/train_step.py --arch vulkan --steps 10 --json runs/bench_train_step.json
+
+For each renderer (``renderer`` = Taichi kernels, ``renderer.reference`` = plain torch, measured in the
+same run) it prints the median per step of: data, field forward, renderer forward, loss, field backward,
+renderer backward, optimiser; rays/s; and the share of the step spent outside the field MLP (the goal on
+CPU: renderer + data + optimiser under 15 %). Phases are measured as ``models.step_timing`` describes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import renderer
+import renderer.reference
+import train
+from models.step_timing import PhaseTimer, TimedField, breakdown_table
+
+
+def timed_step(trainer: train.Trainer, timed: TimedField) -> tuple[dict[str, float], int]:
+    """One step with every phase timed: ({phase: seconds}, rays)."""
+    timer = PhaseTimer(trainer.device)
+    timed.timer = timer
+    trainer.timer = timer
+    with timer.phase("step"):
+        metrics = trainer.train_step()
+    timed.collect_backward()
+    per = timer.per_step()
+    per["renderer forward"] = per.pop("forward") - per.get("field forward", 0.0)
+    per["renderer backward"] = per.pop("backward") - per.get("field backward", 0.0)
+    return per, metrics["rays"]
+
+
+def measure(trainer: train.Trainer, variants: dict, steps: int, warmup: int) -> dict[str, list[dict]]:
+    """Per-step phase times for each renderer variant, alternating variants step by step so that a
+    change in machine load (a shared machine) hits both alike."""
+    samples: dict[str, list[dict]] = {name: [] for name in variants}
+    timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
+    trainer.module.field = timed
+    try:
+        for i in range(warmup + steps):
+            for name, ops in variants.items():
+                trainer.module.ops = ops
+                per, rays = timed_step(trainer, timed)
+                if i >= warmup:
+                    samples[name].append({**per, "rays": rays})
+    finally:
+        trainer.module.field = timed.field
+        trainer.module.ops = renderer
+        trainer.timer = train.NullTimer()
+    return samples
+
+
+def summarise(samples: list[dict]) -> tuple[dict[str, float], dict[str, float], int]:
+    """(median seconds per phase, median over steps of each phase's share of its step, rays per step).
+
+    Per-step shares are robust to a step slowed down as a whole by other work on a shared machine.
+    """
+    phases = [k for k in samples[0] if k != "rays"]
+    medians = {k: statistics.median(s[k] for s in samples) for k in phases}
+    shares = {k: statistics.median(s[k] / s["step"] for s in samples) for k in phases}
+    return medians, shares, int(samples[0]["rays"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="cpu", help="Taichi arch (default cpu = x64)")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
+    parser.add_argument("--cache", default="", help="prepared cache (default: the cpu preset's synthetic)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    backend = renderer.init_backend(args.arch, "cpu")
+    config = train.preset_config("cpu")
+    config["data"]["cache"] = args.cache
+    config["data"]["cache"] = str(train.prepare_cache(config["data"]))
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = train.Trainer(config, Path(run_dir), backend, None, set())
+        variants = {"taichi": renderer, "reference": renderer.reference}
+        measured = measure(trainer, variants, args.steps, args.warmup)
+    results = {}
+    for name, samples in measured.items():
+        medians, shares, rays = summarise(samples)
+        results[name] = {"ms_per_step_median": {k: v * 1e3 for k, v in medians.items()},
+                         "share_of_total": shares, "rays_per_s": rays / medians["step"],
+                         "share_outside_mlp": 1 - shares["field forward"] - shares["field backward"]}
+        print(f"\n== renderer: {name} ({backend.arch}), cpu preset, {args.steps} steps ==")
+        print(breakdown_table(medians, rays, shares))
+    taichi, ref = results["taichi"]["ms_per_step_median"], results["reference"]["ms_per_step_median"]
+    renderer_ms = {}
+    for name, r in results.items():
+        median = r["ms_per_step_median"]
+        renderer_ms[name] = median["renderer forward"] + median["renderer backward"]
+    summary = {
+        "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+        "arch": backend.arch, "rays_per_step": rays, "steps": args.steps,
+        "step_ratio_taichi_over_reference": taichi["step"] / ref["step"],
+        "renderer_ratio_taichi_over_reference": renderer_ms["taichi"] / renderer_ms["reference"],
+        "goal_share_outside_mlp_below": 0.15, "results": results}
+    print(f"\nstep time Taichi / reference: {summary['step_ratio_taichi_over_reference']:.2f}x; renderer "
+          f"time (fwd+bwd) Taichi / reference: {summary['renderer_ratio_taichi_over_reference']:.2f}x; "
+          f"share outside the MLP with Taichi: {results['taichi']['share_outside_mlp']:.1%} "
+          f"(goal < 15%: {'met' if results['taichi']['share_outside_mlp'] < 0.15 else 'NOT met'})")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, path)
+        print(f"JSON: {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
