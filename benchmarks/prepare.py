@@ -1,12 +1,13 @@
 """Benchmark: photos prepared per second, single-process against multi-process, measured in one run.
 
-    python benchmarks/prepare.py --images 48 --repeats 3 --json prepare.json
+    python benchmarks/prepare.py --images 48 192 --repeats 3 --json prepare.json
 
 The photos are seeded augmentations (flip, small rotation, scale, brightness) of the two real portraits
 shipped by installed packages (scikit-image's astronaut, matplotlib's grace_hopper), written as PNG/JPEG
-into a temp folder. Every repeat prepares the whole folder into a fresh cache with the ``folder`` source
-(landmark framing, MediaPipe Face Mesh + Selfie Segmentation + LM camera solve), so the times include
-worker start-up (each spawned worker builds its own MediaPipe graphs) and cache assembly.
+into a temp folder. Every repeat runs ``python -m dataset.prepare --dataset folder`` in a fresh process
+into a fresh cache (landmark framing, MediaPipe Face Mesh + Selfie Segmentation + LM camera solve), so
+the times include imports, worker start-up (each spawned worker builds its own MediaPipe graphs) and
+cache assembly.
 Medians are reported, and the multi-process speed-up is the ratio to the single-process baseline.
 """
 
@@ -18,6 +19,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,10 +28,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from dataset import PrepareConfig, prepare_dataset
-from dataset.sources import default_workers
+from dataset import PrepareConfig  # noqa: E402 (after the sys.path line, so it runs from any directory)
+from dataset.sources import default_workers  # noqa: E402
 
 
 def portraits() -> list[np.ndarray]:
@@ -60,11 +63,16 @@ def write_augmented(folder: Path, n: int, seed: int) -> None:
 
 
 def time_build(folder: Path, workers: int, config: PrepareConfig, scratch: Path) -> tuple[float, dict]:
-    """Seconds to prepare the folder from scratch with ``workers`` processes, and the manifest counts."""
+    """Seconds for ``python -m dataset.prepare`` to prepare the folder from scratch with ``workers``
+    processes, as a user runs it (a fresh process each time, so both settings pay their start-up),
+    and the manifest's counts."""
     out = scratch / f"cache_w{workers}"
     shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "dataset.prepare", "--dataset", "folder", "--data-root", str(folder),
+               "--out", str(out), "--resolution", str(config.resolution),
+               "--chunk-size", str(config.chunk_size), "--workers", str(workers), "--no-progress"]
     start = time.perf_counter()
-    prepare_dataset("folder", folder, out, config, workers=workers, progress=False, verbose=False)
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     return seconds, counts
@@ -72,7 +80,9 @@ def time_build(folder: Path, workers: int, config: PrepareConfig, scratch: Path)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=48, help="photos to prepare per run (default: 48)")
+    parser.add_argument("--images", type=int, nargs="+", default=[48, 192],
+                        help="folder sizes to prepare; a larger one shows throughput once worker start-up "
+                             "is amortised (default: 48 192)")
     parser.add_argument("--resolution", type=int, default=64, help="training resolution (default: 64)")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes for the multi-process run "
@@ -82,41 +92,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="augmentation seed (default: 0)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    config = PrepareConfig(resolution=args.resolution, chunk_size=max(1, args.images // (4 * args.workers)))
-    with tempfile.TemporaryDirectory(prefix="lolnerf_prepare_bench_") as tmp:
-        scratch = Path(tmp)
-        folder = scratch / "photos"
-        folder.mkdir()
-        write_augmented(folder, args.images, args.seed)
-        settings = {1: [], args.workers: []}
-        counts = {}
-        for _ in range(args.repeats):
-            for workers in settings:  # interleaved, so drift in machine load hits both settings alike
-                seconds, counts[workers] = time_build(folder, workers, config, scratch)
-                settings[workers].append(seconds)
     rows = []
-    baseline = statistics.median(settings[1])
-    for workers, times in settings.items():
-        median = statistics.median(times)
-        rows.append({"workers": workers, "median_s": round(median, 3),
-                     "images_per_s": round(args.images / median, 2),
-                     "speedup_vs_1_worker": round(baseline / median, 3),
-                     "times_s": [round(t, 3) for t in times],
-                     "kept": counts[workers]["kept"], "skipped": counts[workers]["skipped"]})
-    print(f"prepare 'folder' source: {args.images} photos -> {args.resolution}² ({args.repeats} repeats, "
-          f"chunk_size {config.chunk_size}) on {platform.machine()} with {os.cpu_count()} CPUs")
-    print(f"{'workers':>8} {'median s':>9} {'images/s':>9} {'ratio':>7} {'kept':>5} {'skipped':>8}")
+    with tempfile.TemporaryDirectory(prefix="lolnerf_prepare_bench_") as tmp:
+        for n_images in args.images:
+            rows += bench_size(Path(tmp) / f"n{n_images}", n_images, args)
+    print(f"prepare 'folder' source -> {args.resolution}² ({args.repeats} repeats, medians) on "
+          f"{platform.machine()} with {os.cpu_count()} CPUs; ratio = speed-up over 1 worker at that size")
+    header = ("images", 7), ("workers", 8), ("median s", 9), ("images/s", 9), ("ratio", 7), ("kept", 5), \
+        ("skipped", 8)
+    print(" ".join(f"{name:>{width}}" for name, width in header))
     for row in rows:
-        print(f"{row['workers']:>8} {row['median_s']:>9.2f} {row['images_per_s']:>9.2f} "
+        print(f"{row['images']:>7} {row['workers']:>8} {row['median_s']:>9.2f} {row['images_per_s']:>9.2f} "
               f"{row['speedup_vs_1_worker']:>6.2f}x {row['kept']:>5} {row['skipped']:>8}")
     if args.json:
-        result = {"benchmark": "prepare", "images": args.images, "resolution": args.resolution,
-                  "repeats": args.repeats, "machine": platform.machine(), "cpus": os.cpu_count(),
-                  "python": platform.python_version(), "rows": rows}
+        result = {"benchmark": "prepare", "resolution": args.resolution, "repeats": args.repeats,
+                  "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                  "rows": rows}
         tmp_path = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
         tmp_path.write_text(json.dumps(result, indent=1))
         os.replace(tmp_path, args.json)
     return 0
+
+
+def bench_size(scratch: Path, n_images: int, args: argparse.Namespace) -> list[dict]:
+    """Median seconds for one folder of ``n_images`` with 1 worker and with ``args.workers`` workers."""
+    config = PrepareConfig(resolution=args.resolution, chunk_size=max(1, n_images // (4 * args.workers)))
+    folder = scratch / "photos"
+    folder.mkdir(parents=True)
+    write_augmented(folder, n_images, args.seed)
+    settings: dict[int, list[float]] = {1: [], args.workers: []}
+    counts = {}
+    for _ in range(args.repeats):
+        for workers in settings:  # interleaved, so drift in machine load hits both settings alike
+            seconds, counts[workers] = time_build(folder, workers, config, scratch)
+            settings[workers].append(seconds)
+    baseline = statistics.median(settings[1])
+    rows = []
+    for workers, times in settings.items():
+        median = statistics.median(times)
+        rows.append({"images": n_images, "workers": workers, "chunk_size": config.chunk_size,
+                     "median_s": round(median, 3), "images_per_s": round(n_images / median, 2),
+                     "speedup_vs_1_worker": round(baseline / median, 3),
+                     "times_s": [round(t, 3) for t in times],
+                     "kept": counts[workers]["kept"], "skipped": counts[workers]["skipped"]})
+    return rows
 
 
 if __name__ == "__main__":
