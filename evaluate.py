@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.inference import load_model, render_view, start_renderer, surface_depth, training_cache
+from export.inference import (
+    load_model,
+    render_view,
+    source_name,
+    start_renderer,
+    surface_depth,
+    training_cache,
+)
 from export.metrics import Lpips, depth_errors, lpips_status, psnr, ssim
 from export.outputs import OutputExistsError, claim_file, write_json, write_text
 from models.checkpoint import CheckpointError, LoadedCheckpoint
@@ -134,7 +141,7 @@ def read_srn_instance(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.nda
 
 def srn_views(folder: Path, train_ds):
     """Held-out views from an SRN-layout folder whose instance names match training source names."""
-    sources = [s if isinstance(s, str) else str(s.get("source", s)) for s in train_ds.sources]
+    sources = [source_name(s) for s in train_ds.sources]
     instances = sorted(p for p in Path(folder).iterdir() if (p / "rgb").is_dir())
     if not instances:
         raise ValueError(f"{folder} has no SRN instance folders (<instance>/rgb, pose, intrinsics.txt).")

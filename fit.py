@@ -37,6 +37,7 @@ from export.inference import (
     load_model,
     render_path,
     render_view,
+    source_name,
     start_renderer,
     surface_depth,
     training_framing,
@@ -302,7 +303,7 @@ def _jobs(args: argparse.Namespace, resolution: int, framing: str):
                     raise IndexError(f"index {index} is outside the {args.split} split (0..{len(ds) - 1}).")
                 source = ds.sources[index]
                 info = {
-                    "source": source if isinstance(source, str) else source.get("source", str(source)),
+                    "source": source_name(source),
                     "cache": str(args.from_cache),
                     "split": args.split,
                     "index": index,

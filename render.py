@@ -42,6 +42,7 @@ from export.inference import (
     load_model,
     random_latents,
     render_path,
+    source_name,
     start_renderer,
     surface_depth,
     training_cache,
@@ -85,7 +86,7 @@ def source_subjects(model: LoadedCheckpoint, names: list[str], cache: Path | Non
             "--source needs the training cache: the checkpoint records none here; pass --cache DIR."
         )
     ds = PreparedDataset(cache, split="train")
-    sources = [s if isinstance(s, str) else str(s.get("source", s)) for s in ds.sources]
+    sources = [source_name(s) for s in ds.sources]
     subjects = []
     for name in names:
         matches = [i for i, s in enumerate(sources) if name == s or name == Path(s).name or name in s]

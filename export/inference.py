@@ -102,10 +102,22 @@ def training_resolution(model: LoadedCheckpoint) -> int:
 
 
 def training_framing(model: LoadedCheckpoint) -> str:
-    """How training photos were cropped ("aligned" unless the config says otherwise)."""
+    """How training photos were cropped: from the config, else the training cache's preparation settings,
+    else "aligned" (the FFHQ / CelebA-HQ default)."""
     found = _lookup(
         model.config, ("data", "framing"), ("dataset", "framing"), ("pose", "framing"), ("framing",)
     )
+    if found:
+        return str(found)
+    cache = training_cache(model)
+    manifest = cache / "manifest.json" if cache is not None else None
+    if manifest is not None and manifest.is_file():
+        import json
+
+        try:
+            found = json.loads(manifest.read_text()).get("settings", {}).get("framing")
+        except (ValueError, AttributeError):
+            found = None
     return str(found) if found else "aligned"
 
 
@@ -249,3 +261,14 @@ def surface_depth(view: dict[str, np.ndarray]) -> np.ndarray:
     close to the camera; dividing by opacity gives the expected depth given the ray hits. (H, W) -> (H, W).
     """
     return view["depth"] / np.maximum(view["opacity"], 1e-6)
+
+
+def source_name(entry) -> str:
+    """The source file name of one ``sources.json`` entry (a string, or a dict with "file" or "source")."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict):
+        for key in ("file", "source", "path", "name"):
+            if key in entry:
+                return str(entry[key])
+    return str(entry)
