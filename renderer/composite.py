@@ -28,96 +28,100 @@ from renderer.reference import Composited, expand_background
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
-f32_3d = ti.types.ndarray(dtype=ti.f32, ndim=3)
+
+# Per-sample arrays are flat (row-major) views: sample (ray, s) is ray * S + s, its colour channel
+# c is 3 * (ray * S + s) + c. On x64 this ran 7-14% faster than 2-D/3-D ndarray indexing.
+# Per-ray values travel packed, to keep launches short (and Vulkan's per-argument copies few):
+# forward writes (R, 6) = colour (3), opacity, depth, final transmittance; backward reads (R, 5) =
+# upstream gradients of colour (3), opacity, depth.
+PER_RAY = 6
 
 
 @ti.kernel
 def composite_forward_kernel(
-    sigmas: f32_2d,
-    rgbs: f32_3d,
-    t: f32_2d,
-    deltas: f32_2d,
+    sigmas: f32_1d,
+    rgbs: f32_1d,
+    t: f32_1d,
+    deltas: f32_1d,
     background: f32_2d,
-    weights: f32_2d,
-    color: f32_2d,
-    opacity: f32_1d,
-    depth: f32_1d,
-    final_transmittance: f32_1d,
+    weights: f32_1d,
+    per_ray: f32_2d,
+    n_samples: ti.i32,
 ):
-    """(R, S) sigmas, (R, S, 3) rgbs, (R, S) t, deltas, (R, 3) background -> weights, color, ..."""
-    for ray in range(sigmas.shape[0]):
+    """Flat (R*S) sigmas, (R*S*3) rgbs, (R*S) t, deltas, (R, 3) background -> (R*S) weights, (R, 6)."""
+    for ray in range(background.shape[0]):
         transmittance = 1.0
         acc_r, acc_g, acc_b = 0.0, 0.0, 0.0
         acc_w, acc_d = 0.0, 0.0
-        for s in range(sigmas.shape[1]):
-            survive = ti.exp(-sigmas[ray, s] * deltas[ray, s])
+        first = ray * n_samples
+        for i in range(first, first + n_samples):
+            survive = ti.exp(-sigmas[i] * deltas[i])
             w = transmittance * (1.0 - survive)
-            weights[ray, s] = w
-            acc_r += w * rgbs[ray, s, 0]
-            acc_g += w * rgbs[ray, s, 1]
-            acc_b += w * rgbs[ray, s, 2]
+            weights[i] = w
+            acc_r += w * rgbs[3 * i]
+            acc_g += w * rgbs[3 * i + 1]
+            acc_b += w * rgbs[3 * i + 2]
             acc_w += w
-            acc_d += w * t[ray, s]
+            acc_d += w * t[i]
             transmittance *= survive
         residual = 1.0 - acc_w
-        color[ray, 0] = acc_r + residual * background[ray, 0]
-        color[ray, 1] = acc_g + residual * background[ray, 1]
-        color[ray, 2] = acc_b + residual * background[ray, 2]
-        opacity[ray] = acc_w
-        depth[ray] = acc_d
-        final_transmittance[ray] = transmittance
+        per_ray[ray, 0] = acc_r + residual * background[ray, 0]
+        per_ray[ray, 1] = acc_g + residual * background[ray, 1]
+        per_ray[ray, 2] = acc_b + residual * background[ray, 2]
+        per_ray[ray, 3] = acc_w
+        per_ray[ray, 4] = acc_d
+        per_ray[ray, 5] = transmittance
 
 
 @ti.kernel
 def composite_backward_kernel(
-    rgbs: f32_3d,
-    t: f32_2d,
-    deltas: f32_2d,
+    rgbs: f32_1d,
+    t: f32_1d,
+    deltas: f32_1d,
     background: f32_2d,
-    weights: f32_2d,
-    opacity: f32_1d,
-    final_transmittance: f32_1d,
-    grad_color: f32_2d,
-    grad_opacity: f32_1d,
-    grad_depth: f32_1d,
-    grad_weights: f32_2d,
+    weights: f32_1d,
+    per_ray: f32_2d,
+    grad_per_ray: f32_2d,
+    grad_weights: f32_1d,
     use_grad_weights: ti.i32,
-    grad_sigmas: f32_2d,
-    grad_rgbs: f32_3d,
+    grad_sigmas: f32_1d,
+    grad_rgbs: f32_1d,
     grad_background: f32_2d,
+    n_samples: ti.i32,
 ):
-    """Reverse scan: saved forward values + upstream grads -> (R, S) dsigma, (R, S, 3) drgb, (R, 3) dbg."""
-    for ray in range(weights.shape[0]):
-        g_r, g_g, g_b = grad_color[ray, 0], grad_color[ray, 1], grad_color[ray, 2]
+    """Reverse scan: saved forward values + (R, 5) upstream grads -> dsigma, drgb (flat), dbg (R, 3)."""
+    for ray in range(background.shape[0]):
+        g_r, g_g, g_b = grad_per_ray[ray, 0], grad_per_ray[ray, 1], grad_per_ray[ray, 2]
         bg_term = g_r * background[ray, 0] + g_g * background[ray, 1] + g_b * background[ray, 2]
-        g_const = grad_opacity[ray] - bg_term
-        g_depth = grad_depth[ray]
-        n_samples = weights.shape[1]
-        transmittance_after = final_transmittance[ray]
+        g_const = grad_per_ray[ray, 3] - bg_term
+        g_depth = grad_per_ray[ray, 4]
+        transmittance_after = per_ray[ray, 5]
         suffix = 0.0
+        last = ray * n_samples + n_samples - 1
         for k in range(n_samples):
-            s = n_samples - 1 - k
-            w = weights[ray, s]
-            g = g_const + g_depth * t[ray, s]
-            g += g_r * rgbs[ray, s, 0] + g_g * rgbs[ray, s, 1] + g_b * rgbs[ray, s, 2]
+            i = last - k
+            w = weights[i]
+            g = g_const + g_depth * t[i] + g_r * rgbs[3 * i] + g_g * rgbs[3 * i + 1] + g_b * rgbs[3 * i + 2]
             if use_grad_weights:
-                g += grad_weights[ray, s]
-            grad_sigmas[ray, s] = deltas[ray, s] * (g * transmittance_after - suffix)
-            grad_rgbs[ray, s, 0] = w * g_r
-            grad_rgbs[ray, s, 1] = w * g_g
-            grad_rgbs[ray, s, 2] = w * g_b
+                g += grad_weights[i]
+            grad_sigmas[i] = deltas[i] * (g * transmittance_after - suffix)
+            grad_rgbs[3 * i] = w * g_r
+            grad_rgbs[3 * i + 1] = w * g_g
+            grad_rgbs[3 * i + 2] = w * g_b
             suffix += g * w
             transmittance_after += w
-        residual = 1.0 - opacity[ray]
+        residual = 1.0 - per_ray[ray, 3]
         grad_background[ray, 0] = residual * g_r
         grad_background[ray, 1] = residual * g_g
         grad_background[ray, 2] = residual * g_b
 
 
-def _zeros_or(grad: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    if grad is None:
-        return torch.zeros(shape, device=device)
-    return to_kernel(grad)
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return to_kernel(x).view(-1)
+
+
+def _upstream(grad: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, device=device) if grad is None else to_kernel(grad).view(shape)
 
 
 class CompositeFunction(torch.autograd.Function):
@@ -128,63 +132,54 @@ class CompositeFunction(torch.autograd.Function):
         n_rays, n_samples = sigmas.shape
         out_device = sigmas.device
         device = kernel_device()
-        sigmas_k, rgbs_k, t_k, deltas_k, bg_k = (to_kernel(x) for x in (sigmas, rgbs, t, deltas, background))
+        sigmas_k, rgbs_k, t_k, deltas_k = (_flat(x) for x in (sigmas, rgbs, t, deltas))
+        bg_k = to_kernel(background)
         weights = torch.empty((n_rays, n_samples), device=device)
-        color = torch.empty((n_rays, 3), device=device)
-        opacity = torch.empty((n_rays,), device=device)
-        depth = torch.empty((n_rays,), device=device)
-        final_transmittance = torch.empty((n_rays,), device=device)
-        if n_rays > 0:
+        per_ray = torch.empty((n_rays, PER_RAY), device=device)
+        if n_rays > 0 and n_samples > 0:
             launch(
                 "composite_forward",
                 composite_forward_kernel,
-                sigmas_k,
-                rgbs_k,
-                t_k,
-                deltas_k,
-                bg_k,
-                weights,
-                color,
-                opacity,
-                depth,
-                final_transmittance,
-            )
-        ctx.save_for_backward(rgbs_k, t_k, deltas_k, bg_k, weights, opacity, final_transmittance)
+                sigmas_k, rgbs_k, t_k, deltas_k, bg_k, weights.view(-1), per_ray, n_samples,
+            )  # fmt: skip
+        elif n_rays > 0:  # no samples: nothing is hit, the background shows through
+            per_ray.zero_()
+            per_ray[:, :3] = bg_k
+            per_ray[:, 5] = 1.0
+        ctx.save_for_backward(rgbs_k, t_k, deltas_k, bg_k, weights, per_ray)
         ctx.out_device = out_device
+        color, opacity, depth = per_ray[:, :3], per_ray[:, 3], per_ray[:, 4]
         return tuple(x.to(out_device) for x in (color, opacity, depth, weights))
 
     @staticmethod
     def backward(ctx, grad_color, grad_opacity, grad_depth, grad_weights):
         # Saved outputs come back attached to the graph; Taichi must see plain tensors.
-        rgbs, t, deltas, background, weights, opacity, final_transmittance = (
-            x.detach() for x in ctx.saved_tensors
-        )
+        rgbs, t, deltas, background, weights, per_ray = (x.detach() for x in ctx.saved_tensors)
         n_rays, n_samples = weights.shape
         device = weights.device
-        grad_sigmas = torch.empty((n_rays, n_samples), device=device)
-        grad_rgbs = torch.empty((n_rays, n_samples, 3), device=device)
-        grad_background = torch.empty((n_rays, 3), device=device)
-        if n_rays > 0:
+        grad_sigmas = torch.zeros((n_rays, n_samples), device=device)
+        grad_rgbs = torch.zeros((n_rays, n_samples, 3), device=device)
+        if n_rays > 0 and n_samples > 0:
+            grad_background = torch.empty((n_rays, 3), device=device)
+            grad_per_ray = torch.cat(
+                [
+                    _upstream(grad_color, (n_rays, 3), device),
+                    _upstream(grad_opacity, (n_rays, 1), device),
+                    _upstream(grad_depth, (n_rays, 1), device),
+                ],
+                dim=1,
+            )
             use_grad_weights = grad_weights is not None
             launch(
                 "composite_backward",
                 composite_backward_kernel,
-                rgbs,
-                t,
-                deltas,
-                background,
-                weights,
-                opacity,
-                final_transmittance,
-                _zeros_or(grad_color, (n_rays, 3), device),
-                _zeros_or(grad_opacity, (n_rays,), device),
-                _zeros_or(grad_depth, (n_rays,), device),
-                to_kernel(grad_weights) if use_grad_weights else torch.zeros((1, 1), device=device),
-                int(use_grad_weights),
-                grad_sigmas,
-                grad_rgbs,
-                grad_background,
-            )
+                rgbs, t, deltas, background, weights.view(-1), per_ray, grad_per_ray,
+                _flat(grad_weights) if use_grad_weights else torch.zeros(1, device=device),
+                int(use_grad_weights), grad_sigmas.view(-1), grad_rgbs.view(-1), grad_background,
+                n_samples,
+            )  # fmt: skip
+        else:
+            grad_background = _upstream(grad_color, (n_rays, 3), device) * (1 - per_ray[:, 3:4])
         out = ctx.out_device
         return grad_sigmas.to(out), grad_rgbs.to(out), None, None, grad_background.to(out)
 

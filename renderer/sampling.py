@@ -104,17 +104,15 @@ def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d):
     for ray in range(t_a.shape[0]):
         i, j = 0, 0
         for k in range(n_a + n_b):
-            # Taichi does not short-circuit `or`, so both reads must stay in bounds.
+            # Branch-free: which list to take is data-dependent and would mispredict half the time.
+            # Taichi does not short-circuit `or`, so both reads stay in bounds.
             a = t_a[ray, ti.min(i, n_a - 1)]
             b = t_b[ray, ti.min(j, n_b - 1)]
-            if j >= n_b or (i < n_a and a <= b):
-                t_all[ray, k] = a
-                order[ray, k] = i
-                i += 1
-            else:
-                t_all[ray, k] = b
-                order[ray, k] = n_a + j
-                j += 1
+            take_a = ti.cast((j >= n_b) or (i < n_a and a <= b), ti.i32)
+            t_all[ray, k] = ti.select(take_a, a, b)
+            order[ray, k] = ti.select(take_a, i, n_a + j)
+            i += take_a
+            j += 1 - take_a
 
 
 @ti.kernel
