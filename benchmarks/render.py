@@ -1,0 +1,154 @@
+"""Full-image rendering speed: rays/s at 256² through models.render_image on each Taichi arch, against the
+plain-torch reference renderer measured in the same run (the baseline, ratio 1.0).
+
+    python benchmarks/render.py                         # x64 and Vulkan, cpu-preset network, 256²
+    python benchmarks/render.py --arch cpu --size 128 --repeats 5 --json render_bench.json
+    python benchmarks/render.py --checkpoint runs/x/checkpoints/best.pt
+
+Without --checkpoint the network is a freshly initialised (seeded) one of the chosen preset: speed does
+not depend on the weights, only on the sizes. Runs are interleaved (baseline, arch, baseline, ...) so a
+busy machine slows every contender alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import renderer
+from export.cameras import default_intrinsics, look_at_origin
+from models import ConditionedField, FieldConfig, RenderConfig, render_image, render_rays
+from models.background import ConstantBackground
+from models.render import pixel_grid
+from renderer import reference
+
+
+@torch.no_grad()
+def render_with_reference(
+    field, background, latent, K, w2c, size: int, cfg: RenderConfig, chunk: int
+) -> None:
+    """The baseline: the same chunked full-image render with every renderer op from renderer.reference.
+
+    (models.render_image has no ``ops`` switch, so this is its loop with ``ops=renderer.reference``.)
+    """
+    pixels = pixel_grid(size, size)
+    for start in range(0, pixels.shape[0], chunk):
+        rays = reference.generate_rays(pixels[start : start + chunk], K, w2c, radius=cfg.radius)
+        codes = latent[None].expand(rays.origins.shape[0], -1)
+        render_rays(field, background, rays, codes, cfg, generator=None, ops=reference)
+
+
+def build_model(args: argparse.Namespace):
+    """(field, background, latent, render config) from a checkpoint, or a seeded fresh network."""
+    if args.checkpoint:
+        from export.inference import load_model
+
+        model = load_model(args.checkpoint)
+        return model.field, model.background, model.latents.mean(), model.render_config
+    torch.manual_seed(0)
+    field_cfg = FieldConfig.paper() if args.preset == "paper" else FieldConfig.cpu()
+    render_cfg = RenderConfig.paper() if args.preset == "paper" else RenderConfig.cpu()
+    latent_dim = 64 if args.preset == "paper" else 32
+    field = ConditionedField(field_cfg, latent_dim).eval()
+    latent = torch.randn(latent_dim, generator=torch.Generator().manual_seed(0)) * 0.1
+    return field, ConstantBackground([1.0, 1.0, 1.0]), latent, render_cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", default=["cpu", "vulkan"], help="Taichi arches to measure")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--repeats", type=int, default=3, help="timed renders per contender")
+    parser.add_argument("--chunk", type=int, default=8192, help="rays per chunk")
+    parser.add_argument(
+        "--preset", default="cpu", choices=["cpu", "paper"], help="network size without --checkpoint"
+    )
+    parser.add_argument("--checkpoint", type=Path, help="time a trained model instead")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    field, background, latent, cfg = build_model(args)
+    K = torch.as_tensor(default_intrinsics(args.size, args.size))
+    w2c = torch.as_tensor(look_at_origin(7.0, yaw_deg=15.0))
+    n_rays = args.size * args.size
+    results: dict = {
+        "size": args.size,
+        "rays_per_image": n_rays,
+        "samples_per_ray": cfg.n_coarse + cfg.n_fine,
+        "field": dict(vars(field.cfg)),
+        "chunk": args.chunk,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch_threads": torch.get_num_threads(),
+        "contenders": {},
+    }
+
+    def time_once(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def baseline() -> None:
+        render_with_reference(field, background, latent, K, w2c, args.size, cfg, args.chunk)
+
+    baseline()  # warm-up (allocator, first-call overheads)
+    base_times: list[float] = []
+    for arch in args.arch:
+        try:
+            renderer.init_backend(arch=arch, device="cpu", verbose=False)
+        except (renderer.BackendUnavailableError, RuntimeError) as err:
+            results["contenders"][arch] = {"skipped": str(err)}
+            print(f"{arch}: skipped ({err})")
+            continue
+
+        def taichi_render() -> None:
+            render_image(field, background, latent, K, w2c, args.size, args.size, cfg, chunk=args.chunk)
+
+        render_image(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)  # compile kernels
+        times = []
+        for _ in range(args.repeats):
+            base_times.append(time_once(baseline))
+            times.append(time_once(taichi_render))
+        median = statistics.median(times)
+        results["contenders"][arch] = {"median_s": median, "rays_per_s": n_rays / median, "times_s": times}
+    base = statistics.median(base_times) if base_times else time_once(baseline)
+    results["contenders"]["torch-reference"] = {
+        "median_s": base,
+        "rays_per_s": n_rays / base,
+        "times_s": base_times,
+    }
+    for entry in results["contenders"].values():
+        if "median_s" in entry:
+            entry["speedup_vs_reference"] = base / entry["median_s"]
+
+    print(
+        f"full-image render {args.size}x{args.size} ({n_rays} rays, "
+        f"{results['samples_per_ray']} samples/ray), "
+        f"median of {args.repeats}"
+    )
+    print(f"{'renderer':<18}{'median s':>10}{'rays/s':>12}{'vs reference':>14}")
+    for name, entry in results["contenders"].items():
+        if "median_s" in entry:
+            print(
+                f"{name:<18}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
+                f"{entry['speedup_vs_reference']:>13.2f}x"
+            )
+    if args.json:
+        from export.outputs import write_json
+
+        write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
