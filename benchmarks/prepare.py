@@ -104,14 +104,30 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['images']:>7} {row['workers']:>8} {row['median_s']:>9.2f} {row['images_per_s']:>9.2f} "
               f"{row['speedup_vs_1_worker']:>6.2f}x {row['kept']:>5} {row['skipped']:>8}")
+    marginal = marginal_rates(rows)
+    for workers, rate in marginal.items():
+        print(f"marginal rate between the two largest sizes (start-up excluded), {workers} worker(s): "
+              f"{rate:.2f} images/s ({rate / marginal[1]:.2f}x)")
     if args.json:
         result = {"benchmark": "prepare", "resolution": args.resolution, "repeats": args.repeats,
                   "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                  "rows": rows}
+                  "rows": rows, "marginal_images_per_s": marginal}
         tmp_path = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
         tmp_path.write_text(json.dumps(result, indent=1))
         os.replace(tmp_path, args.json)
     return 0
+
+
+def marginal_rates(rows: list[dict]) -> dict[int, float]:
+    """Images per second between the two largest folder sizes, per worker count: the throughput once
+    start-up (imports, spawning, MediaPipe graphs) is paid. Empty with fewer than two sizes."""
+    sizes = sorted({row["images"] for row in rows})[-2:]
+    if len(sizes) < 2:
+        return {}
+    by_key = {(row["images"], row["workers"]): row["median_s"] for row in rows}
+    return {workers: round((sizes[1] - sizes[0]) / max(by_key[sizes[1], workers] - by_key[sizes[0], workers],
+                                                       1e-9), 2)
+            for workers in sorted({row["workers"] for row in rows})}
 
 
 def bench_size(scratch: Path, n_images: int, args: argparse.Namespace) -> list[dict]:
