@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when the generator changes what it draws, so caches built by an older generator are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 BACKGROUND = (1.0, 1.0, 1.0)
 # Direction towards the light: above (-y), left and in front (-z) of the face.
 LIGHT_DIRECTION = np.array([-0.4, -0.6, -0.7]) / np.linalg.norm([-0.4, -0.6, -0.7])
@@ -81,8 +81,9 @@ def intrinsics(resolution: int) -> np.ndarray:
 def orbit_camera(yaw_deg: float, pitch_deg: float, distance: float) -> np.ndarray:
     """World-to-camera [R|t] (3, 4) of a camera on a sphere looking at the origin.
 
-    The camera-to-world rotation is Ry(yaw) @ Rx(pitch) applied to the frontal camera at
-    (0, 0, -distance), so t is always (0, 0, distance) and yaw = pitch = 0 gives R = I.
+    The world-to-camera rotation is Ry(-yaw) @ Rx(-pitch), the same angles as ``pose.yaw_pitch_roll``
+    (roll 0), and the camera sits at -R^T (0, 0, distance) on the sphere, so t is always (0, 0, distance)
+    and yaw = pitch = 0 gives R = I (the frontal camera at (0, 0, -distance)).
 
     >>> orbit_camera(0.0, 0.0, 7.0)[:, 3]
     array([0., 0., 7.])
@@ -91,7 +92,7 @@ def orbit_camera(yaw_deg: float, pitch_deg: float, distance: float) -> np.ndarra
     cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
     rot_y = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
     rot_x = np.array([[1.0, 0.0, 0.0], [0.0, cp, -sp], [0.0, sp, cp]])
-    camera_to_world = rot_y @ rot_x
+    camera_to_world = rot_x @ rot_y
     return np.concatenate([camera_to_world.T, [[0.0], [0.0], [distance]]], axis=1)
 
 

@@ -83,11 +83,15 @@ def test_frontal_camera_convention():
     """Yaw = pitch = 0 is R = I, t = (0, 0, d); the face's nose points at that camera (towards -z)."""
     pose = orbit_camera(0.0, 0.0, 7.0)
     assert np.allclose(pose[:, :3], np.eye(3)) and np.allclose(pose[:, 3], [0, 0, 7])
-    # Positive yaw moves the camera towards +x; y stays down in the image.
-    assert (-pose[:, :3].T @ orbit_camera(30.0, 0.0, 7.0)[:, 3])[0] == pytest.approx(0.0)
-    centre = -orbit_camera(30.0, 0.0, 7.0)[:, :3].T @ orbit_camera(30.0, 0.0, 7.0)[:, 3]
-    assert centre[0] < 0 or centre[0] > 0  # off-axis
-    assert centre[2] < 0 and abs(np.linalg.norm(centre) - 7.0) < 1e-9
+    # Yaw turns the camera about world y, pitch about x; the angles mean what pose's solver reports.
+    yawed = orbit_camera(30.0, 0.0, 7.0)
+    assert np.allclose(-yawed[:, :3].T @ yawed[:, 3], [-3.5, 0.0, -7.0 * np.cos(np.pi / 6)])
+    pitched = orbit_camera(0.0, 10.0, 7.0)
+    below = [0.0, 7.0 * np.sin(np.pi / 18), -7.0 * np.cos(np.pi / 18)]
+    assert np.allclose(-pitched[:, :3].T @ pitched[:, 3], below)
+    from pose import yaw_pitch_roll
+
+    assert np.allclose(yaw_pitch_roll(orbit_camera(20.0, -10.0, 7.0)[:, :3]), [20.0, -10.0, 0.0])
     frontal = SyntheticConfig(n_identities=1, train_views=1, heldout_views=0, resolution=64,
                               max_yaw_deg=0.0, max_pitch_deg=0.0)
     record = render_identity(frontal, 0)[0]
