@@ -11,8 +11,9 @@ normalised coordinates × image size are already in this convention):
   keypoints are not used: they lie outside Face Mesh's surface, so the template (which is derived from
   Face Mesh) has no measured depth for them, and on frontal faces they are guesses.
 
-MediaPipe graphs are slow to build, so each process builds them once, lazily, and reuses them; a
-process forked from one that already built them builds its own (graphs are keyed by process id).
+MediaPipe graphs are slow to build, so each process builds them once, lazily, and reuses them. MediaPipe
+is not fork-safe: a process forked after its parent built a graph crashes or hangs inside MediaPipe (measured
+with 0.10.21), so `_graph` raises a clear error there instead. Start workers with the `spawn` context.
 """
 
 from __future__ import annotations
@@ -93,8 +94,15 @@ _graphs_lock = threading.Lock()
 
 def _graph(kind: str, **options) -> object:
     """This process's MediaPipe graph of one kind and options, built on first use."""
-    key = (os.getpid(), kind, tuple(sorted(options.items())))
+    pid = os.getpid()
+    key = (pid, kind, tuple(sorted(options.items())))
     with _graphs_lock:
+        parents = {owner for owner, *_ in _graphs} - {pid}
+        if parents:
+            raise RuntimeError(
+                f"MediaPipe graphs were built in process {min(parents)} before it forked this one, and "
+                "MediaPipe cannot run in a forked copy; start worker processes with "
+                "multiprocessing.get_context('spawn').")
         if key not in _graphs:
             import mediapipe as mp
 

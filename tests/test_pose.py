@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import cv2
@@ -378,3 +379,20 @@ def test_public_api_exports():
     for name in ("detect_landmarks", "load_template", "solve_camera", "refine_template", "segment_foreground",
                  "load_image", "prepare_photo", "NoFaceError", "PoseRejectedError", "ImageError"):
         assert hasattr(pose, name), name
+
+
+def test_forked_child_gets_clear_error(photos):
+    """MediaPipe crashes in a child forked after the parent built a graph; pose says so instead."""
+    detect_landmarks(photos["astronaut"])
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 3
+        try:
+            landmarks_module._graph("face_mesh", max_num_faces=4, min_detection_confidence=0.5)
+            code = 1
+        except RuntimeError as err:
+            code = 0 if "spawn" in str(err) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
