@@ -123,3 +123,32 @@ def test_parallel_build_matches_in_process(cache, tmp_path):
         assert a.fingerprint == b.fingerprint
         for name in ("images", "masks", "depths", "K", "world_to_camera", "identities"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_sampled_pixels_give_the_generators_rays_in_the_renderer(cache):
+    """The sampler's (pixels, K, world_to_camera) rebuild, through the renderer's generate_rays, the very
+    rays the generator traced: the depth of each foreground pixel lands on a surface inside radius 1.5."""
+    import torch
+
+    from dataset import PixelBatchSampler
+    from renderer.reference import generate_rays
+
+    ds = PreparedDataset(cache, split="heldout")
+    batch = PixelBatchSampler(ds, identities_per_batch=4, views_per_identity=2, pixels_per_view=256,
+                              seed=0).sample()
+    rays = generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"], radius=2.0)
+    index, u, v = batch["image_index"].numpy(), *batch["pixels"].numpy().astype(int).T
+    depth = torch.from_numpy(ds.depths[index, v, u])
+    fg = depth > 0
+    assert fg.sum() > 50 and (~fg).sum() > 50
+    assert torch.equal(fg, batch["mask"] > 0)
+    for i in np.unique(index)[:3]:
+        K, pose = ds.K[i].astype(np.float64), ds.world_to_camera[i].astype(np.float64)
+        origins, directions = camera_rays(K, pose, 32, 32)
+        rows = np.flatnonzero(index == i)
+        flat = v[rows] * 32 + u[rows]
+        assert np.allclose(rays.directions[rows].numpy(), directions[flat], atol=1e-5)
+        assert np.allclose(rays.origins[rows].numpy(), origins[flat], atol=1e-4)
+    points = rays.origins[fg] + depth[fg, None] * rays.directions[fg]
+    assert points.norm(dim=1).max() < 1.5
+    assert (depth[fg] > rays.near[fg]).all() and (depth[fg] < rays.far[fg]).all()
