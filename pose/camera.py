@@ -109,14 +109,31 @@ def rotation_from_yaw_pitch_roll(yaw: float, pitch: float, roll: float) -> np.nd
     return Rotation.from_euler("YXZ", [-yaw, -pitch, roll], degrees=True).as_matrix()
 
 
-def _residuals(params: np.ndarray, template: np.ndarray, points: np.ndarray, K: np.ndarray,
-               optimise_focal: bool) -> np.ndarray:
-    rotation = Rotation.from_rotvec(params[:3]).as_matrix()
+def _projection(params: np.ndarray, template: np.ndarray, K: np.ndarray, optimise_focal: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Projected points (2P,) and their exact Jacobian (2P, 6 or 7) w.r.t. (rotvec, t[, log focal]).
+
+    `cv2.projectPoints` returns both; its Jacobian columns are rvec, tvec, fx, fy, cx, cy, distortion.
+    """
     intrinsics = K
     if optimise_focal:
         intrinsics = K.copy()
         intrinsics[0, 0] = intrinsics[1, 1] = K[0, 0] * np.exp(params[6])
-    return (project(template, intrinsics, np.c_[rotation, params[3:6]]) - points).ravel()
+    pixels, jacobian = cv2.projectPoints(template, params[:3], params[3:6], intrinsics, None)
+    columns = [jacobian[:, :6]]
+    if optimise_focal:
+        columns.append(((jacobian[:, 6] + jacobian[:, 7]) * intrinsics[0, 0])[:, None])
+    return pixels.reshape(-1), np.concatenate(columns, axis=1)
+
+
+def _residuals(params: np.ndarray, template: np.ndarray, points: np.ndarray, K: np.ndarray,
+               optimise_focal: bool) -> np.ndarray:
+    return _projection(params, template, K, optimise_focal)[0] - points.reshape(-1)
+
+
+def _jacobian(params: np.ndarray, template: np.ndarray, points: np.ndarray, K: np.ndarray,
+              optimise_focal: bool) -> np.ndarray:
+    return _projection(params, template, K, optimise_focal)[1]
 
 
 def _starts(points: np.ndarray, template: np.ndarray, K: np.ndarray) -> dict[str, np.ndarray]:
@@ -180,7 +197,7 @@ def solve_camera(points: np.ndarray, template: np.ndarray, image_size: tuple[int
     best = None
     for name, start in _starts(points, template, K).items():
         x0 = np.r_[start, 0.0] if optimise_focal else start
-        result = least_squares(_residuals, x0, method="lm", x_scale="jac",
+        result = least_squares(_residuals, x0, jac=_jacobian, method="lm", x_scale="jac",
                                args=(template, points, K, optimise_focal))
         rotation = Rotation.from_rotvec(result.x[:3]).as_matrix()
         in_front = np.all(template @ rotation[2] + result.x[5] > 1e-6)
