@@ -48,6 +48,22 @@ class PrepareConfig:
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
     pose: PoseConfig = field(default_factory=PoseConfig)
 
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be at least {low} (got {getattr(self, name)})"
+                    for name, low in (("resolution", 8), ("min_image_side", 1), ("chunk_size", 1),
+                                      ("views_per_identity", 1), ("synthetic_identities", 1))
+                    if getattr(self, name) < low]
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit must be at least 1 or None (got {self.limit})")
+        if self.heldout_views < -1:
+            problems.append(f"heldout_views must be -1 (all) or at least 0 (got {self.heldout_views})")
+        if self.framing not in (None, "aligned", "landmarks"):
+            problems.append(f"framing must be 'aligned', 'landmarks' or None (got {self.framing!r})")
+        if self.srn_world_scale <= 0:
+            problems.append(f"srn_world_scale must be positive (got {self.srn_world_scale})")
+        if problems:
+            raise ValueError("Invalid PrepareConfig: " + "; ".join(problems) + ".")
+
     @classmethod
     def preset(cls, name: str) -> PrepareConfig:
         """``cpu``: 64² images, 64 synthetic identities; ``paper``: 256² images, 1,024 synthetic identities.

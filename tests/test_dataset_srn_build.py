@@ -164,3 +164,13 @@ def test_concurrent_builds_into_one_cache_build_once(srn_root, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert printed.count("is up to date") == 1 and printed.count("Kept 5 training images") == 2
     assert len(PreparedDataset(out)) == 5
+
+
+def test_invalid_settings_are_one_clear_error():
+    with pytest.raises(ValueError, match=r"resolution must be at least 8 \(got 4\)"):
+        PrepareConfig(resolution=4)
+    with pytest.raises(ValueError, match="framing must be"):
+        PrepareConfig(framing="centre")
+    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'"):
+        prepare_dataset("imagenet", None, "/nonexistent", verbose=False)
+    assert PrepareConfig.preset("paper").resolution == 256
