@@ -25,6 +25,8 @@ class PoseConfig:
         crop_scale: for `framing="landmarks"`, the square crop side is `crop_scale ×
             max(2.0 × eye distance, 1.8 × eye-to-mouth distance)` (FFHQ's alignment rule uses 2.0).
         segmentation_model: Selfie Segmentation model: 0 = general (256×256), 1 = landscape.
+        template_path: a template JSON to solve against (e.g. one refined by `python -m
+            pose.fit_template`); None = the shipped `pose/data/template.json`.
     """
 
     min_image_side: int = 32
@@ -36,6 +38,7 @@ class PoseConfig:
     max_error_fraction: float = 0.03
     crop_scale: float = 2.0
     segmentation_model: int = 0
+    template_path: str | None = None
 
     @classmethod
     def preset(cls, name: str) -> PoseConfig:

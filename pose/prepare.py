@@ -54,7 +54,7 @@ def prepare_photo(image: np.ndarray | str | os.PathLike, resolution: int, framin
         resolution: side r of the square training image.
         framing: "aligned" (FFHQ/CelebA-HQ: centred square, resized) or "landmarks" (crop on the face).
         config: `PoseConfig`.
-        template_path: a template JSON (default: the shipped one).
+        template_path: a template JSON (default: `config.template_path`, else the shipped one).
 
     Returns:
         `PreparedPhoto`.
@@ -78,7 +78,8 @@ def prepare_photo(image: np.ndarray | str | os.PathLike, resolution: int, framin
     box = aligned_box(image.shape[:2]) if framing == "aligned" else landmark_box(landmarks, config.crop_scale)
     scale = resolution / box.side
     framed_landmarks = landmarks.transformed(scale, np.array([box.x0, box.y0], np.float64))
-    fit = solve_camera(framed_landmarks.points, load_template(landmarks.method, template_path),
+    template = load_template(landmarks.method, template_path or config.template_path)
+    fit = solve_camera(framed_landmarks.points, template,
                        (resolution, resolution), config=config)
     if not fit.accepted:
         raise PoseRejectedError(

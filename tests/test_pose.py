@@ -396,3 +396,37 @@ def test_forked_child_gets_clear_error(photos):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_shipped_template_is_reproducible():
+    """`python -m pose.make_template` derives the shipped points from Face Mesh (not typed in)."""
+    from pose.make_template import derive_template
+
+    points, provenance = derive_template()
+    for method, derived in points.items():
+        assert np.allclose(derived, load_template(method), atol=0.02), method
+    assert provenance["names"]["face_mesh"][2] == "nose_tip"
+
+
+def test_fit_template_cli(tmp_path, photos):
+    from pose.fit_template import main
+
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    for name, image in photos.items():
+        _write(folder / f"{name}.png", image[..., ::-1])
+        _write(folder / f"{name}_mirrored.jpg", np.ascontiguousarray(image[:, ::-1, ::-1]))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _write(folder / "blank.png", np.full((96, 96, 3), 90, np.uint8))
+    out = tmp_path / "refined.json"
+    result = main([str(tmp_path / "photos"), "--out", str(out)])
+    assert result.error_after_px < result.error_before_px
+    saved = json.loads(out.read_text())["provenance"]["refined"]
+    assert saved["counts"] == {"used": 4, "unreadable": 1, "no_face": 1, "fallback_detector": 0,
+                               "pose_rejected": 0}
+    refined = load_template(path=out)
+    assert np.allclose(refined[:2], load_template()[:2])        # the gauge: eyes unchanged
+    assert not np.allclose(refined, load_template())
+    photo = prepare_photo(photos["astronaut"], 64, config=PoseConfig(template_path=str(out)))
+    assert np.allclose(project(refined, photo.K, photo.world_to_camera), photo.landmarks.points,
+                       atol=3 * photo.reprojection_error_px)
