@@ -197,8 +197,7 @@ def render_head(head: HeadParams, K: np.ndarray, world_to_camera: np.ndarray, he
     origins, directions = camera_rays(K, world_to_camera, height, width)
     t, part = intersect_ellipsoids(origins, directions, head.centres, head.radii)
     hit = part >= 0
-    rgb = np.ones((height * width, 3))
-    rgb[:] = BACKGROUND
+    rgb = np.full((height * width, 3), BACKGROUND)
     points = origins[hit] + t[hit, None] * directions[hit]
     rgb[hit] = shade(head, points, part[hit])
     depth = np.where(hit, t, 0.0)
