@@ -289,6 +289,9 @@ def test_prepare_photo(photos, framing):
     if framing == "landmarks":  # the face fills more of the crop than of the aligned frame
         eye_distance = np.linalg.norm(photo.landmarks.points[1] - photo.landmarks.points[0])
         assert 14 < eye_distance < 30
+        # The stated scale: an FFHQ-like crop at focal 2 × width puts the camera about 7 units away.
+        camera_distance = np.linalg.norm(-photo.world_to_camera[:, :3].T @ photo.world_to_camera[:, 3])
+        assert 6.0 < camera_distance < 9.0
 
 
 def test_prepare_photo_rejects_and_reads_paths(tmp_path):
