@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-error-fraction", type=float, default=None,
                         help=f"reject a camera fit whose error exceeds this fraction of the image width "
                              f"(default: {cpu.pose.max_error_fraction})")
+    parser.add_argument("--template", default=None,
+                        help="landmark template JSON to solve cameras against, e.g. one refined by "
+                             "python -m pose.fit_template (default: the shipped template)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
     return parser
 
@@ -195,8 +198,10 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     config = PrepareConfig.preset(args.preset)
     changes = {f.name: getattr(args, f.name) for f in fields(PrepareConfig)
                if f.name != "pose" and getattr(args, f.name, None) is not None}
-    if args.max_error_fraction is not None:
-        changes["pose"] = config.pose.with_(max_error_fraction=args.max_error_fraction)
+    pose_changes = {name: value for name, value in (("max_error_fraction", args.max_error_fraction),
+                                                    ("template_path", args.template)) if value is not None}
+    if pose_changes:
+        changes["pose"] = config.pose.with_(**pose_changes)
     return config.with_(**changes)
 
 

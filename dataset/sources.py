@@ -88,15 +88,19 @@ class PhotoSource:
         return [item]
 
     def settings(self, config: PrepareConfig) -> dict:
-        """The settings that change this source's output (they enter the fingerprint)."""
+        """The settings that change this source's output (they enter the fingerprint), including the
+        template's points, so a template refined in place also triggers a rebuild."""
+        from pose import template_metadata
+
         return {"resolution": config.resolution, "framing": self.framing(config),
-                "min_image_side": config.min_image_side, "pose": config.to_dict()["pose"]}
+                "min_image_side": config.min_image_side, "pose": config.to_dict()["pose"],
+                "template_points": template_metadata(config.pose.template_path)["points"]}
 
     def manifest_extra(self, config: PrepareConfig) -> dict:
         """The landmark template the cameras were solved against (its points, units and provenance)."""
         from pose import template_metadata
 
-        return {"template": template_metadata()}
+        return {"template": template_metadata(config.pose.template_path)}
 
     def default_workers(self) -> int:
         return default_workers()
