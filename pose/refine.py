@@ -104,7 +104,7 @@ def refine_template(points: np.ndarray | Sequence[np.ndarray], template: np.ndar
         `TemplateRefinement`; save it with `save_template` to use it in `prepare_photo`.
 
     >>> out = refine_template(all_points, load_template(), (256, 256))  # doctest: +SKIP
-    >>> out.error_after_px <= out.error_before_px
+    >>> out.error_after_px <= out.error_before_px  # doctest: +SKIP
     True
     """
     config = config or PoseConfig()

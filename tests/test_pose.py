@@ -433,3 +433,13 @@ def test_fit_template_cli(tmp_path, photos):
     photo = prepare_photo(photos["astronaut"], 64, config=PoseConfig(template_path=str(out)))
     assert np.allclose(project(refined, photo.K, photo.world_to_camera), photo.landmarks.points,
                        atol=3 * photo.reprojection_error_px)
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    modules = ("camera", "config", "framing", "image_io", "landmarks", "make_template", "refine", "template")
+    for name in modules:
+        module = importlib.import_module(f"pose.{name}")
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, name
