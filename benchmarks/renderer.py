@@ -98,9 +98,15 @@ def run_pipeline(impl, x: dict, seed: int, clock: Callable[[], float]) -> tuple[
     return times, (out.color.detach(), grads[0])
 
 
-def synced_clock() -> float:
+def synced_wall_clock() -> float:
     ti.sync()
     return time.perf_counter()
+
+
+def synced_cpu_clock() -> float:
+    """CPU seconds of this process (all threads): insensitive to other processes competing for cores."""
+    ti.sync()
+    return time.process_time()
 
 
 def main() -> None:
@@ -114,6 +120,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and Taichi")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (robust on a shared machine)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -122,11 +134,12 @@ def main() -> None:
     backend = renderer.init_backend(arch=args.arch, device="cpu", cpu_threads=args.threads)
     x = make_inputs(args.side, args.coarse, args.fine)
     impls = {"reference": reference, "taichi": renderer}
+    clock = synced_cpu_clock if args.clock == "cpu" else synced_wall_clock
     samples = {name: {s: [] for s in (*STAGES, "total")} for name in impls}
     for repeat in range(args.warmup + args.repeats):
         results = {}
         for name, impl in impls.items():
-            times, results[name] = run_pipeline(impl, x, seed=repeat, clock=synced_clock)
+            times, results[name] = run_pipeline(impl, x, seed=repeat, clock=clock)
             if repeat >= args.warmup:
                 for stage, seconds in times.items():
                     samples[name][stage].append(seconds * 1e3)
@@ -137,8 +150,8 @@ def main() -> None:
     n_rays = args.side * args.side
     print(
         f"\n{n_rays} rays x {args.coarse + args.fine} samples, Taichi arch={backend.arch}, "
-        f"{args.repeats} repeats, medians in ms (threads: torch {torch.get_num_threads()}, "
-        f"cpu cores {os.cpu_count()})"
+        f"{args.repeats} repeats, medians in ms of {args.clock} time "
+        f"(threads: torch {torch.get_num_threads()}, cpu cores {os.cpu_count()})"
     )
     print(f"{'stage':<20} {'reference':>10} {'taichi':>10} {'ratio':>7}")
     for stage in (*STAGES, "total"):
@@ -159,6 +172,7 @@ def main() -> None:
             "coarse": args.coarse,
             "fine": args.fine,
             "repeats": args.repeats,
+            "clock": args.clock,
             "medians_ms": medians,
             "ratio_total": ratio,
             "ratio_per_stage": {

