@@ -292,6 +292,10 @@ def test_prepare_photo(photos, framing):
         # The stated scale: an FFHQ-like crop at focal 2 × width puts the camera about 7 units away.
         camera_distance = np.linalg.norm(-photo.world_to_camera[:, :3].T @ photo.world_to_camera[:, 3])
         assert 6.0 < camera_distance < 9.0
+        # A (nearly) frontal real photo: R ≈ I and the camera on the −z axis.
+        position = -photo.world_to_camera[:, :3].T @ photo.world_to_camera[:, 3]
+        assert np.degrees(np.arccos(-position[2] / camera_distance)) < 10.0
+        assert np.degrees(Rotation.from_matrix(photo.world_to_camera[:, :3]).magnitude()) < 10.0
 
 
 def test_prepare_photo_rejects_and_reads_paths(tmp_path):
