@@ -1,0 +1,126 @@
+"""evaluate.py: every metric is reported on the tiny run, and the numbers are right on known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+import evaluate
+from export.inference import start_renderer
+from models.checkpoint import latest_checkpoint
+
+
+def test_score_view_on_known_answers():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.1, 0.8, (16, 16, 3)).astype(np.float32)
+    depth = np.full((16, 16), 6.0, np.float32)
+    depth[:, 8:] = 7.0
+    depth[:2] = 0.0  # background rows: no ground truth there
+    mask = (depth > 0).astype(np.float32)
+    opacity = np.ones((16, 16), np.float32)
+    perfect = evaluate.score_view(
+        {"color": image, "opacity": opacity, "depth": depth}, image, mask, depth, None
+    )
+    assert perfect["psnr"] == math.inf and perfect["ssim"] == pytest.approx(1.0)
+    assert perfect["depth_abs_rel"] == 0.0 and perfect["depth_rmse"] == 0.0
+    assert perfect["depth_corr"] == pytest.approx(1.0)
+
+    # Colour off by 0.1 everywhere -> 20 dB; depth 0.3 too far -> RMSE 0.3; half-opaque pixels are
+    # scored at their surface depth (depth / opacity), so the same error appears there too.
+    half = opacity * 0.5
+    shifted = {"color": image + 0.1, "opacity": half, "depth": (depth + 0.3) * half}
+    scores = evaluate.score_view(shifted, image, mask, depth, None)
+    assert scores["psnr"] == pytest.approx(20.0, abs=1e-4)
+    assert scores["depth_rmse"] == pytest.approx(0.3, abs=1e-5)
+    valid = depth[mask > 0]
+    assert scores["depth_abs_rel"] == pytest.approx(np.mean(0.3 / valid), rel=1e-5)
+    assert "lpips" not in scores
+
+
+def test_mean_image_baseline_and_summary_on_known_answers():
+    images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (100, 140)])
+    depths = np.stack([np.full((8, 8), d, np.float32) for d in (6.0, 8.0)])
+    train = SimpleNamespace(images=images, depths=depths)
+    K, w2c = np.eye(3), np.zeros((3, 4))
+    views = [(0, images[0], None, K, w2c, depths[0]), (1, images[1], None, K, w2c, depths[1])]
+    records = evaluate.mean_image_baseline(train, views)
+    # The mean image is 120 everywhere: 20/255 off for both views; the mean depth 7 is 1 off.
+    expected = -10 * math.log10((20 / 255) ** 2)
+    assert records[0]["psnr"] == pytest.approx(expected) and records[1]["psnr"] == pytest.approx(expected)
+    assert records[0]["depth_rmse"] == pytest.approx(1.0)
+    assert records[1]["depth_abs_rel"] == pytest.approx(1 / 8)
+    summary = evaluate.summarise(records)
+    assert summary["n_views"] == 2 and summary["depth_abs_rel"] == pytest.approx((1 / 6 + 1 / 8) / 2)
+
+
+def write_srn_copy(heldout, folder) -> None:
+    """Write the held-out split in the SRN layout (cam-to-world poses, intrinsics.txt, rgb/*.png)."""
+    for i in range(len(heldout)):
+        instance = folder / f"identity_{int(heldout.identities[i]):06d}"
+        (instance / "rgb").mkdir(parents=True, exist_ok=True)
+        (instance / "pose").mkdir(exist_ok=True)
+        K = heldout.K[i]
+        (instance / "intrinsics.txt").write_text(f"{K[0, 0]} {K[0, 2]} {K[1, 2]} 0.\n0. 0. 0.\n1.\n64 64\n")
+        c2w = np.linalg.inv(np.vstack([heldout.world_to_camera[i], [0, 0, 0, 1]]))
+        np.savetxt(instance / "pose" / f"{i:06d}.txt", c2w.reshape(1, 16))
+        cv2.imwrite(
+            str(instance / "rgb" / f"{i:06d}.png"), cv2.cvtColor(heldout.images[i], cv2.COLOR_RGB2BGR)
+        )
+
+
+@pytest.mark.slow
+def test_evaluate_reports_every_metric_on_the_tiny_run(tiny_run, tmp_path, capsys):
+    from dataset import PreparedDataset
+
+    start_renderer("cpu")
+    ckpt = latest_checkpoint(tiny_run)
+    out = tmp_path / "eval.json"
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--json",
+                str(out),
+                "--max-images",
+                "4",
+                "--markdown",
+                str(tmp_path / "eval.md"),
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    for section in ("reconstruction", "novel_view", "baseline_reconstruction", "baseline_novel_view"):
+        for key in ("psnr", "ssim", "depth_abs_rel", "depth_rmse", "depth_corr"):
+            assert isinstance(results[section][key], float), (section, key)
+        assert results[section]["n_views"] == 4
+    assert "LPIPS" in results["lpips_note"]
+    for row in ("PSNR", "SSIM", "depth abs rel", "depth RMSE", "depth correlation", "LPIPS"):
+        assert row in table
+    assert (tmp_path / "eval.md").read_text() in table + "\n"
+    # Trained renders beat the mean training image on the images they were trained on.
+    assert results["reconstruction"]["psnr"] > results["baseline_reconstruction"]["psnr"]
+    # Existing results are not overwritten without --force.
+    assert evaluate.main(["--checkpoint", str(ckpt), "--json", str(out)]) == 2
+
+    # The same held-out views in the SRN layout score exactly what the cache's heldout/ split scores.
+    cache = PreparedDataset(results["cache"], "heldout")
+    srn = tmp_path / "srn"
+    write_srn_copy(cache, srn)
+    out_srn = tmp_path / "eval_srn.json"
+    assert (
+        evaluate.main(
+            ["--checkpoint", str(ckpt), "--views", str(srn), "--json", str(out_srn), "--max-images", "4"]
+        )
+        == 0
+    )
+    via_srn = json.loads(out_srn.read_text())["novel_view"]
+    assert via_srn["psnr"] == pytest.approx(results["novel_view"]["psnr"], abs=1e-3)
+    assert via_srn["ssim"] == pytest.approx(results["novel_view"]["ssim"], abs=1e-4)

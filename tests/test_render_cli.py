@@ -1,0 +1,201 @@
+"""render.py against the shared tiny run: every output kind, every subject kind, every camera path."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import render
+from export.cameras import default_intrinsics, look_at_origin
+from export.inference import load_model, render_view, start_renderer
+from export.mesh import read_ply
+from models.checkpoint import latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_run):
+    start_renderer("cpu")
+    return latest_checkpoint(tiny_run)
+
+
+def read_rgb(path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.mark.slow
+def test_render_writes_every_output_kind_at_a_new_resolution(ckpt, tmp_path, capsys):
+    out = tmp_path / "r"
+    code = render.main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--identity",
+            "1",
+            "--random",
+            "1",
+            "--psi",
+            "0.5",
+            "--camera",
+            "yaw",
+            "--frames",
+            "3",
+            "--size",
+            "40",
+            "--outputs",
+            *render.OUTPUT_KINDS,
+            "--mesh-resolution",
+            "24",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    for subject in ("identity_0001", "random_s0_000"):
+        for k in range(3):
+            assert read_rgb(out / subject / f"frame_{k:03d}.png").shape == (40, 40, 3)
+            assert read_rgb(out / subject / f"depth_{k:03d}.png").shape == (40, 40, 3)
+            assert np.load(out / subject / f"depth_{k:03d}.npy").shape == (40, 40)
+        with Image.open(out / f"{subject}.gif") as gif:
+            assert gif.n_frames == 3
+        video = cv2.VideoCapture(str(out / f"{subject}.mp4"))
+        assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+        video.release()
+        assert len(read_ply(out / f"{subject}.ply").faces) > 0
+    assert read_rgb(out / "grid.png").shape == (2 * 40 + 2, 3 * 40 + 4, 3)
+    assert read_rgb(out / "depth_grid.png").shape == (2 * 40 + 2, 3 * 40 + 4, 3)
+    model = load_model(ckpt)
+    np.testing.assert_array_equal(np.load(out / "identity_0001.npy"), model.latents.codes[1].numpy())
+    # The middle of a symmetric yaw sweep is the frontal camera: same pixels as a direct render.
+    direct = render_view(
+        model, model.latents.codes[1], default_intrinsics(40, 40), look_at_origin(7.0), 40, 40
+    )
+    expected = (np.clip(direct["color"], 0, 1) * 255 + 0.5).astype(np.uint8)
+    np.testing.assert_allclose(read_rgb(out / "identity_0001" / "frame_001.png"), expected, atol=1)
+
+    assert render.main(["--checkpoint", str(ckpt), "--out", str(out), "--identity", "0"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_camera_file_source_names_saved_latents_and_interpolation(ckpt, tmp_path):
+    model = load_model(ckpt)
+    size = 32
+    # A camera file with the default frontal camera, written for 64 px: it must be rescaled to 32 px.
+    cam = tmp_path / "cam.json"
+    cam.write_text(
+        json.dumps(
+            {
+                "K": default_intrinsics(64, 64).tolist(),
+                "world_to_camera": look_at_origin(7.0).tolist(),
+                "height": 64,
+                "width": 64,
+            }
+        )
+    )
+    latent = tmp_path / "mine.npy"
+    np.save(latent, model.latents.codes[2].numpy())
+    out = tmp_path / "file"
+    assert (
+        render.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--latent",
+                str(latent),
+                "--source",
+                "identity_000002",
+                "--camera",
+                "file",
+                "--camera-file",
+                str(cam),
+                "--size",
+                str(size),
+                "--outputs",
+                "frames",
+            ]
+        )
+        == 0
+    )
+    from_latent = read_rgb(out / "mine" / "frame_000.png")
+    from_source = read_rgb(out / "identity_000002" / "frame_000.png")
+    np.testing.assert_array_equal(from_latent, from_source)  # same identity, found two ways
+    fixed = tmp_path / "fixed"
+    assert (
+        render.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(fixed),
+                "--identity",
+                "2",
+                "--camera",
+                "fixed",
+                "--size",
+                str(size),
+                "--outputs",
+                "frames",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(read_rgb(fixed / "identity_0002" / "frame_000.png"), from_latent)
+
+    interp = tmp_path / "interp"
+    assert (
+        render.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(interp),
+                "--interpolate",
+                "0",
+                "3",
+                "--steps",
+                "4",
+                "--camera",
+                "fixed",
+                "--size",
+                str(size),
+                "--outputs",
+                "gif",
+                "latent",
+                "grid",
+            ]
+        )
+        == 0
+    )
+    with Image.open(interp / "sequence.gif") as gif:
+        assert gif.n_frames == 4
+    np.testing.assert_allclose(np.load(interp / "interp_0_3_00.npy"), model.latents.codes[0].numpy())
+    np.testing.assert_allclose(
+        np.load(interp / "interp_0_3_03.npy"), model.latents.codes[3].numpy(), atol=1e-6
+    )
+    assert read_rgb(interp / "grid.png").shape == (4 * size + 6, size, 3)
+
+
+def test_chunked_rendering_matches_one_chunk(ckpt):
+    model = load_model(ckpt)
+    K, w2c = default_intrinsics(24, 24), look_at_origin(7.0, yaw_deg=20)
+    whole = render_view(model, model.latents.codes[0], K, w2c, 24, 24, chunk=24 * 24)
+    pieces = render_view(model, model.latents.codes[0], K, w2c, 24, 24, chunk=37)
+    for key in ("color", "opacity", "depth"):
+        np.testing.assert_allclose(pieces[key], whole[key], atol=1e-5)
+
+
+def test_bad_requests_are_one_clear_error(ckpt, tmp_path, capsys):
+    assert render.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "a"), "--identity", "999"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    wrong = tmp_path / "z.npy"
+    np.save(wrong, np.zeros(3, np.float32))
+    assert render.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--latent", str(wrong)]) == 2
+    assert "values" in capsys.readouterr().err
+    assert render.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "c"), "--camera", "file"]) == 2
+    assert "--camera-file" in capsys.readouterr().err
