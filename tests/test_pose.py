@@ -338,6 +338,18 @@ def test_load_image_conversions(tmp_path):
     loaded = load_image(_write(tmp_path / "deep.png", deep))
     assert loaded.dtype == np.uint8 and np.array_equal(loaded, (deep // 257)[..., ::-1])
 
+    gray16 = (rng.integers(0, 256, (40, 40)) * 257).astype(np.uint16)
+    loaded = load_image(_write(tmp_path / "gray16.png", gray16))
+    assert np.array_equal(loaded, np.repeat((gray16 // 257)[..., None].astype(np.uint8), 3, axis=2))
+
+    from PIL import Image  # gray + alpha PNG (colour type 4), which OpenCV cannot write
+
+    gray_alpha = np.stack([np.full((40, 40), 10, np.uint8), np.zeros((40, 40), np.uint8)], axis=2)
+    gray_alpha[20:, :, 1] = 255
+    Image.fromarray(gray_alpha, mode="LA").save(tmp_path / "gray_alpha.png")
+    loaded = load_image(tmp_path / "gray_alpha.png")
+    assert np.all(loaded[:20] == 255) and np.all(loaded[20:] == 10)
+
     color = rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)
     assert np.array_equal(load_image(_write(tmp_path / "color.png", color)), color[..., ::-1])
 
