@@ -384,3 +384,23 @@ def test_reference_composite_gradcheck_float64():
         return tuple(ref.composite(s, c, t, deltas, bg))
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_composite_without_samples_shows_background(arch):
+    background = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], requires_grad=True)
+    empty = torch.zeros(2, 0)
+    out = renderer.composite(empty, torch.zeros(2, 0, 3), empty, empty, background)
+    assert_close(out.color, background.detach())
+    assert torch.equal(out.opacity, torch.zeros(2)) and out.weights.shape == (2, 0)
+    out.color.sum().backward()
+    assert torch.equal(background.grad, torch.ones(2, 3))
+
+
+def test_docstring_examples(arch):
+    """The examples in the renderer's docstrings run and print what they say."""
+    import doctest
+    import sys
+
+    for name in ("renderer.rays", "renderer.sampling", "renderer.composite", "renderer.reference"):
+        result = doctest.testmod(sys.modules[name], optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, name
