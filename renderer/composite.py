@@ -12,8 +12,11 @@ loss is locally ``sum_i g_i w_i`` with ``g_i = gC . (c_i - bg) + gA + gD t_i + g
     dL/dsigma_k = delta_k (g_k T_{k+1} - sum_{i>k} g_i w_i)      (a suffix sum: O(S))
     dL/dc_k = w_k gC,   dL/dbg = (1 - opacity) gC
 
-The exps are all in the forward pass: ``ti.exp`` measured 2.0 ms per 786k samples on one x64 core
-(a hand-written inlined polynomial exp was slower, 3.5 ms, as Taichi x64 does not vectorise either).
+Each kernel makes two passes per ray: one with no loop-carried dependency (forward: the exps;
+backward: g_i and the colour gradients), then the sequential scan. On x64 that split measured
+3.2 ms against 4.3 ms fused (forward) and 4.5 against 6.5 ms (backward) for 4,096 x 192 samples on
+one core. ``ti.exp`` is used as is: an inlined polynomial exp was slower (3.5 against 2.0 ms),
+since Taichi's x64 backend vectorises neither.
 No exp is recomputed in the backward pass: the scan starts from the saved final transmittance and rebuilds
 ``T_k = T_{k+1} + w_k`` from the saved weights. That recursion only adds non-negative numbers, so
 it stays accurate where T is tiny (saturated rays), unlike ``T_{k+1} = 1 - sum_{i<=k} w_i``.
@@ -159,7 +162,8 @@ class CompositeFunction(torch.autograd.Function):
             per_ray[:, 5] = 1.0
         ctx.save_for_backward(rgbs_k, t_k, deltas_k, bg_k, weights, per_ray)
         ctx.out_device = out_device
-        color, opacity, depth = per_ray[:, :3], per_ray[:, 3], per_ray[:, 4]
+        # Copies, not views of per_ray (which backward reads): callers may edit outputs in place.
+        color, opacity, depth = per_ray[:, :3].clone(), per_ray[:, 3].clone(), per_ray[:, 4].clone()
         return tuple(x.to(out_device) for x in (color, opacity, depth, weights))
 
     @staticmethod
@@ -168,8 +172,9 @@ class CompositeFunction(torch.autograd.Function):
         rgbs, t, deltas, background, weights, per_ray = (x.detach() for x in ctx.saved_tensors)
         n_rays, n_samples = weights.shape
         device = weights.device
-        grad_sigmas = torch.zeros((n_rays, n_samples), device=device)
-        grad_rgbs = torch.zeros((n_rays, n_samples, 3), device=device)
+        # The kernel writes every entry, so no zero-fill (that alone would cost about a millisecond).
+        grad_sigmas = torch.empty((n_rays, n_samples), device=device)
+        grad_rgbs = torch.empty((n_rays, n_samples, 3), device=device)
         if n_rays > 0 and n_samples > 0:
             grad_background = torch.empty((n_rays, 3), device=device)
             grad_per_ray = torch.cat(

@@ -20,18 +20,21 @@ TINY = 1.1754944e-38  # smallest normal float32: guards divisions by a zero-leng
 
 
 @ti.kernel
-def stratified_kernel(near: f32_1d, far: f32_1d, jitter: f32_2d, use_jitter: ti.i32, t: f32_2d):
-    """near, far (R,), jitter (R, S) in [0, 1) (ignored unless use_jitter) -> t (R, S)."""
-    n_samples = t.shape[1]
-    # Rays in parallel, samples in an inner serial loop: x64 runs this 10x faster than a 2-D ndrange.
-    for ray in range(t.shape[0]):
+def stratified_kernel(
+    near: f32_1d, far: f32_1d, jitter: f32_1d, use_jitter: ti.i32, t: f32_1d, n_samples: ti.i32
+):
+    """near, far (R,), flat jitter (R*S) in [0, 1) (ignored unless use_jitter) -> flat t (R*S)."""
+    # Rays in parallel, samples in an inner serial loop over flat indices: on x64 this ran 10x
+    # faster than a 2-D ndrange, and flat indexing beat 2-D indexing by a further third.
+    for ray in range(near.shape[0]):
         lo = near[ray]
         span = far[ray] - lo
+        first = ray * n_samples
         for s in range(n_samples):
             u = 0.5
             if use_jitter:
-                u = jitter[ray, s]
-            t[ray, s] = lo + span * (s + u) / n_samples
+                u = jitter[first + s]
+            t[first + s] = lo + span * (s + u) / n_samples
 
 
 @ti.kernel
@@ -114,13 +117,13 @@ def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d):
 
 
 @ti.kernel
-def deltas_kernel(t: f32_2d, far: f32_1d, deltas: f32_2d):
-    """t (R, S), far (R,) -> deltas (R, S): next sample (or far) minus this one, never negative."""
-    n_samples = t.shape[1]
-    for ray in range(t.shape[0]):
-        for s in range(n_samples - 1):
-            deltas[ray, s] = ti.max(t[ray, s + 1] - t[ray, s], 0.0)
-        deltas[ray, n_samples - 1] = ti.max(far[ray] - t[ray, n_samples - 1], 0.0)
+def deltas_kernel(t: f32_1d, far: f32_1d, deltas: f32_1d, n_samples: ti.i32):
+    """Flat t (R*S), far (R,) -> flat deltas (R*S): next sample (or far) minus this one, never negative."""
+    for ray in range(far.shape[0]):
+        last = ray * n_samples + n_samples - 1
+        for i in range(ray * n_samples, last):
+            deltas[i] = ti.max(t[i + 1] - t[i], 0.0)
+        deltas[last] = ti.max(far[ray] - t[last], 0.0)
 
 
 def _jitter(shape: tuple[int, int], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
@@ -155,14 +158,9 @@ def sample_stratified(
     if n_rays > 0:
         jitter = _jitter((n_rays, n_samples), generator, near)
         launch(
-            "sample_stratified",
-            stratified_kernel,
-            to_kernel(near),
-            to_kernel(far),
-            jitter,
-            int(generator is not None),
-            t,
-        )
+            "sample_stratified", stratified_kernel, to_kernel(near), to_kernel(far), jitter.view(-1),
+            int(generator is not None), t.view(-1), n_samples,
+        )  # fmt: skip
     return t.to(near.device)
 
 
@@ -247,5 +245,12 @@ def sample_deltas(t_all: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
         )
     deltas = torch.empty(t_all.shape, device=kernel_device())
     if t_all.numel() > 0:
-        launch("sample_deltas", deltas_kernel, to_kernel(t_all), to_kernel(far), deltas)
+        launch(
+            "sample_deltas",
+            deltas_kernel,
+            to_kernel(t_all).view(-1),
+            to_kernel(far),
+            deltas.view(-1),
+            t_all.shape[1],
+        )
     return deltas.to(t_all.device)
