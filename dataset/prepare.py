@@ -88,7 +88,8 @@ def prepare_dataset(name: str, data_root: str | Path | None, out_dir: str | Path
 
     Idempotent: an up-to-date cache (same fingerprint over source files and settings) is returned as
     is. Resumable: an interrupted build continues from its finished chunks. ``workers`` processes run
-    in parallel (default: one per core, or 1 for a small synthetic set; 1 runs in this process).
+    in parallel (default: one per core when the source is big enough to repay a worker's start-up,
+    else 1; 1 runs in this process).
     ``stop_after_chunks`` stops the build (raising ``BuildInterrupted``) after that many new chunks, as
     an interruption would: for tests. ``data_root`` is None for "synthetic".
 
@@ -153,8 +154,9 @@ def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, ite
         "background": background if isinstance(background, str) else list(background),
         **source.manifest_extra(config),
     }
-    build_cache(source, data_root, out_dir, config, workers or source.default_workers(), manifest, items,
-                cache_fp, stop_after_chunks=stop_after_chunks, progress=progress)
+    workers = workers or source.default_workers(len(items))
+    build_cache(source, data_root, out_dir, config, workers, manifest, items, cache_fp,
+                stop_after_chunks=stop_after_chunks, progress=progress)
     say(format_summary(out_dir))
     return out_dir
 
@@ -172,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="settings preset; the flags below override it (default: cpu)")
     parser.add_argument("--workers", type=int, default=None,
                         help=f"parallel processes; 1 runs in-process (default: one per core, "
-                             f"{default_workers()})")
+                             f"{default_workers()}, for sources big enough to repay the start-up of a "
+                             "worker; in-process otherwise)")
     for f in fields(PrepareConfig):
         if f.name == "pose":
             continue

@@ -19,6 +19,8 @@ import numpy as np
 
 from dataset.config import PrepareConfig
 
+# Below this many photos per worker, spawning workers costs more than it saves (benchmarks/prepare.py).
+PHOTOS_PER_WORKER = 300
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
@@ -102,8 +104,10 @@ class PhotoSource:
 
         return {"template": template_metadata(config.pose.template_path)}
 
-    def default_workers(self) -> int:
-        return default_workers()
+    def default_workers(self, n_items: int) -> int:
+        """One per core, but in-process for small folders: a spawned worker costs ~2-3 s of start-up
+        (imports, MediaPipe graphs), ~100 photos' worth, so it pays off from a few hundred photos."""
+        return max(1, min(default_workers(), n_items // PHOTOS_PER_WORKER))
 
     def framing(self, config: PrepareConfig) -> str:
         return config.framing or self.default_framing

@@ -95,8 +95,9 @@ class SrnSource:
     def manifest_extra(self, config: PrepareConfig) -> dict:
         return {"world_scale": config.srn_world_scale}
 
-    def default_workers(self) -> int:
-        return default_workers()
+    def default_workers(self, n_items: int) -> int:
+        """One per core for big sets; an instance reads in milliseconds, so small sets stay in-process."""
+        return max(1, min(default_workers(), n_items // 1000))
 
     def process(self, data_root: Path, item: str, config: PrepareConfig) -> ItemResult:
         """Read one instance: chosen training views and held-out views as cache records."""

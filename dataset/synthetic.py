@@ -16,7 +16,6 @@ Depth is the **ray distance t** along the unit ray direction (what the renderer'
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -266,10 +265,12 @@ class SyntheticSource:
     def manifest_extra(self, prepare_config) -> dict:
         return {"depth": "ray distance t along the unit ray direction, 0 on the background"}
 
-    def default_workers(self) -> int:
-        # Pool start-up (~1-2 s) outweighs the work below a few million rays (1 M rays take ~1 s).
-        rays = self.config.n_identities * (self.config.train_views + self.config.heldout_views)
-        return 1 if rays * self.config.resolution**2 < 4_000_000 else os.cpu_count() or 1
+    def default_workers(self, n_items: int) -> int:
+        """In-process below a few million rays (1 M rays take ~1 s; a worker takes ~1-2 s to start)."""
+        from dataset.sources import default_workers
+
+        views = self.config.train_views + self.config.heldout_views
+        return 1 if n_items * views * self.config.resolution**2 < 4_000_000 else default_workers()
 
     def process(self, data_root, item: str, prepare_config):
         from dataset.sources import ItemResult

@@ -205,3 +205,12 @@ def test_killed_build_resumes(tmp_path):
     for identity in (0, 47):
         expected = render_identity(synthetic_config(config), identity)[0]
         assert np.array_equal(ds.images[identity], expected["image"])
+
+
+def test_default_workers_stay_in_process_for_small_sources():
+    from dataset.sources import PHOTO_SOURCES, default_workers
+
+    photos = PHOTO_SOURCES["folder"]
+    assert photos.default_workers(20) == 1
+    assert photos.default_workers(70_000) == default_workers()
+    assert SrnSource().default_workers(5) == 1
