@@ -1,7 +1,7 @@
 """Choose and start the Taichi arch, and pair it with a torch device.
 
->>> backend = init_backend(arch="cpu", device="cpu")   # doctest: +SKIP
-[renderer] Taichi arch=cpu (x64), torch device=cpu: asked for cpu.
+>>> backend = init_backend(arch="cpu")   # doctest: +SKIP
+[renderer] Taichi arch=cpu (x64), torch device=cpu: asked for cpu; torch device cpu pairs with Taichi cpu.
 
 ``auto`` takes CUDA when both torch and Taichi can use it, else Vulkan when a Vulkan device exists,
 else the CPU. Asking for a backend the machine lacks raises :class:`BackendUnavailableError` with one
@@ -149,7 +149,8 @@ def init_backend(
     arch: "auto" | "cuda" | "vulkan" | "metal" | "cpu"; device: "auto" | "cuda" | "mps" | "xpu" | "cpu".
     ``kernel_profiler=True`` turns on Taichi's kernel profiler (see renderer.profiling);
     ``cpu_threads`` caps the threads of Taichi's CPU backend (default: all cores).
-    Raises BackendUnavailableError naming what is missing; ValueError for an unknown name.
+    Raises BackendUnavailableError naming what is missing (Taichi is then left stopped, and the next
+    renderer call starts ``auto``); ValueError for an unknown name or an impossible pairing.
     Calling it again switches arch in the same process (all renderer kernels recompile).
     """
     if arch not in ARCHES:
@@ -181,8 +182,8 @@ def init_backend(
         )
     backend = Backend(arch=started, device=torch.device(device), reason=reason)
     if verbose:
-        label = "x64" if started == "cpu" else started
-        print(f"[renderer] Taichi arch={started} ({label}), torch device={device}: {reason}.")
+        label = " (x64)" if started == "cpu" else ""
+        print(f"[renderer] Taichi arch={started}{label}, torch device={device}: {reason}.")
     return backend
 
 
