@@ -28,13 +28,13 @@ def stratified_kernel(
     # faster than a 2-D ndrange, and flat indexing beat 2-D indexing by a further third.
     for ray in range(near.shape[0]):
         lo = near[ray]
-        span = far[ray] - lo
+        bin_width = (far[ray] - lo) / n_samples  # one division per ray, not per sample
         first = ray * n_samples
         for s in range(n_samples):
             u = 0.5
             if use_jitter:
                 u = jitter[first + s]
-            t[first + s] = lo + span * (s + u) / n_samples
+            t[first + s] = lo + bin_width * (s + u)
 
 
 @ti.kernel
@@ -64,6 +64,7 @@ def importance_kernel(
         # The bin widths telescope to far - near (coarse t sorted inside [near, far]).
         total = weight_sum + eps_per_length * (hi - lo)
         if total > 0.0:
+            u_scale = total / n_fine
             i = 0
             cdf_below = 0.0
             left = lo
@@ -75,7 +76,7 @@ def importance_kernel(
                 v = 0.5
                 if use_jitter:
                     v = jitter[ray, j]
-                u = (j + v) / n_fine * total
+                u = (j + v) * u_scale
                 while i < n_bins - 1 and cdf_below + mass <= u:
                     cdf_below += mass
                     i += 1
