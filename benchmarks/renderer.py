@@ -10,6 +10,13 @@ weights). The densities and colours stand in for the network: fixed leaf tensors
 work is timed. Both implementations run interleaved in each repeat (so load from other processes hits
 both alike) with the same seeds; each stage is timed alone and the whole chain end to end. Prints
 medians and the reference / Taichi ratio; ``--json`` writes them.
+
+On a machine shared with other jobs, wall times mislead: torch's OpenMP threads wait for each other
+when another process holds a core, which inflates the reference far more than Taichi (we saw the
+reference go from ~50 to ~300 ms). ``--threads 1 --clock cpu`` measures this process's CPU time on
+one thread for both, which is stable under load; on an idle machine use the defaults as well.
+With ``--arch vulkan`` on lavapipe, lavapipe's own worker threads compete with torch's, so compare
+with ``--threads 1`` there too.
 """
 
 from __future__ import annotations
