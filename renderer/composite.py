@@ -162,6 +162,7 @@ class CompositeFunction(torch.autograd.Function):
             per_ray[:, 5] = 1.0
         ctx.save_for_backward(rgbs_k, t_k, deltas_k, bg_k, weights, per_ray)
         ctx.out_device = out_device
+        ctx.grad_dtypes = (sigmas.dtype, rgbs.dtype, background.dtype)  # computed in float32
         # Copies, not views of per_ray (which backward reads): callers may edit outputs in place.
         color, opacity, depth = per_ray[:, :3].clone(), per_ray[:, 3].clone(), per_ray[:, 4].clone()
         return tuple(x.to(out_device) for x in (color, opacity, depth, weights))
@@ -196,8 +197,9 @@ class CompositeFunction(torch.autograd.Function):
             )  # fmt: skip
         else:
             grad_background = _upstream(grad_color, (n_rays, 3), device) * (1 - per_ray[:, 3:4])
-        out = ctx.out_device
-        return grad_sigmas.to(out), grad_rgbs.to(out), None, None, grad_background.to(out)
+        out, (d_sigma, d_rgb, d_bg) = ctx.out_device, ctx.grad_dtypes
+        grad_background = grad_background.to(out, d_bg)
+        return grad_sigmas.to(out, d_sigma), grad_rgbs.to(out, d_rgb), None, None, grad_background
 
 
 def composite(
