@@ -406,3 +406,17 @@ def test_docstring_examples(arch):
     for name in ("renderer.rays", "renderer.sampling", "renderer.composite", "renderer.reference"):
         result = doctest.testmod(sys.modules[name], optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_composite_float64_leaves_get_float64_gradients(arch):
+    batch = random_batch(5, 6, seed=1)
+    sigmas = batch["sigmas"].double().requires_grad_()
+    rgbs = batch["rgbs"].double().requires_grad_()
+    out = renderer.composite(sigmas, rgbs, batch["t"], batch["deltas"], 0.5)
+    assert out.color.dtype == torch.float32  # the renderer computes in float32
+    out.color.sum().backward()
+    sigmas32 = batch["sigmas"].requires_grad_()
+    expected = ref.composite(sigmas32, batch["rgbs"], batch["t"], batch["deltas"], 0.5)
+    (grad,) = torch.autograd.grad(expected.color.sum(), [sigmas32])
+    assert sigmas.grad.dtype == torch.float64 and rgbs.grad.dtype == torch.float64
+    assert_close(sigmas.grad.float(), grad)
