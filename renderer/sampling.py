@@ -121,7 +121,8 @@ def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d, half: t
 
     Each merge is a chain of dependent steps (compare, then load the next head), so one thread
     interleaves two rays' merges to overlap their latencies: 30% faster than one ray at a time on x64.
-    Ray p pairs with ray p + half, half = ceil(R / 2) (passed in: SPIR-V has no integer floor division).
+    Ray p pairs with ray p + half, half = ceil(R / 2), passed in because Taichi's Vulkan (SPIR-V)
+    codegen rejects integer floor division of an ndarray shape.
     """
     n_rays = t_a.shape[0]
     for pair in range(half):
