@@ -8,9 +8,19 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import renderer
+from renderer import backend
 from renderer import reference as ref
 
 RADIUS = 2.0
+
+
+@pytest.fixture(autouse=True)
+def on_requested_arch(request):
+    """Tests elsewhere may restart Taichi (say on x64) between these: put it back on ``arch``."""
+    if "arch" in request.fixturenames:
+        wanted = request.getfixturevalue("arch")
+        if backend._started_arch() != wanted:
+            assert backend._start(wanted), f"could not restart Taichi on {wanted}"
 
 
 def random_cameras(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,6 +358,7 @@ def test_composite_gradient_matches_finite_differences(arch):
 
 def test_full_pipeline_matches_reference(arch):
     """Rays -> stratified -> importance -> merge -> deltas -> composite, seeded, on both implementations."""
+    assert backend._started_arch() == arch, "the kernels must run on the backend under test"
     K, w2c = random_cameras(1, seed=3)
     pixels = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="xy"), -1)
     pixels = pixels.reshape(-1, 2) * 4

@@ -12,6 +12,15 @@ from renderer import backend
 from renderer.profiling import profile
 
 
+@pytest.fixture(autouse=True)
+def on_requested_arch(request):
+    """Tests elsewhere may restart Taichi (say on x64) between these: put it back on ``arch``."""
+    if "arch" in request.fixturenames:
+        wanted = request.getfixturevalue("arch")
+        if backend._started_arch() != wanted:
+            assert backend._start(wanted), f"could not restart Taichi on {wanted}"
+
+
 @pytest.fixture
 def restore_taichi():
     """Put Taichi back on the arch (and profiler setting) it ran before the test."""
