@@ -12,6 +12,7 @@ the training losses (RGB + mask + hard-surface) to reconstruct the photo. Per ph
     depth.png           colour-mapped depth of the reconstruction (near = warm)
     orbit.mp4, orbit.gif  the head turning (yaw +-35 deg, pitch +-10 deg) around the photo's camera
     mesh.ply            marching cubes on the density grid, vertex colours from the colour field
+    mesh.png            a picture of that mesh, seen 30 deg to the side
     metrics.json        PSNR, SSIM, camera, losses, settings
 
 A photo with no face or a rejected camera is reported and skipped; the others still run, and the exit
@@ -31,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import renderer
-from export.cameras import orbit_cameras, scale_intrinsics
+from export.cameras import orbit_cameras, scale_intrinsics, yaw_cameras
 from export.inference import (
     latent_mesh,
     load_model,
@@ -45,7 +46,7 @@ from export.inference import (
     training_resolution,
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png, upscale
-from export.mesh import write_ply
+from export.mesh import preview_mesh, write_ply
 from export.metrics import psnr, ssim
 from export.outputs import OutputExistsError, claim_dir, save_npy, write_json
 from models import compute_losses, render_rays
@@ -227,6 +228,8 @@ def write_outputs(
 
     mesh = latent_mesh(model, result.latent, resolution=settings.mesh_resolution, level=settings.mesh_level)
     write_ply(out_dir / "mesh.ply", mesh)
+    side_view = yaw_cameras(world_to_camera, [30.0])[0]
+    save_png(out_dir / "mesh.png", preview_mesh(mesh, K_video, side_view, size, size))
 
     record = {
         **scores,

@@ -15,7 +15,8 @@ bounded at any resolution. Outputs:
     frames  OUT/<subject>/frame_###.png            grid   OUT/grid.png (and depth_grid.png with depth)
     mp4/gif OUT/<subject>.mp4|gif over the cameras (with one camera: OUT/sequence.* over the subjects)
     depth   OUT/<subject>/depth_###.png colour-mapped and depth_###.npy raw ray distances
-    mesh    OUT/<subject>.ply                      latent  OUT/<subject>.npy (the code rendered)
+    mesh    OUT/<subject>.ply and a picture of it, OUT/<subject>_mesh.png (first camera)
+    latent  OUT/<subject>.npy (the code rendered)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from export.inference import (
     training_resolution,
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png
-from export.mesh import write_ply
+from export.mesh import preview_mesh, write_ply
 from export.outputs import OutputExistsError, claim_dir, save_npy
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{subject.name}: no mesh: {err}", file=sys.stderr)
             else:
                 write_ply(out / f"{subject.name}.ply", mesh)
+                save_png(out / f"{subject.name}_mesh.png", preview_mesh(mesh, K, cameras[0], height, width))
     if len(cameras) == 1 and len(subjects) > 1:
         frames = [rendered[s.name][0]["color"] for s in subjects]
         if "mp4" in kinds:

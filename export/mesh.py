@@ -190,3 +190,39 @@ def read_ply(path: str | Path) -> Mesh:
         np.zeros((n_v, 3), np.float32),
         vertices["rgb"].copy() if has_color else None,
     )
+
+
+def preview_mesh(
+    mesh: Mesh, K: np.ndarray, world_to_camera: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """A quick picture of a mesh from a camera: triangles filled far to near (painter's algorithm, with
+    OpenCV), flat-shaded by a head-on light and tinted by the vertex colours. Returns (H, W, 3) uint8.
+
+    For looking at a mesh in a README or a report, not for measuring: there is no z-buffer, so
+    intersecting triangles may overlap wrongly.
+    """
+    import cv2
+
+    R, t = np.asarray(world_to_camera, np.float64)[:, :3], np.asarray(world_to_camera, np.float64)[:, 3]
+    cam = mesh.vertices.astype(np.float64) @ R.T + t
+    in_front = cam[:, 2] > 1e-6
+    uv = (cam @ np.asarray(K, np.float64).T)[:, :2] / np.maximum(cam[:, 2:3], 1e-6)
+    tri = mesh.faces[in_front[mesh.faces].all(axis=1)]
+    a, b, c = cam[tri[:, 0]], cam[tri[:, 1]], cam[tri[:, 2]]
+    normals = np.cross(b - a, c - a)
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    view = (a + b + c) / 3.0
+    # Outward normals facing the camera point against the viewing ray; keep those (back-face culling).
+    facing = np.einsum("ij,ij->i", normals, view) < 0
+    tri, normals, view = tri[facing], normals[facing], view[facing]
+    shade = 0.25 + 0.75 * np.clip(
+        -np.einsum("ij,ij->i", normals, view / np.linalg.norm(view, axis=1, keepdims=True)), 0, 1
+    )
+    colors = mesh.colors[tri].mean(axis=1) if mesh.colors is not None else np.full((len(tri), 3), 200.0)
+    image = np.full((height, width, 3), 255, np.uint8)
+    order = np.argsort(-view[:, 2])
+    points = np.round(uv[tri] * 16).astype(np.int32)  # 4 fractional bits for sub-pixel edges
+    for k in order:
+        color = tuple(int(v) for v in np.clip(colors[k] * shade[k], 0, 255))
+        cv2.fillConvexPoly(image, points[k], color, lineType=cv2.LINE_AA, shift=4)
+    return image

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from export.cameras import (
+    default_intrinsics,
     load_camera_file,
     look_at_origin,
     orbit_cameras,
@@ -17,7 +18,16 @@ from export.cameras import (
     yaw_cameras,
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png
-from export.mesh import Mesh, extract_mesh, grid_points, is_watertight, mesh_volume, read_ply, write_ply
+from export.mesh import (
+    Mesh,
+    extract_mesh,
+    grid_points,
+    is_watertight,
+    mesh_volume,
+    preview_mesh,
+    read_ply,
+    write_ply,
+)
 from export.metrics import depth_errors, lpips_status, psnr, ssim
 
 
@@ -137,6 +147,11 @@ def test_marching_cubes_sphere_is_watertight_with_the_analytic_volume(tmp_path):
     assert (outward > 0).mean() > 0.99
 
     mesh.colors = np.tile(np.array([[200, 100, 50]], np.uint8), (len(mesh.vertices), 1))
+    picture = preview_mesh(mesh, default_intrinsics(64, 64), look_at_origin(7.0), 64, 64)
+    assert (picture[0, 0] == 255).all()  # background
+    assert picture[32, 32, 0] > picture[32, 32, 2]  # the sphere, in its (shaded) orange
+    # The sphere's outline: focal 128 px, distance 7, radius 1 -> about 128 / sqrt(48) = 18.5 px.
+    assert (picture[32, 32 + 16] != 255).any() and (picture[32, 32 + 21] == 255).all()
     back = read_ply(write_ply(tmp_path / "sphere.ply", mesh))
     np.testing.assert_allclose(back.vertices, mesh.vertices)
     np.testing.assert_array_equal(back.faces, mesh.faces)

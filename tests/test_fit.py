@@ -99,6 +99,7 @@ def test_fit_cli_on_real_photos_writes_every_output_and_reports_bad_photos(tiny_
             "orbit.mp4",
             "orbit.gif",
             "mesh.ply",
+            "mesh.png",
             "metrics.json",
         ):
             assert (folder / file).stat().st_size > 0, f"{name}/{file} is missing or empty"

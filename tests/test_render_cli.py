@@ -65,6 +65,7 @@ def test_render_writes_every_output_kind_at_a_new_resolution(ckpt, tmp_path, cap
         assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
         video.release()
         assert len(read_ply(out / f"{subject}.ply").faces) > 0
+        assert read_rgb(out / f"{subject}_mesh.png").shape == (40, 40, 3)
     assert read_rgb(out / "grid.png").shape == (2 * 40 + 2, 3 * 40 + 4, 3)
     assert read_rgb(out / "depth_grid.png").shape == (2 * 40 + 2, 3 * 40 + 4, 3)
     model = load_model(ckpt)
