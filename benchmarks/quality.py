@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, help="keep the cache and run here (default: a temp folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--reuse", action="store_true", help="with --work: evaluate its trained run again")
     args = parser.parse_args(argv)
 
     import torch
@@ -41,38 +42,24 @@ def main(argv: list[str] | None = None) -> dict:
     from evaluate import evaluate
     from export.inference import load_model, start_renderer
     from export.outputs import write_json
-    from models.checkpoint import latest_checkpoint
+    from models.checkpoint import CheckpointError, latest_checkpoint
 
     work = args.work or Path(tempfile.mkdtemp(prefix="lolnerf-quality-"))
     run_dir, cache = work / "run", work / "cache"
+    train_argv = ["--preset", "cpu", "--arch", args.arch, "--device", "cpu", "--out", str(run_dir),
+                  "--cache", str(cache), "--synthetic-identities", str(args.identities),
+                  "--resolution", str(args.resolution), "--steps", str(args.steps), "--seed", str(args.seed),
+                  "--preview-every", str(10**9), "--checkpoint-every", str(args.steps)]  # fmt: skip
+    try:
+        reuse = args.reuse and latest_checkpoint(run_dir).is_file()
+    except CheckpointError:
+        reuse = False
     started = time.perf_counter()
-    train.main(
-        [
-            "--preset",
-            "cpu",
-            "--arch",
-            args.arch,
-            "--device",
-            "cpu",
-            "--out",
-            str(run_dir),
-            "--cache",
-            str(cache),
-            "--synthetic-identities",
-            str(args.identities),
-            "--resolution",
-            str(args.resolution),
-            "--steps",
-            str(args.steps),
-            "--seed",
-            str(args.seed),
-            "--preview-every",
-            str(10**9),
-            "--checkpoint-every",
-            str(args.steps),
-        ]
-    )
-    train_s = time.perf_counter() - started
+    if reuse:
+        print(f"reusing the trained run in {run_dir} (--reuse)")
+    else:
+        train.main(train_argv)
+    train_s = None if reuse else time.perf_counter() - started
 
     start_renderer(args.arch)
     started = time.perf_counter()
@@ -109,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     print(
         f"\nquality: {args.identities} synthetic identities at {args.resolution}², {args.steps} steps "
-        f"(train {train_s:.0f} s, evaluate {eval_s:.0f} s, arch {args.arch})"
+        f"(train {'reused' if train_s is None else f'{train_s:.0f} s'}, evaluate {eval_s:.0f} s, "
+        f"arch {args.arch})"
     )
     print(f"{'metric':<16}{'recon model':>13}{'recon mean':>12}{'novel model':>13}{'novel mean':>12}")
     for title, key, fmt in rows:
