@@ -5,21 +5,23 @@
     ckpt.config["data"]["cache"]                # the prepared synthetic cache, with heldout/ views
 
 The run: 16 synthetic identities at 64 × 64 px (1 training view each, 3 held-out views), the cpu-preset
-4 × 64 field, 16 + 16 samples per ray, 8 identities × 2 views × 32 px per step. Its previews are in
-``run_dir/previews``.
+4 × 64 field, 16 + 16 samples per ray, 8 identities × 2 views × 32 px per step, 600 steps at Adam
+4e-3 -> 1e-3. Training PSNR goes from 8.8 dB (step 1) to about 26 dB; the preview in
+``run_dir/previews`` shows each head's shape, skin and hair colours (not yet eyes or mouth).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-TINY_STEPS = 400
+TINY_STEPS = 600
 TINY_ARGS = (
     "--preset", "cpu", "--synthetic-identities", "16", "--resolution", "64",
     "--render-n-coarse", "16", "--render-n-fine", "16",
     "--batch-identities", "8", "--batch-views", "2", "--batch-pixels", "32",
     "--log-every", "10", "--preview-every", "1000000", "--checkpoint-every", "1000000",
     "--preview-identities", "2",
+    "--optim-lr-init", "4e-3", "--optim-lr-final", "1e-3", "--optim-decay-steps", "600",
 )
 
 
