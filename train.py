@@ -142,6 +142,33 @@ RESUMABLE = {("run", "steps"), ("run", "log_every"), ("run", "preview_every"), (
              ("run", "keep_last"), ("run", "max_bad_steps"), ("data", "cache"), ("data", "data_root")}
 
 
+# What a flag means, for --help (values whose name says it all are left out).
+FLAG_HELP = {
+    ("data", "dataset"): "synthetic | ffhq | celeba | celebahq | folder | srn",
+    ("data", "data_root"): "folder with the source photos (not needed for synthetic)",
+    ("data", "cache"): "prepared-cache directory (default: data/prepared/<source>-...)",
+    ("data", "synthetic_identities"): "identities of the built-in synthetic dataset",
+    ("run", "steps"): "train until this step (extend a run with --resume --steps N)",
+    ("run", "max_bad_steps"): "stop after this many NaN/inf losses in a row",
+    ("run", "keep_last"): "step checkpoints kept (best.pt is kept as well)",
+    ("field", "latent_mode"): "chunks (one slice of the latent per layer) | whole",
+    ("field", "n_frequencies"): "positional-encoding octaves 2^0..2^(n-1)",
+    ("background", "depth"): "background network layers (photo datasets only)",
+    ("latent", "optimizer"): "sgd | adam, for the latent table",
+    ("latent", "lr"): "latent learning rate (none: the network's)",
+    ("latent", "lr_scale"): "multiplies the latent learning rate",
+    ("render", "n_coarse"): "stratified samples per ray",
+    ("render", "n_fine"): "importance samples per ray",
+    ("render", "radius"): "bounding sphere radius (head units)",
+    ("loss", "mask"): "weight of (opacity - mask)^2",
+    ("loss", "hard"): "weight of the hard-surface loss on sample weights",
+    ("optim", "decay_steps"): "steps over which lr decays from lr_init to lr_final",
+    ("batch", "identities"): "identities per step",
+    ("batch", "views"): "views per identity per step",
+    ("batch", "pixels"): "random pixels per view per step",
+}
+
+
 def preset_config(preset: str) -> dict[str, dict]:
     """The whole configuration for a preset as a plain dict of sections."""
     if preset not in ("paper", "cpu"):
@@ -200,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__name__})")
         for key, value in paper[section].items():
-            help_text = f"cpu: {cpu[section][key]!r}, paper: {value!r}"
+            meaning = FLAG_HELP.get((section, key))
+            help_text = (f"{meaning}; " if meaning else "") + f"cpu: {cpu[section][key]!r}, paper: {value!r}"
             group.add_argument(flag_name(section, key), dest=f"{section}.{key}", default=None, metavar="V",
                                type=str, help=help_text)
     return parser

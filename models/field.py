@@ -12,7 +12,9 @@ learns from one view per identity, so view dependence cannot be supervised).
 The latent reaches every layer, as in the official code (google-research/jax3d, projects/generative):
 with ``latent_mode="chunks"`` the code is split into ``depth`` chunks and layer i sees
 [hidden, chunk_i, encoded xyz]; with ``latent_mode="whole"`` every layer sees the whole code.
-``chunks`` is the default; ``tests/test_models.py`` and the README record the measurement behind it.
+``chunks`` is the default, chosen by measurement: training PSNR after 300 steps (mean of steps 251-300;
+16 synthetic identities at 32 px, 2 × 32 field, 16-d latents, 512 rays per step, Adam latents; seeds
+0 and 1) was 19.60 / 19.80 dB with ``chunks`` and 18.73 / 19.41 dB with ``whole``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,11 @@ class LatentConfig:
 
     @classmethod
     def cpu(cls) -> LatentConfig:
-        """CPU demo settings: a short run needs the codes to move faster (README has the measurement)."""
+        """CPU demo settings: Adam at 10× the network's rate moves the codes fast enough for a short run.
+
+        Training PSNR after 300 tiny steps (setup in models/field.py; seeds 0 / 1): Adam ×10 19.60 / 19.80
+        dB, official SGD ×1 18.10 / 18.26 dB, SGD ×100 18.93 / 19.10 dB.
+        """
         return cls(dim=32, optimizer="adam", lr=None, lr_scale=10.0)
 
 

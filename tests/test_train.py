@@ -168,3 +168,33 @@ def test_torchrun_two_processes_shard_identities(cache, tmp_path):
     trained = (ckpt.latents.codes != 0).any(dim=1)
     assert trained.all(), f"identities without a trained latent: {(~trained).nonzero().flatten().tolist()}"
     assert read_checkpoint(latest_checkpoint(out))["rng"]["ranks"].__len__() == 2
+
+
+def test_help_lists_every_config_flag(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for section, values in train.preset_config("cpu").items():
+        for key in values:
+            assert train.flag_name(section, key) in text
+    for flag in ("--out", "--preset", "--arch", "--device", "--resume", "--profile"):
+        assert flag in text
+    assert "--debug-nan-steps" not in text  # a test hook, not a user feature
+
+
+def test_profile_prints_breakdown_and_writes_trace(cache, tmp_path, capsys):
+    previous = current_arch()
+    try:
+        run_dir = train(tmp_path / "prof", cache, "--profile", "2")
+    finally:
+        restore_arch(previous)
+    out = capsys.readouterr().out
+    for phase in ("data", "field forward", "renderer forward", "field backward", "renderer backward",
+                  "optimiser", "composite_forward_kernel", "share of the step outside the field MLP"):
+        assert phase in out
+    trace = json.loads((run_dir / "profile_trace.json").read_text())
+    assert trace["traceEvents"]
+    assert not list((run_dir / "checkpoints").glob("*.pt"))  # profiling trains nothing to keep
