@@ -107,17 +107,20 @@ def cache_views(ds, indices: np.ndarray):
         )
 
 
-def read_srn_instance(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def read_srn_instance(
+    folder: Path, world_scale: float = 1.0
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """One SRN instance folder -> [(image uint8 (H, W, 3), mask uint8 (H, W), K (3, 3), w2c (3, 4))].
 
-    SRN stores camera-to-world 4x4 matrices in OpenCV axes (x right, y down, z forward), which is this
-    project's convention, so the world-to-camera matrix is their inverse. The mask is "not white"
-    (SRN renders on a white background).
+    Read with the dataset's own SRN readers (dataset.srn), including the uniform ``world_scale`` the
+    training cache applied to camera positions, so held-out cameras live in the training world.
+    Views are rendered at the size of their files.
     """
     import cv2
 
-    lines = (folder / "intrinsics.txt").read_text().split("\n")
-    f, cx, cy = (float(v) for v in lines[0].split()[:3])
+    from dataset.srn import mask_from_white, parse_intrinsics, read_camera
+
+    K_file, (file_height, file_width) = parse_intrinsics(folder / "intrinsics.txt")
     views = []
     for rgb_path in sorted((folder / "rgb").glob("*.png")):
         pose_path = folder / "pose" / f"{rgb_path.stem}.txt"
@@ -127,36 +130,30 @@ def read_srn_instance(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.nda
         if bgr is None:
             raise ValueError(f"{rgb_path} is not a readable image.")
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        h = image.shape[0]
-        # intrinsics.txt describes the full-size render (principal point at its centre); rgb/ may hold
-        # downscaled images (e.g. 512 -> 128), so K scales by the ratio of sizes.
-        s = h / (2.0 * cy)
-        K = np.array([[f * s, 0, cx * s], [0, f * s, cy * s], [0, 0, 1]], dtype=np.float32)
-        c2w = np.loadtxt(pose_path, dtype=np.float64).reshape(4, 4)
-        w2c = np.linalg.inv(c2w)[:3].astype(np.float32)
-        mask = (np.abs(image.astype(np.int16) - 255).max(axis=2) > 8).astype(np.uint8) * 255
+        h, w = image.shape[:2]
+        K = (np.diag([w / file_width, h / file_height, 1.0]) @ K_file).astype(np.float32)
+        w2c = read_camera(pose_path, world_scale).astype(np.float32)
+        mask = (mask_from_white(image, 250) * 255).astype(np.uint8)
         views.append((image, mask, K, w2c))
     return views
 
 
 def srn_views(folder: Path, train_ds):
-    """Held-out views from an SRN-layout folder whose instance names match training source names."""
-    sources = [source_name(s) for s in train_ds.sources]
+    """Held-out views from an SRN-layout folder whose instance names match training source names
+    (an instance matches when its folder name is one of the path parts of a training source)."""
+    sources = [Path(source_name(s)).parts for s in train_ds.sources]
+    world_scale = float(train_ds.manifest.get("world_scale", 1.0))
     instances = sorted(p for p in Path(folder).iterdir() if (p / "rgb").is_dir())
     if not instances:
         raise ValueError(f"{folder} has no SRN instance folders (<instance>/rgb, pose, intrinsics.txt).")
     matched = 0
     for instance in instances:
-        hits = {
-            int(train_ds.identities[i])
-            for i, s in enumerate(sources)
-            if instance.name in Path(s).parts or instance.name in s
-        }
+        hits = {int(train_ds.identities[i]) for i, parts in enumerate(sources) if instance.name in parts}
         if len(hits) != 1:
             continue
         matched += 1
-        identity = hits.pop()
-        for image, mask, K, w2c in read_srn_instance(instance):
+        identity = next(iter(hits))
+        for image, mask, K, w2c in read_srn_instance(instance, world_scale):
             yield identity, image, mask, K, w2c, None
     if matched == 0:
         raise ValueError(f"no instance folder in {folder} matches a training identity's source name.")
