@@ -65,7 +65,7 @@ class OptimConfig:
     @classmethod
     def cpu(cls) -> OptimConfig:
         """A short run needs a larger step size (README has the measurement)."""
-        return cls(lr_init=2e-3, lr_final=5e-4, decay_steps=2000)
+        return cls(lr_init=2e-3, lr_final=5e-4, decay_steps=1000)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class RunConfig:
     @classmethod
     def cpu(cls) -> RunConfig:
         """A few minutes on 2 cores."""
-        return cls(steps=1500, log_every=25, preview_every=500, checkpoint_every=500)
+        return cls(steps=1000, log_every=25, preview_every=250, checkpoint_every=250)
 
 
 # Section name -> config class. Sections in NO_PREFIX get flags without the section prefix (--steps).
