@@ -26,14 +26,13 @@ DEFAULT_MESH_LEVEL = 10.0
 
 
 def start_renderer(arch: str = "cpu", verbose: bool = False) -> str:
-    """Start the Taichi renderer on ``arch`` ("auto" | "cpu" | "vulkan" | "cuda" | "metal").
+    """Start the Taichi renderer on ``arch`` ("auto" | "cpu" | "vulkan" | "cuda" | "metal"); returns the arch.
 
-    The renderer may still be the plain-torch reference (no Taichi); then this is a no-op returning "torch".
+    "auto" prefers Vulkan over x64 when a Vulkan device exists, which on a CPU-only machine means
+    lavapipe (correct but slow), hence the CLIs' default "cpu".
     """
-    try:
-        from renderer.backend import init_backend
-    except ImportError:
-        return "torch"
+    from renderer.backend import init_backend
+
     return init_backend(arch=arch, device="cpu", verbose=verbose).arch
 
 
@@ -66,31 +65,14 @@ def _lookup(config: dict, *paths: Sequence[str]):
 
 
 def training_cache(model: LoadedCheckpoint) -> Path | None:
-    """The prepared dataset the checkpoint was trained on, as recorded in its config (None if absent)."""
-    found = _lookup(
-        model.config,
-        ("data", "cache"),
-        ("data", "cache_dir"),
-        ("dataset", "cache"),
-        ("dataset", "cache_dir"),
-        ("cache",),
-        ("cache_dir",),
-    )
+    """The prepared dataset the checkpoint was trained on (train.py records ``config["data"]["cache"]``)."""
+    found = _lookup(model.config, ("data", "cache"))
     return Path(found) if found else None
 
 
 def training_resolution(model: LoadedCheckpoint) -> int:
-    """Side of the square training images: from the config, else from the training cache's manifest."""
-    found = _lookup(
-        model.config,
-        ("data", "resolution"),
-        ("dataset", "resolution"),
-        ("resolution",),
-        ("data", "image_size"),
-        ("image_size",),
-    )
-    if isinstance(found, (list, tuple)):
-        found = found[0]
+    """Side of the square training images: ``config["data"]["resolution"]``, else the cache's image size."""
+    found = _lookup(model.config, ("data", "resolution"))
     if found:
         return int(found)
     cache = training_cache(model)
@@ -98,15 +80,13 @@ def training_resolution(model: LoadedCheckpoint) -> int:
         from dataset import PreparedDataset
 
         return int(PreparedDataset(cache).image_size[0])
-    raise ValueError("The checkpoint's config records no training resolution; pass --resolution.")
+    raise ValueError("The checkpoint's config records no training resolution and no readable cache.")
 
 
 def training_framing(model: LoadedCheckpoint) -> str:
     """How training photos were cropped: from the config, else the training cache's preparation settings,
     else "aligned" (the FFHQ / CelebA-HQ default)."""
-    found = _lookup(
-        model.config, ("data", "framing"), ("dataset", "framing"), ("pose", "framing"), ("framing",)
-    )
+    found = _lookup(model.config, ("data", "framing"))
     if found:
         return str(found)
     cache = training_cache(model)
@@ -247,7 +227,7 @@ def training_losses(model: LoadedCheckpoint):
 
     from models import LossConfig
 
-    found = _lookup(model.config, ("loss",), ("losses",), ("train", "loss"))
+    found = _lookup(model.config, ("loss",))
     if not isinstance(found, dict):
         return LossConfig()
     names = {f.name for f in dataclasses.fields(LossConfig)}
