@@ -296,12 +296,18 @@ def _jobs(args: argparse.Namespace, resolution: int, framing: str):
         yield unique(path.stem), load
 
     if args.from_cache is not None:
+        from functools import cache
+
         from dataset import PreparedDataset
 
-        ds = PreparedDataset(args.from_cache, split=args.split)
+        @cache
+        def open_split() -> PreparedDataset:
+            return PreparedDataset(args.from_cache, split=args.split)
+
         for index in args.index:
 
             def load(index=index):
+                ds = open_split()
                 if not 0 <= index < len(ds):
                     raise IndexError(f"index {index} is outside the {args.split} split (0..{len(ds) - 1}).")
                 source = ds.sources[index]
@@ -321,6 +327,7 @@ def _jobs(args: argparse.Namespace, resolution: int, framing: str):
 def main(argv: list[str] | None = None) -> int:
     """Fit every photo; returns the exit code (0 if all succeeded, 1 if any failed, 2 on a bad checkpoint)."""
     args = parse_args(argv)
+    from dataset import CacheError
     from pose import ImageError, NoFaceError, PoseRejectedError
 
     try:
@@ -366,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             line = f"ok      PSNR {record['psnr']:.2f} dB  SSIM {record['ssim']:.3f}  -> {out_dir}"
         except (
+            CacheError,
             ImageError,
             NoFaceError,
             PoseRejectedError,
