@@ -16,7 +16,8 @@ the training losses (RGB + mask + hard-surface) to reconstruct the photo. Per ph
     metrics.json        PSNR, SSIM, camera, losses, settings
 
 A photo with no face or a rejected camera is reported and skipped; the others still run, and the exit
-code is 1 if any photo failed.
+code is 1 if any photo failed. ``--resume`` skips photos whose outputs are complete (``metrics.json`` is
+written last), so an interrupted batch continues where it stopped.
 """
 
 from __future__ import annotations
@@ -266,6 +267,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", default="cpu", help="Taichi arch for the renderer: auto|cpu|vulkan|cuda")
     parser.add_argument("--chunk", type=int, default=8192, help="rays per rendering chunk (bounds memory)")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip photos whose outputs are complete (metrics.json, written last)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if not args.photos and args.from_cache is None:
@@ -356,9 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     summary: list[tuple[str, str]] = []
     for name, load in _jobs(args, resolution, framing):
         started = time.perf_counter()
+        if args.resume and not args.force and (args.out / name / "metrics.json").is_file():
+            summary.append((name, "ok      already fitted (--resume)"))
+            print(f"{name}: {summary[-1][1]}", flush=True)
+            continue
         try:
             image, mask, K, w2c, info = load()
-            out_dir = claim_dir(args.out / name, force=args.force)
+            # --resume: a folder without metrics.json holds an interrupted fit, which is redone.
+            out_dir = claim_dir(args.out / name, force=args.force or args.resume)
             result = fit_latent(model, image, mask, K, w2c, config, progress=not args.quiet)
             record = write_outputs(
                 model,

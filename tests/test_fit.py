@@ -119,6 +119,14 @@ def test_fit_cli_on_real_photos_writes_every_output_and_reports_bad_photos(tiny_
     assert fit.main([*argv, str(astronaut)]) == 1
     assert "--force" in capsys.readouterr().out
     assert fit.main([*argv, "--force", str(astronaut)]) == 0
+    # An interrupted batch resumes: complete photos are skipped, an unfinished one is redone.
+    (out / "grace_hopper" / "metrics.json").unlink()
+    capsys.readouterr()
+    assert fit.main([*argv, "--resume", str(astronaut), str(grace)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "astronaut: ok      already fitted" in printed and (out / "grace_hopper" / "metrics.json").is_file()
+    )
 
 
 def test_fit_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
