@@ -31,8 +31,15 @@ def start_renderer(arch: str = "cpu", verbose: bool = False) -> str:
     "auto" prefers Vulkan over x64 when a Vulkan device exists, which on a CPU-only machine means
     lavapipe (correct but slow), hence the CLIs' default "cpu".
     """
+    import taichi as ti
+
     from renderer.backend import init_backend
 
+    if arch != "auto" and ti.lang.impl.get_runtime().prog is not None:
+        running = ti.lang.impl.current_cfg().arch
+        names = {ti.cuda: "cuda", ti.vulkan: "vulkan", ti.metal: "metal", ti.x64: "cpu"}
+        if names.get(running) == arch:
+            return arch  # already there: restarting would only throw away compiled kernels
     return init_backend(arch=arch, device="cpu", verbose=verbose).arch
 
 

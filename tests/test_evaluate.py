@@ -15,6 +15,16 @@ from export.inference import start_renderer
 from models.checkpoint import latest_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def keep_taichi_arch():
+    """These tests start the renderer on x64; give other tests back the arch they were running on."""
+    from tiny_run import current_arch, restore_arch
+
+    previous = current_arch()
+    yield
+    restore_arch(previous)
+
+
 def test_score_view_on_known_answers():
     rng = np.random.default_rng(0)
     image = rng.uniform(0.1, 0.8, (16, 16, 3)).astype(np.float32)

@@ -15,6 +15,16 @@ from export.metrics import psnr
 from models.checkpoint import latest_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def keep_taichi_arch():
+    """These tests start the renderer on x64; give other tests back the arch they were running on."""
+    from tiny_run import current_arch, restore_arch
+
+    previous = current_arch()
+    yield
+    restore_arch(previous)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_run):
     start_renderer("cpu")

@@ -7,6 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import render
@@ -14,6 +15,16 @@ from export.cameras import default_intrinsics, look_at_origin
 from export.inference import load_model, render_view, start_renderer
 from export.mesh import read_ply
 from models.checkpoint import latest_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def keep_taichi_arch():
+    """These tests start the renderer on x64; give other tests back the arch they were running on."""
+    from tiny_run import current_arch, restore_arch
+
+    previous = current_arch()
+    yield
+    restore_arch(previous)
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +211,26 @@ def test_bad_requests_are_one_clear_error(ckpt, tmp_path, capsys):
     assert "values" in capsys.readouterr().err
     assert render.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "c"), "--camera", "file"]) == 2
     assert "--camera-file" in capsys.readouterr().err
+
+
+def test_full_image_rendering_agrees_with_the_torch_reference_on_every_backend(tiny_run, arch):
+    from models.render import pixel_grid, render_rays
+    from renderer import reference
+
+    model = load_model(latest_checkpoint(tiny_run))
+    K, w2c = default_intrinsics(16, 16), look_at_origin(7.0, yaw_deg=-25)
+    latent = model.latents.codes[1]
+    view = render_view(model, latent, K, w2c, 16, 16, chunk=100)
+    rays = reference.generate_rays(pixel_grid(16, 16), torch.as_tensor(K), torch.as_tensor(w2c), radius=2.0)
+    with torch.no_grad():
+        ref = render_rays(
+            model.field,
+            model.background,
+            rays,
+            latent[None].expand(256, -1),
+            model.render_config,
+            ops=reference,
+        )
+    np.testing.assert_allclose(view["color"].reshape(-1, 3), ref.color.numpy(), atol=2e-4)
+    np.testing.assert_allclose(view["opacity"].reshape(-1), ref.opacity.numpy(), atol=2e-4)
+    np.testing.assert_allclose(view["depth"].reshape(-1), ref.depth.numpy(), atol=2e-3)
