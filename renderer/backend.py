@@ -3,9 +3,13 @@
 >>> backend = init_backend(arch="cpu")   # doctest: +SKIP
 [renderer] Taichi arch=cpu (x64), torch device=cpu: asked for cpu; torch device cpu pairs with Taichi cpu.
 
-``auto`` takes CUDA when both torch and Taichi can use it, else Vulkan when a Vulkan device exists,
-else the CPU. Asking for a backend the machine lacks raises :class:`BackendUnavailableError` with one
-sentence naming what is missing; nothing falls back silently (``ti.init`` itself falls back to x64
+``auto`` takes CUDA when both torch and Taichi can use it, else Vulkan when a Vulkan GPU exists, else
+the CPU. A software Vulkan driver alone (Mesa's lavapipe) does not count for ``auto``: it is Vulkan
+emulated on the CPU and slower than the x64 backend, so ``auto`` says so and takes the CPU; ask for
+``arch="vulkan"`` to use it anyway (CI does, to test the Vulkan path).
+
+Asking for a backend the machine lacks raises :class:`BackendUnavailableError` with one sentence
+naming what is missing; nothing falls back silently (``ti.init`` itself falls back to x64
 without a word, so the arch Taichi actually started on is checked after every init).
 
 Taichi CUDA kernels read torch CUDA tensors in place; the CPU and Vulkan arches read CPU tensors.
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 
 import taichi as ti
 import torch
+
+from .vulkan_probe import vulkan_devices
 
 ARCHES = ("auto", "cuda", "vulkan", "metal", "cpu")
 DEVICES = ("auto", "cuda", "mps", "xpu", "cpu")
@@ -130,10 +136,22 @@ def _start_auto(settings: dict) -> tuple[str, str]:
     if cuda_missing is None and _start("cuda", **settings):
         return "cuda", "auto: torch and Taichi both use CUDA"
     why_not_cuda = cuda_missing or "Taichi could not start CUDA"
-    if _start("vulkan", **settings):
-        return "vulkan", f"auto: no CUDA ({why_not_cuda}); a Vulkan device exists"
+    devices = vulkan_devices()
+    gpus = [d for d in devices if not d.is_software]
+    if gpus and _start("vulkan", **settings):
+        return "vulkan", f"auto: no CUDA ({why_not_cuda}); a Vulkan GPU exists ({gpus[0].name})"
+    if devices and not gpus:
+        # lavapipe/llvmpipe is Vulkan emulated on the CPU: correct, but slower than Taichi's x64 backend.
+        why_not_vulkan = (
+            f"the only Vulkan device is a software driver ({devices[0].name}), slower than x64 "
+            "(ask for arch='vulkan' to use it anyway)"
+        )
+    elif gpus:
+        why_not_vulkan = f"Taichi could not start Vulkan on {gpus[0].name}"
+    else:
+        why_not_vulkan = NO_VULKAN
     _start("cpu", **settings)
-    return "cpu", f"auto: no CUDA ({why_not_cuda}) and {NO_VULKAN}; using the CPU"
+    return "cpu", f"auto: no CUDA ({why_not_cuda}) and {why_not_vulkan}; using the CPU"
 
 
 def init_backend(

@@ -10,6 +10,7 @@ import torch
 import renderer
 from renderer import backend
 from renderer.profiling import profile
+from renderer.vulkan_probe import DEVICE_TYPES, VulkanDevice, vulkan_devices
 
 
 @pytest.fixture(autouse=True)
@@ -76,12 +77,36 @@ def test_missing_vulkan_names_the_driver_and_auto_says_why(restore_taichi, monke
         return real_start(arch, **settings)
 
     monkeypatch.setattr(backend, "_start", start_without_gpu_drivers)
+    monkeypatch.setattr(backend, "vulkan_devices", lambda: [])
     with pytest.raises(renderer.BackendUnavailableError, match="no Vulkan driver found: install"):
         renderer.init_backend(arch="vulkan")
     chosen = renderer.init_backend(arch="auto")
     assert chosen.arch == "cpu" and chosen.device == torch.device("cpu")
     assert "no Vulkan driver found" in chosen.reason
     assert "Taichi arch=cpu" in capsys.readouterr().out
+
+
+def test_auto_passes_over_a_software_vulkan_driver_and_says_so(restore_taichi, monkeypatch):
+    real_start = backend._start
+    started = []
+
+    def start_recorded(arch, **settings):
+        started.append(arch)
+        return False if arch == "cuda" else real_start(arch, **settings)
+
+    monkeypatch.setattr(backend, "_start", start_recorded)
+    lavapipe = VulkanDevice(name="llvmpipe (LLVM 15.0.6, 256 bits)", kind="CPU")
+    monkeypatch.setattr(backend, "vulkan_devices", lambda: [lavapipe])
+    chosen = renderer.init_backend(arch="auto")
+    assert chosen.arch == "cpu" and "vulkan" not in started
+    assert "software driver (llvmpipe" in chosen.reason and "arch='vulkan'" in chosen.reason
+
+
+def test_vulkan_probe_agrees_with_taichi(restore_taichi):
+    """The ctypes probe finds a device exactly when Taichi can start Vulkan here."""
+    devices = vulkan_devices()
+    assert all(d.name and d.kind in DEVICE_TYPES.values() for d in devices)
+    assert bool(devices) == backend._start("vulkan")
 
 
 def test_auto_picks_an_arch_that_really_runs(restore_taichi, capsys):
