@@ -1,0 +1,256 @@
+"""Training configuration: one dataclass per concern with ``paper`` and ``cpu`` presets, and the CLI.
+
+Sections (each a flat dict in the run's ``config.json`` and checkpoints): ``data``, ``run`` (flags without
+prefix: ``--steps``), and ``field``, ``background``, ``latent``, ``render``, ``loss``, ``optim``,
+``batch`` (flags with the section as prefix: ``--field-depth``).
+
+    config = preset_config("cpu"); config["run"]["steps"]      # 1000
+    args = build_parser().parse_args(["--steps", "50"])
+    config, overrides, preset = resolve_config(args, "cpu")
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.background import BackgroundConfig
+from models.field import FieldConfig
+from models.latents import LatentConfig
+from models.losses import LossConfig
+from models.render import RenderConfig
+
+NAN_ENV = "LOLNERF_DEBUG_NAN_STEPS"
+
+
+@dataclass
+class OptimConfig:
+    """Adam for the networks; the learning rate decays exponentially from lr_init to lr_final over
+    decay_steps (then stays), independent of --steps so a resumed run follows the same schedule."""
+
+    lr_init: float = 5e-4
+    lr_final: float = 1e-4
+    decay_steps: int = 500_000
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+    @classmethod
+    def paper(cls) -> OptimConfig:
+        """The official schedule."""
+        return cls()
+
+    @classmethod
+    def cpu(cls) -> OptimConfig:
+        """A short run needs a larger step size (README has the measurement)."""
+        return cls(lr_init=2e-3, lr_final=5e-4, decay_steps=1000)
+
+
+@dataclass
+class BatchConfig:
+    """Rays per step = identities × views × pixels (a random pixel subset of each chosen view)."""
+
+    identities: int = 64
+    views: int = 2
+    pixels: int = 64
+
+    @classmethod
+    def paper(cls) -> BatchConfig:
+        """64 identities × 2 views × 64 px = 8,192 rays."""
+        return cls()
+
+    @classmethod
+    def cpu(cls) -> BatchConfig:
+        """16 × 2 × 32 = 1,024 rays."""
+        return cls(identities=16, views=2, pixels=32)
+
+
+@dataclass
+class DataConfig:
+    """What to train on. ``cache`` is the prepared-cache directory (default: derived from the dataset)."""
+
+    dataset: str = "synthetic"
+    data_root: str = ""
+    cache: str = ""
+    resolution: int = 256
+    synthetic_identities: int = 1024
+
+    @classmethod
+    def paper(cls) -> DataConfig:
+        """256 px crops."""
+        return cls()
+
+    @classmethod
+    def cpu(cls) -> DataConfig:
+        """64 px, 64 synthetic identities."""
+        return cls(resolution=64, synthetic_identities=64)
+
+
+@dataclass
+class RunConfig:
+    """Run length, seeds and the cadence of logs, previews and checkpoints."""
+
+    steps: int = 500_000
+    seed: int = 0
+    log_every: int = 100
+    preview_every: int = 5000
+    preview_identities: int = 4
+    checkpoint_every: int = 5000
+    keep_last: int = 3
+    max_bad_steps: int = 20
+
+    @classmethod
+    def paper(cls) -> RunConfig:
+        """The official run length."""
+        return cls()
+
+    @classmethod
+    def cpu(cls) -> RunConfig:
+        """A few minutes on 2 cores."""
+        return cls(steps=1000, log_every=25, preview_every=250, checkpoint_every=250)
+
+
+# Section name -> config class. Sections in NO_PREFIX get flags without the section prefix (--steps).
+SECTIONS: dict[str, type] = {"data": DataConfig, "run": RunConfig, "field": FieldConfig,
+                             "background": BackgroundConfig, "latent": LatentConfig, "render": RenderConfig,
+                             "loss": LossConfig, "optim": OptimConfig, "batch": BatchConfig}
+NO_PREFIX = ("data", "run")
+# Values that may change when resuming (they do not change what is being learned, only for how long).
+RESUMABLE = {("run", "steps"), ("run", "log_every"), ("run", "preview_every"), ("run", "checkpoint_every"),
+             ("run", "keep_last"), ("run", "max_bad_steps"), ("data", "cache"), ("data", "data_root")}
+
+
+# What a flag means, for --help (values whose name says it all are left out).
+FLAG_HELP = {
+    ("data", "dataset"): "synthetic | ffhq | celeba | celebahq | folder | srn",
+    ("data", "data_root"): "folder with the source photos (not needed for synthetic)",
+    ("data", "cache"): "prepared-cache directory (default: data/prepared/<source>-...)",
+    ("data", "synthetic_identities"): "identities of the built-in synthetic dataset",
+    ("run", "steps"): "train until this step (extend a run with --resume --steps N)",
+    ("run", "max_bad_steps"): "stop after this many NaN/inf losses in a row",
+    ("run", "keep_last"): "step checkpoints kept (best.pt is kept as well)",
+    ("field", "latent_mode"): "chunks (one slice of the latent per layer) | whole",
+    ("field", "n_frequencies"): "positional-encoding octaves 2^0..2^(n-1)",
+    ("background", "depth"): "background network layers (photo datasets only)",
+    ("latent", "optimizer"): "sgd | adam, for the latent table",
+    ("latent", "lr"): "latent learning rate (none: the network's)",
+    ("latent", "lr_scale"): "multiplies the latent learning rate",
+    ("render", "n_coarse"): "stratified samples per ray",
+    ("render", "n_fine"): "importance samples per ray",
+    ("render", "radius"): "bounding sphere radius (head units)",
+    ("loss", "mask"): "weight of (opacity - mask)^2",
+    ("loss", "hard"): "weight of the hard-surface loss on sample weights",
+    ("optim", "decay_steps"): "steps over which lr decays from lr_init to lr_final",
+    ("batch", "identities"): "identities per step",
+    ("batch", "views"): "views per identity per step",
+    ("batch", "pixels"): "random pixels per view per step",
+}
+
+
+def preset_config(preset: str) -> dict[str, dict]:
+    """The whole configuration for a preset as a plain dict of sections."""
+    if preset not in ("paper", "cpu"):
+        raise ValueError(f"--preset must be 'paper' or 'cpu', not {preset!r}.")
+    return {name: dataclasses.asdict(getattr(cls, preset)()) for name, cls in SECTIONS.items()}
+
+
+def flag_name(section: str, key: str) -> str:
+    """CLI flag of a config value: ``--steps`` for run/data values, else ``--field-depth`` style."""
+    name = key if section in NO_PREFIX else f"{section}_{key}"
+    return "--" + name.replace("_", "-")
+
+
+def parse_value(text: str, like):
+    """Parse a flag's text as the type of the preset value ``like`` (None-able floats accept 'none')."""
+    if isinstance(like, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() == "none":
+        return None
+    if isinstance(like, int):
+        return int(text)
+    if isinstance(like, float) or like is None:
+        return float(text)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: run-level flags plus one flag per configuration value (defaults shown for both presets)."""
+    parser = argparse.ArgumentParser(
+        description="Train LOLNeRF (auto-decoder NeRF) on a prepared dataset; with no arguments, on the "
+                    "built-in synthetic heads with the CPU preset.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Multi-GPU/multi-node: torchrun --nnodes M --nproc_per_node K --rdzv_backend c10d "
+               "--rdzv_endpoint HOST:PORT train.py ... (identities are sharded across ranks).")
+    parser.add_argument("--out", default=None,
+                        help="run directory (default: runs/<dataset>-<preset>-<time>)")
+    parser.add_argument("--preset", choices=("paper", "cpu"), default=None,
+                        help="configuration preset (default: paper on CUDA, cpu otherwise)")
+    parser.add_argument("--arch", default="auto",
+                        help="Taichi arch: auto|cuda|vulkan|metal|cpu (default auto: cuda when torch has "
+                             "CUDA, else cpu = x64; Vulkan only when asked for)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto|cuda|mps|xpu|cpu (default auto)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="continue from the latest checkpoint in --out, or from the given checkpoint "
+                             "file or run directory")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="run N steps under the Taichi kernel profiler and torch.profiler, print where "
+                             "the time went, write a Chrome trace, and exit")
+    parser.add_argument("--debug-nan-steps", default=os.environ.get(NAN_ENV, ""), help=argparse.SUPPRESS)
+    paper, cpu = preset_config("paper"), preset_config("cpu")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} ({cls.__name__})")
+        for key, value in paper[section].items():
+            meaning = FLAG_HELP.get((section, key))
+            help_text = (f"{meaning}; " if meaning else "") + f"cpu: {cpu[section][key]!r}, paper: {value!r}"
+            group.add_argument(flag_name(section, key), dest=f"{section}.{key}", default=None, metavar="V",
+                               type=str, help=help_text)
+    return parser
+
+
+def explicit_overrides(args: argparse.Namespace, base: dict[str, dict]) -> dict[tuple[str, str], object]:
+    """Config values given on the command line, parsed to the type of the preset's value."""
+    found = {}
+    for section, values in base.items():
+        for key, like in values.items():
+            text = getattr(args, f"{section}.{key}")
+            if text is not None:
+                try:
+                    found[(section, key)] = parse_value(text, like)
+                except (ValueError, argparse.ArgumentTypeError) as err:
+                    raise SystemExit(f"{flag_name(section, key)} {text!r} is not valid ({err}); "
+                                     f"give a value like {like!r}.") from None
+    return found
+
+
+def check_resume_compatible(saved: dict, overrides: dict, fingerprint: str, saved_fingerprint: str,
+                            source: Path) -> None:
+    """Refuse, in one sentence, a resume whose dataset or learning-relevant config differs."""
+    if fingerprint != saved_fingerprint:
+        raise SystemExit(f"Cannot resume from {source}: it was trained on a different dataset (fingerprint "
+                         f"{saved_fingerprint[:12]} vs {fingerprint[:12]}); pass the same --dataset/--cache "
+                         f"or start a new run with another --out.")
+    for (section, key), value in overrides.items():
+        if (section, key) in RESUMABLE:
+            continue
+        if saved.get(section, {}).get(key) != value:
+            raise SystemExit(f"Cannot resume from {source}: {flag_name(section, key)} {value!r} differs from "
+                             f"the run's {saved.get(section, {}).get(key)!r}; drop the flag to resume, or "
+                             f"start a new run with another --out.")
+
+
+def resolve_config(args: argparse.Namespace, device_type: str) -> tuple[dict, dict, str]:
+    """Preset + explicit flags -> (config, explicit overrides, preset name)."""
+    preset = args.preset or ("paper" if device_type == "cuda" else "cpu")
+    config = preset_config(preset)
+    overrides = explicit_overrides(args, config)
+    for (section, key), value in overrides.items():
+        config[section][key] = value
+    config["preset"] = preset
+    return config, overrides, preset

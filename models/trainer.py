@@ -1,0 +1,351 @@
+"""The training loop of one process (``train.py`` sets it up; torchrun starts one per rank).
+
+    trainer = Trainer(config, run_dir, backend, resume_payload=None, nan_steps=set())
+    reason = trainer.run(stop)     # "done" | "signal" | "diverged"
+
+A step: sample a pixel batch of this rank's identities -> rays -> ``render_rays`` through DDP (shared
+networks only) -> losses -> backward -> Adam on the networks, the latent table's own optimiser on its
+rows -> learning-rate schedules. A NaN/inf loss skips the step on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.background import BackgroundConfig, make_background
+from models.checkpoint import CheckpointKeeper, checkpoint_payload
+from models.distributed import all_agree, gather_owned_rows, owned_identities, world
+from models.field import ConditionedField, FieldConfig
+from models.latents import LatentConfig, LatentTable, make_latent_optimizer
+from models.losses import LossConfig, compute_losses, psnr
+from models.render import RenderConfig, render_rays
+
+
+class RenderModule(nn.Module):
+    """Field + background in one module, so DDP wraps the shared networks (not the latent table).
+
+    forward(rays, latents, generator) -> RayOutput (see models.render.render_rays).
+    """
+
+    def __init__(self, field: ConditionedField, background: nn.Module, render_config: RenderConfig):
+        import renderer
+
+        super().__init__()
+        self.field = field
+        self.background = background
+        self.render_config = render_config
+        self.ops = renderer  # renderer.reference swaps in the plain-torch baseline (benchmarks)
+
+    def forward(self, rays, latents: torch.Tensor, generator: torch.Generator | None):
+        return render_rays(self.field, self.background, rays, latents, self.render_config, generator,
+                           ops=self.ops)
+
+
+def lr_factor(optim: dict):
+    """Multiplier on lr_init at a step: exponential decay to lr_final over decay_steps, then constant."""
+    ratio = optim["lr_final"] / optim["lr_init"]
+    decay = max(1, int(optim["decay_steps"]))
+    return lambda step: ratio ** (min(step, decay) / decay)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (checkpoint, then clean exit)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One training run: builds everything from a config dict, then ``run()``s the loop."""
+
+    def __init__(self, config: dict, run_dir: Path, backend, resume_payload: dict | None,
+                 nan_steps: set[int]):
+        self.config, self.run_dir, self.backend = config, run_dir, backend
+        self.device = backend.device
+        self.rank, self.world_size = world()
+        self.is_main = self.rank == 0
+        self.nan_steps = nan_steps
+        run, data = config["run"], config["data"]
+        from dataset import PixelBatchSampler, PreparedDataset
+
+        self.dataset = PreparedDataset(data["cache"], split="train")
+        self.fingerprint = self.dataset.fingerprint
+        n_ids = self.dataset.n_identities
+        self.owned = owned_identities(n_ids, self.rank, self.world_size)
+        batch = config["batch"]
+        self.sampler = PixelBatchSampler(
+            self.dataset, identities_per_batch=min(batch["identities"], len(self.owned)),
+            views_per_identity=batch["views"], pixels_per_view=batch["pixels"],
+            seed=run["seed"] * 1000 + self.rank,
+            identity_subset=self.owned if self.world_size > 1 else None)
+        # Same seed on every rank: identical initial networks (DDP also broadcasts them).
+        torch.manual_seed(run["seed"])
+        random.seed(run["seed"])
+        latent_dim = config["latent"]["dim"]
+        self.field = ConditionedField(FieldConfig(**config["field"]), latent_dim)
+        self.background = make_background(self.dataset.background, latent_dim,
+                                          BackgroundConfig(**config["background"]))
+        init_gen = torch.Generator().manual_seed(run["seed"] + 1)
+        self.latents = LatentTable(n_ids, latent_dim, config["latent"]["init_std"], init_gen)
+        for module in (self.field, self.background, self.latents):
+            module.to(self.device)
+        self.module = RenderModule(self.field, self.background, RenderConfig(**config["render"]))
+        self.model: nn.Module = self.module
+        if self.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        optim = config["optim"]
+        self.optimizers = {
+            "networks": torch.optim.Adam(self.module.parameters(), lr=optim["lr_init"],
+                                         betas=(optim["beta1"], optim["beta2"])),
+            "latents": make_latent_optimizer(self.latents, LatentConfig(**config["latent"]),
+                                             optim["lr_init"]),
+        }
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim))
+                           for name, opt in self.optimizers.items()}
+        self.ray_generator = torch.Generator(device="cpu").manual_seed(run["seed"] * 1000 + 7 + self.rank)
+        self.timer = NullTimer()
+        self.step = 0
+        self.bad_in_row = 0
+        self.last_loss: float | None = None
+        self.keeper = CheckpointKeeper(run_dir, run["keep_last"]) if self.is_main else None
+        if resume_payload is not None:
+            self.restore(resume_payload)
+        n_ids_preview = min(run["preview_identities"], len(self.owned))
+        self.preview_ids = self.owned[:n_ids_preview]
+
+    # ----- state -------------------------------------------------------------------------------------
+    def restore(self, payload: dict) -> None:
+        """Load networks, table, optimisers, schedulers, step and RNG states from a checkpoint payload."""
+        self.field.load_state_dict(payload["field"])
+        self.background.load_state_dict(payload["background"])
+        self.latents.load_state_dict(payload["latents"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(payload["optimizers"][name])
+        for name, sch in self.schedulers.items():
+            sch.load_state_dict(payload["schedulers"][name])
+        self.step = int(payload["step"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        per_rank = rng["ranks"]
+        if len(per_rank) == self.world_size:
+            mine = per_rank[self.rank]
+            self.sampler.load_state_dict(mine["sampler"])
+            self.ray_generator.set_state(mine["rays"])
+        elif self.is_main:
+            print(f"[train] the checkpoint was written by {len(per_rank)} ranks, this run has "
+                  f"{self.world_size}: batches continue from fresh seeds (not an exact continuation).")
+
+    def payload(self) -> dict | None:
+        """Checkpoint payload on rank 0 (None elsewhere); collective: every rank must call it."""
+        table = gather_owned_rows(self.latents.codes)
+        latent_opt = self.optimizers["latents"].state_dict()
+        for state in latent_opt["state"].values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == self.latents.codes.shape:
+                    state[key] = gather_owned_rows(value)
+        mine = {"sampler": self.sampler.state_dict(), "rays": self.ray_generator.get_state()}
+        if self.world_size > 1:
+            ranks = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        if not self.is_main:
+            return None
+        latents = LatentTable(self.latents.n, self.latents.dim)
+        latents.codes.data.copy_(table)
+        optimizers = dict(self.optimizers)
+        payload = checkpoint_payload(
+            field=self.field, background=self.background, latents=latents, optimizers=optimizers,
+            schedulers=self.schedulers, step=self.step,
+            rng={"torch": torch.get_rng_state(), "python": random.getstate(), "ranks": ranks},
+            config=self.config, fingerprint=self.fingerprint, metric=self.last_loss)
+        payload["optimizers"]["latents"] = latent_opt
+        return payload
+
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0 writes; all ranks take part in gathering)."""
+        payload = self.payload()
+        if payload is None:
+            return None
+        return self.keeper.save(payload)
+
+    # ----- one step ----------------------------------------------------------------------------------
+    def train_step(self) -> dict | None:
+        """Sample a batch, render it, take an optimiser step. Returns metrics, or None for a skipped step."""
+        timer = self.timer
+        with timer.phase("data"):
+            batch = {k: v.to(self.device) for k, v in self.sampler.sample().items()}
+        with timer.phase("forward"):
+            rays = self.module.ops.generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"],
+                                          radius=self.module.render_config.radius)
+            codes = self.latents(batch["identity"])
+            out = self.model(rays, codes, self.ray_generator)
+        with timer.phase("loss"):
+            terms = compute_losses(out.color, out.opacity, out.weights, batch["rgb"], batch.get("mask"),
+                                   LossConfig(**self.config["loss"]))
+            if self.step + 1 in self.nan_steps:
+                terms["total"] = terms["total"] * float("nan")
+            finite = bool(torch.isfinite(terms["total"]).item())
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if all_agree(not finite, self.device):
+            return None
+        with timer.phase("backward"):
+            terms["total"].backward()
+        with timer.phase("optimiser"):
+            for opt in self.optimizers.values():
+                opt.step()
+            for sch in self.schedulers.values():
+                sch.step()
+        timer.steps += 1
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        metrics["psnr"] = psnr(metrics["rgb"])
+        metrics["rays"] = int(batch["rgb"].shape[0])
+        return metrics
+
+    # ----- outputs -----------------------------------------------------------------------------------
+    def write_preview(self) -> Path:
+        """Preview grid PNG for the fixed identities (rank 0)."""
+        from export.media import save_png
+        from models.preview import preview_grid
+
+        grid = preview_grid(self.field, self.background, self.latents, self.dataset, self.preview_ids,
+                            self.module.render_config)
+        return save_png(self.run_dir / "previews" / f"step_{self.step:08d}.png", grid)
+
+    def run(self, stop: StopRequest) -> str:
+        """The training loop; returns why it ended: 'done', 'signal' or 'diverged'."""
+        from tqdm import tqdm
+
+        run = self.config["run"]
+        if self.is_main:
+            drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)
+        log = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
+        tb = open_tensorboard(self.run_dir) if self.is_main else None
+        bar = tqdm(total=run["steps"], initial=self.step, disable=not self.is_main, dynamic_ncols=True,
+                   desc="train")
+        reason = "done"
+        try:
+            while self.step < run["steps"]:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                seconds = time.perf_counter() - started
+                if metrics is None:
+                    self.bad_in_row += 1
+                    self.step += 1
+                    bar.update(1)
+                    self.report_bad_step(log)
+                    if self.bad_in_row >= run["max_bad_steps"]:
+                        reason = "diverged"
+                        break
+                else:
+                    self.bad_in_row = 0
+                    self.step += 1
+                    bar.update(1)
+                    self.last_loss = metrics["total"]
+                    metrics["rays_per_s"] = metrics["rays"] * self.world_size / max(seconds, 1e-9)
+                    bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}",
+                                    rays_s=f"{metrics['rays_per_s']:.0f}")
+                    if log and (self.step % run["log_every"] == 0 or self.step == 1):
+                        self.log_metrics(log, tb, metrics, seconds)
+                if all_agree(stop.signal_name is not None, self.device):
+                    reason = "signal"
+                    break
+                if self.step % run["checkpoint_every"] == 0 and self.bad_in_row == 0:
+                    self.save()
+                if self.is_main and self.step % run["preview_every"] == 0:
+                    self.write_preview()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+            if tb:
+                tb.close()
+        if reason != "diverged":
+            self.save()
+            if self.is_main and self.step % run["preview_every"] != 0:
+                self.write_preview()
+        return reason
+
+    def log_metrics(self, log, tb, metrics: dict, seconds: float) -> None:
+        """One JSONL line (and TensorBoard scalars when available)."""
+        record = {"step": self.step, "loss": metrics["total"], "rgb": metrics["rgb"], "mask": metrics["mask"],
+                  "hard": metrics["hard"], "psnr": metrics["psnr"], "rays_per_s": metrics["rays_per_s"],
+                  "step_s": seconds, "lr": self.optimizers["networks"].param_groups[0]["lr"],
+                  "time": time.time()}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if tb:
+            for key in ("loss", "rgb", "mask", "hard", "psnr", "rays_per_s", "lr"):
+                tb.add_scalar(f"train/{key}", record[key], self.step)
+
+    def report_bad_step(self, log) -> None:
+        """Tell the user a step was skipped (and log it)."""
+        if not self.is_main:
+            return
+        message = (f"[train] step {self.step}: loss is NaN/inf, step skipped "
+                   f"({self.bad_in_row} in a row, stopping at {self.config['run']['max_bad_steps']}).")
+        print(message, file=sys.stderr)
+        if log:
+            log.write(json.dumps({"step": self.step, "skipped": "non-finite loss",
+                                  "in_a_row": self.bad_in_row, "time": time.time()}) + "\n")
+            log.flush()
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Remove log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+class NullTimer:
+    """Stands in for ``models.step_timing.PhaseTimer`` when nothing is being measured."""
+
+    steps = 0
+
+    @staticmethod
+    def phase(name: str):
+        return contextlib.nullcontext()
+
+
+def open_tensorboard(run_dir: Path):
+    """A SummaryWriter when tensorboard is installed, else None (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
