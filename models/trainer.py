@@ -167,10 +167,13 @@ class Trainer:
         """Checkpoint payload on rank 0 (None elsewhere); collective: every rank must call it."""
         table = gather_owned_rows(self.latents.codes)
         latent_opt = self.optimizers["latents"].state_dict()
-        for state in latent_opt["state"].values():
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == self.latents.codes.shape:
-                    state[key] = gather_owned_rows(value)
+        # state_dict() shares the live per-parameter dicts: build new ones, or the gathered rows of other
+        # ranks would leak into this rank's optimiser state.
+        latent_opt["state"] = {
+            index: {key: (gather_owned_rows(value)
+                          if torch.is_tensor(value) and value.shape == self.latents.codes.shape else value)
+                    for key, value in state.items()}
+            for index, state in latent_opt["state"].items()}
         mine = {"sampler": self.sampler.state_dict(), "rays": self.ray_generator.get_state()}
         if self.world_size > 1:
             ranks = [None] * self.world_size
