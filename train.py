@@ -7,6 +7,8 @@
 
 Every configuration value has a flag (``--help`` lists them with both presets' defaults). The run
 directory holds ``config.json``, ``metrics.jsonl``, ``previews/step_*.png`` and ``checkpoints/``.
+This file sets a run up (backend, distributed, cache, resume) and reports; the presets and flags are in
+``models/train_config.py`` and the loop in ``models/trainer.py``.
 
 Fault injection for tests (debug only, not a user feature): ``--debug-nan-steps 3,4`` or the environment
 variable ``LOLNERF_DEBUG_NAN_STEPS=3,4`` makes the loss NaN at those steps.
