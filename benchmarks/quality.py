@@ -2,8 +2,8 @@
 novel-view PSNR / SSIM and depth error against the mean-image baseline (the mean training image, and the
 mean training depth, predicted for every view). Goal: novel-view PSNR at least 6 dB above the baseline.
 
-    python benchmarks/quality.py                          # 32 identities, 600 steps, x64
-    python benchmarks/quality.py --steps 1500 --identities 64 --json quality.json --work runs/quality
+    python benchmarks/quality.py                          # 32 identities, 1500 steps (cpu preset), x64
+    python benchmarks/quality.py --steps 3000 --identities 64 --json quality.json --work runs/quality
 
 1. generates a synthetic single-view training set (one view per identity) with 3 held-out views each;
 2. trains ``train.py --preset cpu`` for --steps steps;
@@ -25,7 +25,7 @@ GOAL_DB = 6.0
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600, help="training steps (the fixed budget)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps (the fixed budget)")
     parser.add_argument("--identities", type=int, default=32, help="synthetic identities")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--arch", default="cpu", help="Taichi arch for training and evaluation")
