@@ -73,7 +73,7 @@ class FitConfig:
 
     @classmethod
     def cpu(cls) -> FitConfig:
-        """64² photos on 2 CPU cores: about a minute per photo."""
+        """64² photos on 2 CPU cores: 300 steps of 1,024 rays (README has the measured time)."""
         return cls()
 
 
