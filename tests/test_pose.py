@@ -201,22 +201,28 @@ def _camera_errors(fit, truth) -> tuple[float, float]:
 
 
 def test_solver_recovers_synthetic_cameras():
-    """Exact without noise; under σ = 0.5 px at 256² the median rotation error is below 1° and every
-    translation is within 2%. (Five points at focal 512 px cannot pin every rotation to 1° at this noise:
-    the error is the estimator's own spread, ~0.7° median, and it halves with the noise.)"""
-    rng = np.random.default_rng(0)
+    """Exact without noise. Under σ = 0.5 px landmark noise at 512² (the size of the test portraits;
+    FFHQ is 1024²) every rotation is within 1° and every translation within 2%. At 256² the same noise
+    is twice as large relative to the face: there the median rotation error stays below 1° (five points at
+    focal 512 px cannot pin every rotation to 1°; the spread is the estimator's own and halves with
+    the noise)."""
     template = load_template()
-    K = default_intrinsics((256, 256))
-    clean, noisy = [], []
-    for truth in _random_cameras(rng, 24):
-        pixels = project(template, K, truth)
-        clean.append(_camera_errors(solve_camera(pixels, template, (256, 256)), truth))
-        noisy.append(_camera_errors(solve_camera(pixels + rng.normal(0, 0.5, pixels.shape), template,
-                                                 (256, 256)), truth))
-    clean, noisy = np.array(clean), np.array(noisy)
-    assert clean[:, 0].max() < 1e-5 and clean[:, 1].max() < 1e-7
-    assert np.median(noisy[:, 0]) < 1.0
-    assert noisy[:, 1].max() < 0.02
+    for size in (512, 256):
+        rng = np.random.default_rng(0)
+        K = default_intrinsics((size, size))
+        clean, noisy = [], []
+        for truth in _random_cameras(rng, 24):
+            pixels = project(template, K, truth)
+            clean.append(_camera_errors(solve_camera(pixels, template, (size, size)), truth))
+            noisy.append(_camera_errors(solve_camera(pixels + rng.normal(0, 0.5, pixels.shape), template,
+                                                     (size, size)), truth))
+        clean, noisy = np.array(clean), np.array(noisy)
+        assert clean[:, 0].max() < 1e-5 and clean[:, 1].max() < 1e-7
+        assert noisy[:, 1].max() < 0.02
+        if size == 512:
+            assert noisy[:, 0].max() < 1.0
+        else:
+            assert np.median(noisy[:, 0]) < 1.0
 
 
 def test_solver_optimises_focal():
