@@ -28,8 +28,7 @@ DEFAULT_MESH_LEVEL = 10.0
 def start_renderer(arch: str = "cpu", verbose: bool = False) -> str:
     """Start the Taichi renderer on ``arch`` ("auto" | "cpu" | "vulkan" | "cuda" | "metal"); returns the arch.
 
-    "auto" prefers Vulkan over x64 when a Vulkan device exists, which on a CPU-only machine means
-    lavapipe (correct but slow), hence the CLIs' default "cpu".
+    The CLIs default to "cpu" (x64) so results do not depend on which drivers a machine happens to have.
     """
     import taichi as ti
 
