@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> Path:
         # Vulkan renderer copies every tensor host<->device (on lavapipe a tiny run took 23 s vs 4.8 s on
         # x64). So training's auto is CUDA or x64; a Vulkan-only GPU is used with --arch vulkan.
         arch = "cuda" if torch.cuda.is_available() else "cpu"
+        if arch == "cpu" and rank == 0:
+            print("[train] --arch auto: torch has no CUDA, so the renderer runs on Taichi x64 beside the "
+                  "CPU MLP; --arch vulkan uses a Vulkan GPU.")
     try:
         backend = init_backend(arch, args.device, kernel_profiler=args.profile > 0,
                                         random_seed=0, verbose=rank == 0)
