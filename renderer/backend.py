@@ -48,7 +48,7 @@ class Backend:
     reason: str
 
 
-def _started_arch() -> str | None:
+def started_arch() -> str | None:
     """Name of the arch Taichi is running on ("cuda", "vulkan", "metal", "cpu"), or None if not started."""
     if ti.lang.impl.get_runtime().prog is None:
         return None
@@ -80,7 +80,7 @@ def _start(
     except Exception:  # Taichi raises bare RuntimeErrors when a device cannot be created
         ti.reset()
         return False
-    if _started_arch() != arch:
+    if started_arch() != arch:
         ti.reset()
         return False
     return True
@@ -207,7 +207,7 @@ def init_backend(
 
 def ensure_started() -> str:
     """The running arch's name, starting the ``auto`` backend first if nobody has started Taichi."""
-    started = _started_arch()
+    started = started_arch()
     if started is None:
         started = init_backend("auto").arch
     return started

@@ -20,8 +20,8 @@ def _start(arch: str) -> None:
 
 
 @pytest.fixture(scope="session", params=ARCHES)
-def arch(request) -> str:
-    """Start Taichi on each backend in turn; a missing Vulkan driver skips with the reason.
+def arch_available(request) -> str:
+    """Start Taichi on each backend once; a missing Vulkan driver skips with the reason.
 
     CI sets LOLNERF_REQUIRE_VULKAN=1 so that a missing driver fails the run instead of skipping it.
     """
@@ -34,6 +34,32 @@ def arch(request) -> str:
             pytest.fail(reason + " (LOLNERF_REQUIRE_VULKAN=1: install mesa-vulkan-drivers libvulkan1)")
         pytest.skip(reason + " (install mesa-vulkan-drivers libvulkan1 for lavapipe)")
     return name
+
+
+@pytest.fixture
+def arch(arch_available) -> str:
+    """The Taichi backend under test ("cpu" or "vulkan"), running when the test starts.
+
+    Tests that restart Taichi elsewhere (training, fitting) may run between two tests of one backend,
+    so the backend is checked, and restarted if needed, for every test.
+    """
+    from renderer.backend import started_arch
+
+    if started_arch() != arch_available:
+        _start(arch_available)
+    return arch_available
+
+
+@pytest.fixture
+def keep_taichi_arch():
+    """For tests that start the renderer themselves: give later tests back the arch that was running."""
+    from tiny_run import restore_arch
+
+    from renderer.backend import started_arch
+
+    previous = started_arch()
+    yield
+    restore_arch(previous)
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,7 @@ import evaluate
 from export.inference import start_renderer
 from models.checkpoint import latest_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def keep_taichi_arch():
-    """These tests start the renderer on x64; give other tests back the arch they were running on."""
-    from tiny_run import current_arch, restore_arch
-
-    previous = current_arch()
-    yield
-    restore_arch(previous)
+pytestmark = pytest.mark.usefixtures("keep_taichi_arch")
 
 
 def test_score_view_on_known_answers():

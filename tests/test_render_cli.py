@@ -16,15 +16,7 @@ from export.inference import load_model, render_view, start_renderer
 from export.mesh import read_ply
 from models.checkpoint import latest_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def keep_taichi_arch():
-    """These tests start the renderer on x64; give other tests back the arch they were running on."""
-    from tiny_run import current_arch, restore_arch
-
-    previous = current_arch()
-    yield
-    restore_arch(previous)
+pytestmark = pytest.mark.usefixtures("keep_taichi_arch")
 
 
 @pytest.fixture(scope="module")

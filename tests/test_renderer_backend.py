@@ -13,19 +13,10 @@ from renderer.profiling import profile
 from renderer.vulkan_probe import DEVICE_TYPES, VulkanDevice, vulkan_devices
 
 
-@pytest.fixture(autouse=True)
-def on_requested_arch(request):
-    """Tests elsewhere may restart Taichi (say on x64) between these: put it back on ``arch``."""
-    if "arch" in request.fixturenames:
-        wanted = request.getfixturevalue("arch")
-        if backend._started_arch() != wanted:
-            assert backend._start(wanted), f"could not restart Taichi on {wanted}"
-
-
 @pytest.fixture
 def restore_taichi():
     """Put Taichi back on the arch (and profiler setting) it ran before the test."""
-    arch = backend._started_arch()
+    arch = backend.started_arch()
     profiler = bool(ti.lang.impl.current_cfg().kernel_profiler) if arch else False
     yield
     if arch is None:
@@ -57,7 +48,7 @@ def test_missing_cuda_is_one_clear_error(restore_taichi):
 def test_taichi_silent_fallback_is_detected(restore_taichi):
     """ti.init(arch=ti.cuda) without CUDA quietly starts x64; _start must report the failure."""
     assert backend._start("cuda", False, 0) is False
-    assert backend._started_arch() is None
+    assert backend.started_arch() is None
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS may have Metal")
@@ -111,7 +102,7 @@ def test_vulkan_probe_agrees_with_taichi(restore_taichi):
 
 def test_auto_picks_an_arch_that_really_runs(restore_taichi, capsys):
     chosen = renderer.init_backend(arch="auto")
-    assert chosen.arch == backend._started_arch()
+    assert chosen.arch == backend.started_arch()
     assert chosen.arch in ("cuda", "vulkan", "cpu")
     assert f"Taichi arch={chosen.arch}" in capsys.readouterr().out
     out = renderer.composite(torch.ones(2, 3), torch.ones(2, 3, 3), torch.ones(2, 3), torch.ones(2, 3), 0.0)
@@ -128,7 +119,7 @@ def test_profile_table_and_chrome_trace(arch, tmp_path, capsys):
             t = renderer.sample_stratified(near, far, 16)
             out = renderer.composite(sigmas, rgbs, t, renderer.sample_deltas(t, far), 1.0)
             (out.color.sum() + out.weights.sum()).backward()
-    assert backend._started_arch() == arch
+    assert backend.started_arch() == arch
     rows = {(r.source, r.name): r for r in prof.rows}
     for kernel in ("composite_forward_kernel", "composite_backward_kernel", "stratified_kernel"):
         row = rows[("taichi", kernel)]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import current_arch, restore_arch, train_in_process
+from tiny_run import restore_arch, train_in_process
 
 from models.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint
+from renderer.backend import started_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 identities at 32 px, 2 × 32 field, 16 + 16 samples, 8 × 2 × 32 = 512 rays per step.
@@ -55,7 +56,7 @@ def test_tiny_run_learns(arch, cache, tmp_path):
     last = sum(r["psnr"] for r in rows[-10:]) / 10
     assert rows[0]["step"] == 1 and rows[-1]["step"] == 120
     assert last - first >= 6.0, f"PSNR {first:.2f} -> {last:.2f} dB"
-    assert current_arch() == arch
+    assert started_arch() == arch
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     assert ckpt.step == 120 and ckpt.latents.n == 8
     assert list((run_dir / "previews").glob("step_*.png"))
@@ -73,7 +74,7 @@ def params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_is_exact(cache, tmp_path):
     """2N steps in one go == N steps, then --resume for N more (x64, CPU)."""
-    previous = current_arch()
+    previous = started_arch()
     try:
         whole = train(tmp_path / "whole", cache, "--steps", "12")
         half = train(tmp_path / "half", cache, "--steps", "6")
@@ -91,7 +92,7 @@ def test_resume_is_exact(cache, tmp_path):
 
 
 def test_incompatible_resume_is_refused(cache, tmp_path):
-    previous = current_arch()
+    previous = started_arch()
     try:
         run_dir = train(tmp_path / "run", cache, "--steps", "2")
         with pytest.raises(SystemExit, match=r"--field-depth 3 differs from the run's 2"):
@@ -110,7 +111,7 @@ def test_incompatible_resume_is_refused(cache, tmp_path):
 
 
 def test_nan_steps_are_skipped_then_a_streak_stops_the_run(cache, tmp_path, capsys):
-    previous = current_arch()
+    previous = started_arch()
     try:
         run_dir = train(tmp_path / "skip", cache, "--steps", "8", "--debug-nan-steps", "3,4")
         rows = metrics(run_dir)
@@ -186,7 +187,7 @@ def test_help_lists_every_config_flag(capsys):
 
 
 def test_profile_prints_breakdown_and_writes_trace(cache, tmp_path, capsys):
-    previous = current_arch()
+    previous = started_arch()
     try:
         run_dir = train(tmp_path / "prof", cache, "--profile", "2")
     finally:

@@ -25,29 +25,20 @@ TINY_ARGS = (
 )
 
 
-def current_arch() -> str | None:
-    """Name of the arch Taichi runs on now ("cpu", "vulkan", "cuda", "metal"), None before ti.init."""
-    import taichi as ti
-
-    if ti.lang.impl.get_runtime().prog is None:
-        return None
-    arch = ti.lang.impl.current_cfg().arch
-    return {ti.cuda: "cuda", ti.vulkan: "vulkan", ti.metal: "metal"}.get(arch, "cpu")
-
-
 def restore_arch(previous: str | None) -> None:
     """Start Taichi again on the arch a caller had (tests parametrised over arches must keep theirs)."""
-    from renderer.backend import init_backend
+    from renderer.backend import init_backend, started_arch
 
-    if previous is not None and current_arch() != previous:
+    if previous is not None and started_arch() != previous:
         init_backend(previous, "cpu", verbose=False)
 
 
 def train_in_process(argv: list[str]) -> Path:
     """``train.main(argv)`` that leaves the Taichi arch as it found it."""
     import train
+    from renderer.backend import started_arch
 
-    previous = current_arch()
+    previous = started_arch()
     try:
         return train.main(argv)
     finally:
