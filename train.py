@@ -17,13 +17,13 @@ variable ``LOLNERF_DEBUG_NAN_STEPS=3,4`` makes the loss NaN at those steps.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from dataset.cache import atomic_write_json
 from models.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 from models.distributed import launched_by_torchrun, world
 from models.train_config import (
@@ -69,13 +69,6 @@ def prepare_cache(data: dict, reuse_existing: bool = False) -> Path:
 def parse_nan_steps(text: str) -> set[int]:
     """'3,4,5' -> {3, 4, 5} (debug fault injection)."""
     return {int(s) for s in text.replace(" ", "").split(",") if s}
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    """JSON via temp file + os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def profile_training(trainer: Trainer, n_steps: int, run_dir: Path) -> dict[str, float]:

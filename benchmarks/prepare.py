@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset import PrepareConfig  # noqa: E402 (after the sys.path line, so it runs from any directory)
+from dataset.cache import atomic_write_json  # noqa: E402
 from dataset.sources import default_workers  # noqa: E402
 
 
@@ -112,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"benchmark": "prepare", "resolution": args.resolution, "repeats": args.repeats,
                   "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                   "rows": rows, "marginal_images_per_s": marginal}
-        tmp_path = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
-        tmp_path.write_text(json.dumps(result, indent=1))
-        os.replace(tmp_path, args.json)
+        atomic_write_json(Path(args.json), result)
     return 0
 
 

@@ -22,7 +22,6 @@ with ``--threads 1`` there too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import renderer
+from dataset.cache import atomic_write_json
 from renderer import reference
 
 STAGES = ("stratified", "importance", "merge", "deltas", "composite_forward", "composite_backward")
@@ -197,9 +197,7 @@ def main() -> None:
             },
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, report)
         print(f"wrote {args.json}")
 
 

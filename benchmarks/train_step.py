@@ -12,7 +12,6 @@ CPU: renderer + data + optimiser under 15 %). Phases are measured as ``models.st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ import torch
 import renderer
 import renderer.reference
 import train
+from dataset.cache import atomic_write_json
 from models.step_timing import PhaseTimer, TimedField, breakdown_table
 
 
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(path, summary)
         print(f"JSON: {path}")
     return summary
 
