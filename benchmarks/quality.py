@@ -4,6 +4,7 @@ mean training depth, predicted for every view). Goal: novel-view PSNR at least 6
 
     python benchmarks/quality.py                          # 32 identities, 1500 steps (cpu preset), x64
     python benchmarks/quality.py --steps 3000 --identities 64 --json quality.json --work runs/quality
+    python benchmarks/quality.py -- --latent-lr-scale 3      # flags after -- go to train.py as they are
 
 1. generates a synthetic single-view training set (one view per identity) with 3 held-out views each;
 2. trains ``train.py --preset cpu`` for --steps steps;
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--reuse", action="store_true", help="with --work: evaluate its trained run again")
+    parser.add_argument("train_flags", nargs="*", metavar="-- TRAIN_FLAG",
+                        help="extra train.py flags after --, e.g. -- --loss-hard-weight 0.05")
     args = parser.parse_args(argv)
 
     import torch
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_argv = ["--preset", "cpu", "--arch", args.arch, "--device", "cpu", "--out", str(run_dir),
                   "--cache", str(cache), "--synthetic-identities", str(args.identities),
                   "--resolution", str(args.resolution), "--steps", str(args.steps), "--seed", str(args.seed),
-                  "--preview-every", str(10**9), "--checkpoint-every", str(args.steps)]  # fmt: skip
+                  "--preview-every", str(10**9), "--checkpoint-every", str(args.steps),
+                  *args.train_flags]  # fmt: skip
     try:
         reuse = args.reuse and latest_checkpoint(run_dir).is_file()
     except CheckpointError:
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "identities": args.identities,
                 "resolution": args.resolution,
                 "arch": args.arch,
+                "train_flags": args.train_flags,
                 "train_s": train_s,
                 "eval_s": eval_s,
                 "run_dir": str(run_dir),

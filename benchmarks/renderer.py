@@ -4,12 +4,14 @@
 
 Times forward + backward of sampling and compositing for a 64 x 64 view (4,096 rays, frontal camera
 7 units from the origin, bounding sphere of radius 2), exactly the renderer part of a training step:
-stratified 128 -> importance 64 (from fixed coarse weights) -> merge -> deltas -> composite of the
-192 merged samples -> backward from upstream gradients on all four outputs (colour, opacity, depth,
+stratified 128 -> importance 64 (from fixed coarse weights) -> merge with deltas -> composite of
+the 192 merged samples -> backward from upstream gradients on all four outputs (colour, opacity, depth,
 weights). The densities and colours stand in for the network: fixed leaf tensors, so only renderer
 work is timed. Both implementations run interleaved in each repeat (so load from other processes hits
 both alike) with the same seeds; each stage is timed alone and the whole chain end to end. Prints
-medians and the reference / Taichi ratio; ``--json`` writes them.
+medians and the reference / Taichi ratio; ``--json`` writes them. Each implementation draws its jitter
+its own way (the reference with ``torch.rand``, the kernels by hashing in-kernel; see
+``renderer.reference``), so the agreement check runs one extra pass at bin centres.
 
 On a machine shared with other jobs, wall times mislead: torch's OpenMP threads wait for each other
 when another process holds a core, which inflates the reference far more than Taichi (we saw the
@@ -39,7 +41,7 @@ import renderer
 from dataset.cache import atomic_write_json
 from renderer import reference
 
-STAGES = ("stratified", "importance", "merge", "deltas", "composite_forward", "composite_backward")
+STAGES = ("stratified", "importance", "merge_deltas", "composite_forward", "composite_backward")
 
 
 def make_inputs(n_side: int, n_coarse: int, n_fine: int) -> dict:
@@ -83,24 +85,23 @@ def make_inputs(n_side: int, n_coarse: int, n_fine: int) -> dict:
     }
 
 
-def run_pipeline(impl, x: dict, seed: int, clock: Callable[[], float]) -> tuple[dict, tuple]:
-    """One renderer pass; returns per-stage seconds and (color, grad sigmas) for the agreement check."""
-    g = torch.Generator().manual_seed(seed)
-    times = {}
-    start = clock()
+def run_pipeline(impl, x: dict, seed: int | None, clock: Callable[[], float]) -> tuple[dict, tuple]:
+    """One renderer pass; returns per-stage seconds and (color, grad sigmas) for the agreement check.
+    ``seed=None`` puts every sample at its bin centre (no jitter)."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    marks = [clock()]
     t = impl.sample_stratified(x["near"], x["far"], x["n_coarse"], g)
-    times["stratified"] = (mark := clock()) - start
+    marks.append(clock())
     t_fine = impl.sample_importance(t, x["coarse_weights"], x["n_fine"], x["near"], x["far"], g)
-    times["importance"] = (now := clock()) - mark
-    t_all, _ = impl.merge_samples(t, t_fine)
-    times["merge"] = (mark := clock()) - now
-    deltas = impl.sample_deltas(t_all, x["far"])
-    times["deltas"] = (now := clock()) - mark
+    marks.append(clock())
+    t_all, _, deltas = impl.merge_samples_with_deltas(t, t_fine, x["far"])
+    marks.append(clock())
     out = impl.composite(x["sigmas"], x["rgbs"], t_all, deltas, x["background"])
     loss = sum((value * grad).sum() for value, grad in zip(out, x["upstream"], strict=True))
-    times["composite_forward"] = (mark := clock()) - now
+    marks.append(clock())
     grads = torch.autograd.grad(loss, [x["sigmas"], x["rgbs"], x["background"]])
-    times["composite_backward"] = clock() - mark
+    marks.append(clock())
+    times = {stage: marks[i + 1] - marks[i] for i, stage in enumerate(STAGES)}
     times["total"] = sum(times[s] for s in STAGES)
     return times, (out.color.detach(), grads[0])
 
@@ -144,12 +145,12 @@ def main() -> None:
     clock = synced_cpu_clock if args.clock == "cpu" else synced_wall_clock
     samples = {name: {s: [] for s in (*STAGES, "total")} for name in impls}
     for repeat in range(args.warmup + args.repeats):
-        results = {}
         for name, impl in impls.items():
-            times, results[name] = run_pipeline(impl, x, seed=repeat, clock=clock)
+            times, _ = run_pipeline(impl, x, seed=repeat, clock=clock)
             if repeat >= args.warmup:
                 for stage, seconds in times.items():
                     samples[name][stage].append(seconds * 1e3)
+    results = {name: run_pipeline(impl, x, seed=None, clock=clock)[1] for name, impl in impls.items()}
     color_diff = (results["taichi"][0] - results["reference"][0]).abs().max().item()
     grad_diff = (results["taichi"][1] - results["reference"][1]).abs().max().item()
 

@@ -9,7 +9,8 @@ Each sample is evaluated by the network exactly once:
 1. coarse stratified samples -> field (with gradients);
 2. compositing of the detached coarse outputs gives the weights for importance sampling (no gradient);
 3. importance samples -> field (with gradients), the fine samples only;
-4. ``merge_samples`` sorts coarse + fine depths; its ``order`` gathers the already computed sigma/rgb;
+4. ``merge_samples_with_deltas`` sorts coarse + fine depths and gives the interval lengths; its ``order``
+   gathers the already computed sigma/rgb;
 5. ``renderer.composite`` over all samples, with gradients. The coarse pass has no loss of its own.
 """
 
@@ -81,12 +82,11 @@ def render_rays(field: nn.Module, background: nn.Module, rays: renderer.Rays, la
         t_fine = ops.sample_importance(t_coarse, coarse.weights, cfg.n_fine, rays.near, rays.far,
                                        generator=generator)
         sigma_fine, rgb_fine = evaluate_samples(field, rays, t_fine, latents)
-        t_all, order = ops.merge_samples(t_coarse, t_fine)
+        t_all, order, deltas = ops.merge_samples_with_deltas(t_coarse, t_fine, rays.far)
         sigma = torch.cat([sigma_coarse, sigma_fine], dim=1).gather(1, order)
         rgb = torch.cat([rgb_coarse, rgb_fine], dim=1).gather(1, order[..., None].expand(-1, -1, 3))
     else:
-        t_all, sigma, rgb = t_coarse, sigma_coarse, rgb_coarse
-    deltas = ops.sample_deltas(t_all, rays.far)
+        t_all, sigma, rgb, deltas = t_coarse, sigma_coarse, rgb_coarse, deltas_coarse
     bg = background(rays.directions, latents)
     out = ops.composite(sigma.contiguous(), rgb.contiguous(), t_all.contiguous(), deltas, bg)
     return RayOutput(out.color, out.opacity, out.depth, out.weights)

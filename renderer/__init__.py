@@ -9,7 +9,13 @@ from renderer.backend import Backend, BackendUnavailableError, init_backend
 from renderer.composite import composite
 from renderer.rays import generate_rays
 from renderer.reference import Composited, Rays
-from renderer.sampling import merge_samples, sample_deltas, sample_importance, sample_stratified
+from renderer.sampling import (
+    merge_samples,
+    merge_samples_with_deltas,
+    sample_deltas,
+    sample_importance,
+    sample_stratified,
+)
 
 __all__ = [
     "Backend",
@@ -20,6 +26,7 @@ __all__ = [
     "generate_rays",
     "init_backend",
     "merge_samples",
+    "merge_samples_with_deltas",
     "sample_deltas",
     "sample_importance",
     "sample_stratified",

@@ -4,13 +4,20 @@ The Taichi kernels in this package are checked against these functions on every 
 benchmark times them as the baseline. They follow the same contract (docs/ARCHITECTURE.md) and the
 same sampling conventions, so for the same generator both give the same samples:
 
-- stratified: ``t_i = near + (far - near) * (i + u_i) / S`` with ``u_i ~ U[0, 1)`` drawn as one
-  ``torch.rand((R, S), generator=...)``; ``generator=None`` puts every sample at its bin centre.
+- uniforms: the reference draws them with ``torch.rand`` from the caller's generator. The Taichi kernels
+  hash them inside the kernel instead (``torch.rand`` on the CPU is a sequential Mersenne Twister:
+  1.5 ms for 4,096 x 128 uniforms, more than the stratified kernel): one call draws one 31-bit key from
+  the generator (``draw_key``), and sample ``n = ray * S + s`` gets ``hash_uniform(n, key)``, the top 24
+  bits of a PCG hash of ``n + pcg(key)`` (Jarzynski & Olano, "Hash Functions for GPU Rendering", JCGT
+  2020). Same distribution, different numbers; ``hashed_uniforms`` computes the kernels' numbers in torch
+  and the ``jitter`` arguments below take them, so tests compare the two exactly.
+- stratified: ``t_i = near + (far - near) * (i + u_i) / S`` with ``u_i ~ U[0, 1)``;
+  ``generator=None`` puts every sample at its bin centre.
 - importance: a piecewise-constant PDF over S bins whose edges are ``near``, the midpoints between
   consecutive coarse ``t`` and ``far``. Bin ``i`` carries mass ``w_i + eps * width_i / (far - near)``,
   so a ray whose weights are all zero samples uniformly in ``[near, far]``. The uniform numbers are
-  stratified, ``u_j = (j + v_j) / F`` with ``v_j`` drawn as one ``torch.rand((R, F), generator=...)``
-  (or 0.5 with ``generator=None``), so they are sorted and the samples come out sorted.
+  stratified, ``u_j = (j + v_j) / F`` with ``v_j ~ U[0, 1)`` (or 0.5 with ``generator=None``), so
+  they are sorted and the samples come out sorted.
 - merge: a stable merge, so on ties the coarse sample comes first.
 """
 
@@ -22,6 +29,9 @@ import torch
 
 # Mass added to each importance bin in proportion to its width (as a fraction of the ray's interval).
 IMPORTANCE_EPS = 1e-5
+# PCG hash constants (Jarzynski & Olano 2020) and the 32-bit mask the torch version works under.
+PCG_MULTIPLIER, PCG_INCREMENT, PCG_OUTPUT = 747796405, 2891336453, 277803737
+U32 = 0xFFFFFFFF
 
 
 class Rays(NamedTuple):
@@ -99,18 +109,57 @@ def generate_rays(
     return Rays(origins, directions, torch.where(hit, near, zero), torch.where(hit, far, zero))
 
 
+def draw_key(generator: torch.Generator) -> int:
+    """One 31-bit key for a call's hashed uniforms, from (and advancing) the caller's generator."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+
+
+def pcg_hash(x: torch.Tensor) -> torch.Tensor:
+    """The PCG output hash of int64 values holding unsigned 32-bit integers (a bijection on 32 bits)."""
+    state = (x * PCG_MULTIPLIER + PCG_INCREMENT) & U32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * PCG_OUTPUT) & U32
+    return (word >> 22) ^ word
+
+
+def hash_uniform(index: torch.Tensor, key: int) -> torch.Tensor:
+    """Uniforms in [0, 1) with 24 random bits: int64 sample indices (< 2^32) -> float32, same shape.
+
+    >>> hash_uniform(torch.arange(3), key=7)
+    tensor([0.5025, 0.6542, 0.8584])
+    """
+    mixed = pcg_hash(torch.tensor(key, dtype=torch.int64))
+    return (pcg_hash((index + mixed) & U32) >> 8).to(torch.float32) * 2.0**-24
+
+
+def hashed_uniforms(
+    n_rays: int, n_samples: int, generator: torch.Generator | None, device: torch.device | str
+) -> torch.Tensor:
+    """(R, S) uniforms for one call: hashed from a key the generator draws, or 0.5 without a generator."""
+    if generator is None:
+        return torch.full((n_rays, n_samples), 0.5, device=device)
+    index = torch.arange(n_rays * n_samples, dtype=torch.int64, device=device)
+    return hash_uniform(index, draw_key(generator)).view(n_rays, n_samples)
+
+
 def sample_stratified(
-    near: torch.Tensor, far: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
+    near: torch.Tensor,
+    far: torch.Tensor,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    jitter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One jittered sample per equal bin of [near, far]: near, far (R,) -> t (R, S) sorted.
 
-    ``generator=None`` gives bin centres (deterministic, for evaluation).
+    ``generator=None`` gives bin centres (deterministic, for evaluation); ``jitter`` (R, S) in [0, 1)
+    gives the uniforms explicitly (for instance ``hashed_uniforms``, to reproduce the Taichi kernel).
 
     >>> sample_stratified(torch.tensor([0.0]), torch.tensor([4.0]), 4)
     tensor([[0.5000, 1.5000, 2.5000, 3.5000]])
     """
     n_rays = near.shape[0]
-    if generator is None:
+    if jitter is not None:
+        u = jitter.to(near.dtype)
+    elif generator is None:
         u = torch.full((n_rays, n_samples), 0.5, dtype=near.dtype, device=near.device)
     else:
         u = torch.rand((n_rays, n_samples), generator=generator, dtype=near.dtype, device=near.device)
@@ -119,12 +168,16 @@ def sample_stratified(
 
 
 def importance_uniforms(
-    n_rays: int, n_samples: int, generator: torch.Generator | None, device: torch.device | str = "cpu"
+    n_rays: int,
+    n_samples: int,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
+    jitter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sorted stratified uniforms in [0, 1) for inverse-CDF sampling: -> u (R, F), ``(j + v_j) / F``."""
-    if generator is None:
+    if jitter is None and generator is None:
         jitter = torch.full((n_rays, n_samples), 0.5, device=device)
-    else:
+    elif jitter is None:
         jitter = torch.rand((n_rays, n_samples), generator=generator, device=device)
     return (torch.arange(n_samples, dtype=torch.float32, device=device) + jitter) / n_samples
 
@@ -136,11 +189,13 @@ def sample_importance(
     near: torch.Tensor,
     far: torch.Tensor,
     generator: torch.Generator | None = None,
+    jitter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse-CDF samples of the piecewise-constant PDF given by coarse weights (no gradient).
 
     t, weights (R, S) coarse samples and their compositing weights; near, far (R,) -> t_fine (R, F) sorted.
-    Bin edges are [near, midpoints of t, far]; see the module docstring for the epsilon and the uniforms.
+    Bin edges are [near, midpoints of t, far]; see the module docstring for the epsilon and the uniforms
+    (``jitter`` (R, F) gives the v_j explicitly, as in ``sample_stratified``).
 
     >>> t = torch.tensor([[0.5, 1.5, 2.5, 3.5]]); w = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     >>> sample_importance(t, w, 2, torch.tensor([0.0]), torch.tensor([4.0]))
@@ -155,7 +210,7 @@ def sample_importance(
     mass = weights.clamp_min(0) + IMPORTANCE_EPS * widths / span[:, None]
     cdf = torch.cat([torch.zeros_like(near)[:, None], torch.cumsum(mass, dim=1)], dim=1)
     total = cdf[:, -1:]
-    u = importance_uniforms(n_rays, n_samples, generator, t.device).to(t.dtype) * total
+    u = importance_uniforms(n_rays, n_samples, generator, t.device, jitter).to(t.dtype) * total
     # Bin index: the last edge whose cdf is <= u, within [0, S - 1].
     index = (torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True) - 1).clamp(0, t.shape[1] - 1)
     cdf_lo = cdf.gather(1, index)
@@ -178,6 +233,18 @@ def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, t
     """
     t_all, order = torch.sort(torch.cat([t_a, t_b], dim=1).detach(), dim=1, stable=True)
     return t_all, order
+
+
+def merge_samples_with_deltas(
+    t_a: torch.Tensor, t_b: torch.Tensor, far: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``merge_samples`` then ``sample_deltas`` of the merged list: -> t_all, order, deltas (R, S+F).
+
+    >>> merge_samples_with_deltas(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0]]), torch.tensor([4.0]))
+    (tensor([[0., 1., 2.]]), tensor([[0, 2, 1]]), tensor([[1., 1., 2.]]))
+    """
+    t_all, order = merge_samples(t_a, t_b)
+    return t_all, order, sample_deltas(t_all, far)
 
 
 def sample_deltas(t_all: torch.Tensor, far: torch.Tensor) -> torch.Tensor:

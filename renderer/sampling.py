@@ -1,16 +1,24 @@
 """Sample placement along rays as Taichi kernels: stratified, importance, merge and interval lengths.
 
 Every function is one kernel launch, works per ray in parallel, and carries no gradient (sample
-positions are under stop-gradient in LOLNeRF). Random numbers are drawn in torch from the caller's
-generator and passed in, so each backend and the torch reference give the same samples for a seed;
-the conventions (bins, PDF edges, epsilon, uniforms) are in ``renderer.reference``'s docstring.
+positions are under stop-gradient in LOLNeRF). Random numbers are hashed inside the kernels from one
+key that each call draws from the caller's generator (a PCG hash of the sample index), so a seed gives
+the same samples on every backend; ``reference.hashed_uniforms`` computes the same numbers in torch.
+The conventions (bins, PDF edges, epsilon, uniforms) are in ``renderer.reference``'s docstring.
 """
 
 import taichi as ti
 import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
-from renderer.reference import IMPORTANCE_EPS
+from renderer.reference import (
+    IMPORTANCE_EPS,
+    PCG_INCREMENT,
+    PCG_MULTIPLIER,
+    PCG_OUTPUT,
+    draw_key,
+    pcg_hash,
+)
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
@@ -19,11 +27,20 @@ i64_2d = ti.types.ndarray(dtype=ti.i64, ndim=2)
 TINY = 1.1754944e-38  # smallest normal float32: guards divisions by a zero-length interval
 
 
+@ti.func
+def hash_uniform(index, mixed_key):
+    """``reference.hash_uniform``: a uniform in [0, 1) from a sample index and ``pcg_hash(key)``."""
+    state = (ti.cast(index, ti.u32) + mixed_key) * ti.u32(PCG_MULTIPLIER) + ti.u32(PCG_INCREMENT)
+    word = ((state >> ((state >> ti.u32(28)) + ti.u32(4))) ^ state) * ti.u32(PCG_OUTPUT)
+    word = (word >> ti.u32(22)) ^ word
+    return ti.cast(word >> ti.u32(8), ti.f32) * (1.0 / 16777216.0)
+
+
 @ti.kernel
 def stratified_kernel(
-    near: f32_1d, far: f32_1d, jitter: f32_1d, use_jitter: ti.i32, t: f32_1d, n_samples: ti.i32
+    near: f32_1d, far: f32_1d, mixed_key: ti.u32, use_jitter: ti.i32, t: f32_1d, n_samples: ti.i32
 ):
-    """near, far (R,), flat jitter (R*S) in [0, 1) (ignored unless use_jitter) -> flat t (R*S)."""
+    """near, far (R,), hashed jitter (unless use_jitter is 0: bin centres) -> flat t (R*S)."""
     # Rays in parallel, samples in an inner serial loop over flat indices: on x64 this ran 10x
     # faster than a 2-D ndrange, and flat indexing beat 2-D indexing by a further third.
     for ray in range(near.shape[0]):
@@ -33,7 +50,7 @@ def stratified_kernel(
         for s in range(n_samples):
             u = 0.5
             if use_jitter:
-                u = jitter[first + s]
+                u = hash_uniform(first + s, mixed_key)
             t[first + s] = lo + bin_width * (s + u)
 
 
@@ -43,7 +60,7 @@ def importance_kernel(
     weights: f32_2d,
     near: f32_1d,
     far: f32_1d,
-    jitter: f32_2d,
+    mixed_key: ti.u32,
     use_jitter: ti.i32,
     t_fine: f32_2d,
 ):
@@ -75,7 +92,7 @@ def importance_kernel(
             for j in range(n_fine):
                 v = 0.5
                 if use_jitter:
-                    v = jitter[ray, j]
+                    v = hash_uniform(ray * n_fine + j, mixed_key)
                 u = (j + v) * u_scale
                 while i < n_bins - 1 and cdf_below + mass <= u:
                     cdf_below += mass
@@ -96,28 +113,47 @@ def importance_kernel(
 
 @ti.func
 def merge_step(
-    t_a: ti.template(), t_b: ti.template(), t_all: ti.template(), order: ti.template(), ray, k, i, j, a, b
+    t_a: ti.template(),
+    t_b: ti.template(),
+    t_all: ti.template(),
+    order: ti.template(),
+    deltas: ti.template(),
+    ray,
+    k,
+    i,
+    j,
+    a,
+    b,
+    previous,
 ):
     """Emit output k of one ray's merge from the list heads a = t_a[i], b = t_b[j]; return the new state.
 
     Ties take ``a`` (a stable merge); an exhausted list's head is +inf. Branch-free: which list to
-    take is data-dependent and would be mispredicted half the time.
+    take is data-dependent and would be mispredicted half the time. With deltas (a non-empty array),
+    output k also completes interval k - 1 (k = 0 writes a placeholder that k = 1 overwrites).
     """
     n_a = t_a.shape[1]
     n_b = t_b.shape[1]
     take_a = a <= b
-    t_all[ray, k] = ti.select(take_a, a, b)
+    value = ti.select(take_a, a, b)
+    t_all[ray, k] = value
     order[ray, k] = ti.select(take_a, i, n_a + j)
+    if deltas.shape[1] > 0:
+        deltas[ray, ti.max(k - 1, 0)] = ti.max(value - previous, 0.0)
     i_next = ti.select(take_a, i + 1, i)
     j_next = ti.select(take_a, j, j + 1)
     a_next = ti.select(i_next < n_a, t_a[ray, ti.min(i_next, n_a - 1)], ti.math.inf)
     b_next = ti.select(j_next < n_b, t_b[ray, ti.min(j_next, n_b - 1)], ti.math.inf)
-    return i_next, j_next, a_next, b_next
+    return i_next, j_next, a_next, b_next, value
 
 
 @ti.kernel
-def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d, half: ti.i32):
-    """Stable two-list merge per ray: (R, S), (R, F) sorted -> (R, S+F) sorted and source indices.
+def merge_kernel(
+    t_a: f32_2d, t_b: f32_2d, far: f32_1d, t_all: f32_2d, order: i64_2d, deltas: f32_2d, half: ti.i32
+):
+    """Stable two-list merge per ray: (R, S), (R, F) sorted -> (R, S+F) sorted and source indices, and,
+    when ``deltas`` is (R, S+F) rather than (R, 0), the interval lengths (as ``deltas_kernel``) in the
+    same pass: one launch and one sweep instead of two.
 
     Each merge is a chain of dependent steps (compare, then load the next head), so one thread
     interleaves two rays' merges to overlap their latencies: 30% faster than one ray at a time on x64.
@@ -125,15 +161,19 @@ def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d, half: t
     codegen rejects integer floor division of an ndarray shape.
     """
     n_rays = t_a.shape[0]
+    width = t_a.shape[1] + t_b.shape[1]
     for pair in range(half):
         ray0 = pair
         # With an odd R the last pair has no partner and merges its own ray twice (same values).
         ray1 = ti.select(pair + half < n_rays, pair + half, pair)
-        i0, j0, a0, b0 = 0, 0, t_a[ray0, 0], t_b[ray0, 0]
-        i1, j1, a1, b1 = 0, 0, t_a[ray1, 0], t_b[ray1, 0]
-        for k in range(t_a.shape[1] + t_b.shape[1]):
-            i0, j0, a0, b0 = merge_step(t_a, t_b, t_all, order, ray0, k, i0, j0, a0, b0)
-            i1, j1, a1, b1 = merge_step(t_a, t_b, t_all, order, ray1, k, i1, j1, a1, b1)
+        i0, j0, a0, b0, p0 = 0, 0, t_a[ray0, 0], t_b[ray0, 0], 0.0
+        i1, j1, a1, b1, p1 = 0, 0, t_a[ray1, 0], t_b[ray1, 0], 0.0
+        for k in range(width):
+            i0, j0, a0, b0, p0 = merge_step(t_a, t_b, t_all, order, deltas, ray0, k, i0, j0, a0, b0, p0)
+            i1, j1, a1, b1, p1 = merge_step(t_a, t_b, t_all, order, deltas, ray1, k, i1, j1, a1, b1, p1)
+        if deltas.shape[1] > 0:
+            deltas[ray0, width - 1] = ti.max(far[ray0] - p0, 0.0)
+            deltas[ray1, width - 1] = ti.max(far[ray1] - p1, 0.0)
 
 
 @ti.kernel
@@ -146,11 +186,11 @@ def deltas_kernel(t: f32_1d, far: f32_1d, deltas: f32_1d, n_samples: ti.i32):
         deltas[last] = ti.max(far[ray] - t[last], 0.0)
 
 
-def _jitter(shape: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
-    """Uniforms from the caller's generator (on its device, as the reference draws them), or a dummy."""
+def _mixed_key(generator: torch.Generator | None) -> int:
+    """``pcg_hash`` of a fresh key from the caller's generator (0, unused, without a generator)."""
     if generator is None:
-        return torch.zeros((1, 1), device=kernel_device())
-    return to_kernel(torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32))
+        return 0
+    return int(pcg_hash(torch.tensor(draw_key(generator), dtype=torch.int64)))
 
 
 def _check_rays(near: torch.Tensor, far: torch.Tensor) -> None:
@@ -176,9 +216,8 @@ def sample_stratified(
     n_rays = near.shape[0]
     t = torch.empty((n_rays, n_samples), device=kernel_device())
     if n_rays > 0:
-        jitter = _jitter((n_rays, n_samples), generator)
         launch(
-            "sample_stratified", stratified_kernel, to_kernel(near), to_kernel(far), jitter.view(-1),
+            "sample_stratified", stratified_kernel, to_kernel(near), to_kernel(far), _mixed_key(generator),
             int(generator is not None), t.view(-1), n_samples,
         )  # fmt: skip
     return t.to(near.device)
@@ -212,7 +251,6 @@ def sample_importance(
     n_rays = t.shape[0]
     t_fine = torch.empty((n_rays, n_samples), device=kernel_device())
     if n_rays > 0:
-        jitter = _jitter((n_rays, n_samples), generator)
         launch(
             "sample_importance",
             importance_kernel,
@@ -220,7 +258,7 @@ def sample_importance(
             to_kernel(weights),
             to_kernel(near),
             to_kernel(far),
-            jitter,
+            _mixed_key(generator),
             int(generator is not None),
             t_fine,
         )
@@ -236,6 +274,24 @@ def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, t
     >>> merge_samples(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0]]))
     (tensor([[0., 1., 2.]]), tensor([[0, 2, 1]]))
     """
+    return _merge(t_a, t_b, None)[:2]
+
+
+def merge_samples_with_deltas(
+    t_a: torch.Tensor, t_b: torch.Tensor, far: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``merge_samples`` and ``sample_deltas`` of the merged list in one kernel pass:
+    (R, S), (R, F), far (R,) -> t_all (R, S+F), order (R, S+F) int64, deltas (R, S+F).
+
+    >>> merge_samples_with_deltas(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0]]), torch.tensor([4.0]))
+    (tensor([[0., 1., 2.]]), tensor([[0, 2, 1]]), tensor([[1., 1., 2.]]))
+    """
+    if far.shape != (t_a.shape[0],):
+        raise ValueError(f"far must have shape ({t_a.shape[0]},); got {tuple(far.shape)}.")
+    return _merge(t_a, t_b, far)
+
+
+def _merge(t_a: torch.Tensor, t_b: torch.Tensor, far: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     if t_a.dim() != 2 or t_b.dim() != 2 or t_a.shape[0] != t_b.shape[0]:
         raise ValueError(
             f"merge_samples needs two (R, S) and (R, F) tensors with the same R; got {tuple(t_a.shape)} "
@@ -245,12 +301,18 @@ def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, t
     device = kernel_device()
     t_all = torch.empty((n_rays, width), device=device)
     order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
+    deltas = torch.empty((n_rays, width if far is not None else 0), device=device)
     if n_rays > 0 and t_a.shape[1] > 0 and t_b.shape[1] > 0:
-        launch("merge_samples", merge_kernel, to_kernel(t_a), to_kernel(t_b), t_all, order, (n_rays + 1) // 2)
+        far_k = to_kernel(far) if far is not None else torch.zeros(n_rays, device=device)
+        launch("merge_samples", merge_kernel, to_kernel(t_a), to_kernel(t_b), far_k, t_all, order, deltas,
+               (n_rays + 1) // 2)  # fmt: skip
     elif n_rays > 0:  # one list is empty: the other is already the merge
         t_all.copy_(to_kernel(t_a if t_a.shape[1] else t_b))
         order.copy_(torch.arange(width, device=device).expand(n_rays, width))
-    return t_all.to(t_a.device), order.to(t_a.device)
+        if far is not None:
+            deltas = sample_deltas(t_all, far)
+    out = (t_all, order) if far is None else (t_all, order, deltas)
+    return tuple(x.to(t_a.device) for x in out)
 
 
 def sample_deltas(t_all: torch.Tensor, far: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,8 @@ def test_stratified_within_bins_seeded_and_matching_reference(arch):
     t = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(7))
     again = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(7))
     other = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(8))
-    expected = ref.sample_stratified(near, far, 16, torch.Generator().manual_seed(7))
+    jitter = ref.hashed_uniforms(4, 16, torch.Generator().manual_seed(7), "cpu")
+    expected = ref.sample_stratified(near, far, 16, jitter=jitter)
     assert torch.equal(t, again) and not torch.equal(t, other)
     assert_close(t, expected)
     width = (far - near)[:, None] / 16
@@ -149,11 +150,34 @@ def test_importance_matches_reference(arch):
         gen_a = None if seed is None else torch.Generator().manual_seed(seed)
         gen_b = None if seed is None else torch.Generator().manual_seed(seed)
         fine = renderer.sample_importance(t, weights, 24, near, far, gen_a)
-        expected = ref.sample_importance(t, weights, 24, near, far, gen_b)
+        jitter = None if seed is None else ref.hashed_uniforms(rays, 24, gen_b, "cpu")
+        expected = ref.sample_importance(t, weights, 24, near, far, jitter=jitter)
         assert_close(fine, expected, atol=1e-4)
         assert torch.all(fine[:, 1:] >= fine[:, :-1]), "importance samples must be sorted"
         assert torch.all(fine >= near[:, None] - 1e-5) and torch.all(fine <= far[:, None] + 1e-5)
         assert torch.all(fine[:4] == near[:4, None])
+
+
+def test_hashed_uniforms_are_uniform_seeded_and_fresh_per_call(arch):
+    """The in-kernel PCG uniforms: bit-exact with the torch version, flat, and a new key per call."""
+    g = torch.Generator().manual_seed(0)
+    n_rays, n = 512, 256
+    near, far = torch.zeros(n_rays), torch.full((n_rays,), float(n))
+    first = renderer.sample_stratified(near, far, n, g)
+    second = renderer.sample_stratified(near, far, n, g)  # the generator moved on: a new key
+    replay = torch.Generator().manual_seed(0)
+    u, u_next = (ref.hashed_uniforms(n_rays, n, replay, "cpu") for _ in range(2))
+    assert_close(first, ref.sample_stratified(near, far, n, jitter=u), atol=0, rtol=0)
+    assert_close(second, ref.sample_stratified(near, far, n, jitter=u_next), atol=0, rtol=0)
+    assert not torch.equal(first, second)
+    assert u.min() >= 0 and u.max() < 1
+    # 131,072 uniforms: 16 equal bins each within 3 % of their share, and no correlation between
+    # neighbouring samples of a ray or between the two calls.
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    assert (counts / u.numel() * 16 - 1).abs().max() < 0.03
+    centred, centred_next = u - 0.5, u_next - 0.5
+    assert abs((centred[:, 1:] * centred[:, :-1]).mean().item()) < 0.002
+    assert abs((centred * centred_next).mean().item()) < 0.002
 
 
 def test_importance_follows_pdf_and_has_no_gradient(arch):
@@ -195,6 +219,22 @@ def test_merge_matches_sort_and_order_gathers(arch):
     assert torch.equal(merged, a) and torch.equal(order, torch.arange(13).expand(51, 13))
     merged, order = renderer.merge_samples(a[:1], b[:1])  # a single ray
     assert torch.equal(order, expected_order[:1])
+
+
+def test_merge_with_deltas_matches_merge_then_deltas(arch):
+    g = torch.Generator().manual_seed(6)
+    a = torch.sort(torch.rand(33, 9, generator=g), 1).values
+    b = torch.sort(torch.cat([torch.rand(33, 4, generator=g), a[:, 2:3]], 1), 1).values  # with ties
+    far = 1 + torch.rand(33, generator=g)
+    far[0] = 0.5  # far before the last samples: the last interval is clamped to 0
+    got = renderer.merge_samples_with_deltas(a, b, far)
+    want = ref.merge_samples_with_deltas(a, b, far)
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x, y)
+    t_all, _, deltas = renderer.merge_samples_with_deltas(a, b[:, :0], far)  # one list empty
+    assert torch.equal(t_all, a) and torch.equal(deltas, ref.sample_deltas(a, far))
+    with pytest.raises(ValueError, match="far must have shape"):
+        renderer.merge_samples_with_deltas(a, b, far[:3])
 
 
 def test_deltas_match_reference(arch):
@@ -356,12 +396,15 @@ def test_full_pipeline_matches_reference(arch):
     results = []
     for impl in (renderer, ref):
         g = torch.Generator().manual_seed(21)
+        # The kernels hash their jitter in-kernel; the reference is handed the same numbers.
+        hashed = {} if impl is renderer else {"jitter": ref.hashed_uniforms(256, 16, g, "cpu")}
         rays = impl.generate_rays(pixels, K[0], w2c[0])
-        t = impl.sample_stratified(rays.near, rays.far, 16, g)
+        t = impl.sample_stratified(rays.near, rays.far, 16, g, **hashed)
         coarse = impl.composite(
             torch.full_like(t, 0.7), torch.ones(*t.shape, 3), t, impl.sample_deltas(t, rays.far), 0.0
         )
-        fine = impl.sample_importance(t, coarse.weights, 8, rays.near, rays.far, g)
+        hashed = {} if impl is renderer else {"jitter": ref.hashed_uniforms(256, 8, g, "cpu")}
+        fine = impl.sample_importance(t, coarse.weights, 8, rays.near, rays.far, g, **hashed)
         t_all, order = impl.merge_samples(t, fine)
         sigmas = 2.0 - (rays.origins[:, None] + t_all[..., None] * rays.directions[:, None]).norm(dim=-1)
         out = impl.composite(
