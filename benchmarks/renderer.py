@@ -19,6 +19,11 @@ reference go from ~50 to ~300 ms). ``--threads 1 --clock cpu`` measures this pro
 one thread for both, which is stable under load; on an idle machine use the defaults as well.
 With ``--arch vulkan`` on lavapipe, lavapipe's own worker threads compete with torch's, so compare
 with ``--threads 1`` there too.
+
+torch's OpenMP (libgomp) workers spin after each parallel op before they sleep, and on 2 cores that
+spinning takes the core Taichi's second thread needs right after. ``GOMP_SPINCOUNT=30000`` (set in
+the environment before the run; libgomp reads it when it loads) shortens the spin: measured here, it
+left the reference's time unchanged and cut Taichi's (README). The JSON records the OpenMP settings.
 """
 
 from __future__ import annotations
@@ -193,6 +198,7 @@ def main() -> None:
                 "processor": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
+                "openmp_env": {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")},
                 "torch": torch.__version__,
                 "taichi": ".".join(map(str, ti.__version__)),
             },
