@@ -200,6 +200,7 @@ def markdown_table(results: dict) -> str:
         ("ssim", "SSIM ↑", "{:.3f}"),
         ("lpips", "LPIPS ↓", "{:.3f}"),
         ("depth_abs_rel", "depth abs rel ↓", "{:.4f}"),
+        ("depth_abs_rel_scaled", "depth abs rel, median-scaled ↓", "{:.4f}"),
         ("depth_rmse", "depth RMSE ↓", "{:.4f}"),
         ("depth_corr", "depth correlation ↑", "{:.3f}"),
     ]

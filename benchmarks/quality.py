@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("PSNR (dB)", "psnr", "{:.2f}"),
         ("SSIM", "ssim", "{:.3f}"),
         ("depth abs rel", "depth_abs_rel", "{:.4f}"),
+        ("  median-scaled", "depth_abs_rel_scaled", "{:.4f}"),
         ("depth RMSE", "depth_rmse", "{:.4f}"),
         ("depth corr", "depth_corr", "{:.3f}"),
     ]

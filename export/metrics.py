@@ -79,7 +79,12 @@ def depth_errors(pred, target, mask=None) -> dict[str, float]:
     """Depth error inside the mask, where the ground truth is positive (0 marks background).
 
     pred, target (H, W) in world units. Returns {"abs_rel": mean |p - t| / t, "rmse": sqrt mean (p - t)^2,
-    "corr": Pearson correlation of p and t (NaN when either is constant), "n_pixels": count}.
+    "abs_rel_scaled": abs_rel after scaling p by median(t) / median(p), "corr": Pearson correlation of p
+    and t (NaN when either is constant), "n_pixels": count}.
+
+    ``abs_rel_scaled`` is the median-scaled error of monocular depth evaluation: one view fixes depth only
+    up to a near-ambiguity between an object's size and its distance, so it separates the shape error
+    from that global scale.
 
     >>> depth_errors(np.full((2, 2), 7.0), np.full((2, 2), 7.0))["rmse"]
     0.0
@@ -98,8 +103,11 @@ def depth_errors(pred, target, mask=None) -> dict[str, float]:
         corr = float(np.corrcoef(pv, tv)[0, 1])
     else:
         corr = math.nan
+    median_p = float(np.median(pv))
+    scale = float(np.median(tv)) / median_p if median_p > 0 else math.nan
     return {
         "abs_rel": float(np.mean(np.abs(diff) / tv)),
+        "abs_rel_scaled": float(np.mean(np.abs(scale * pv - tv) / tv)),
         "rmse": float(np.sqrt(np.mean(diff**2))),
         "corr": corr,
         "n_pixels": n,

@@ -213,6 +213,13 @@ def test_depth_errors_on_known_answers():
     assert shifted["corr"] == pytest.approx(1.0)  # a constant offset keeps the shape
     inverted = depth_errors(11.0 - gt, gt, mask=gt > 0)
     assert inverted["corr"] == pytest.approx(-1.0)
+    # Median scaling removes a global scale (size vs distance), not an offset or a wrong shape.
+    assert perfect["abs_rel_scaled"] == 0.0
+    scaled = depth_errors(gt * 1.1, gt)
+    assert scaled["abs_rel"] == pytest.approx(0.1)
+    assert scaled["abs_rel_scaled"] == pytest.approx(0.0, abs=1e-12)
+    rescaled_shift = (valid + 0.5) * 6 / 6.5  # medians 6.5 and 6
+    assert shifted["abs_rel_scaled"] == pytest.approx(np.mean(np.abs(rescaled_shift - valid) / valid))
     with pytest.raises(ValueError, match="mask"):
         depth_errors(gt, gt, mask=np.zeros((16, 16)))
 
