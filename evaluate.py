@@ -8,8 +8,9 @@
   from the training view(s) - from the cache's ``heldout/`` split, or from an SRN-layout folder
   (``--views DIR``: DIR/<instance>/rgb/*.png, pose/*.txt camera-to-world 4x4, intrinsics.txt) whose
   instance names match training source names.
-- Depth, where the data has ground truth (synthetic): abs-rel, RMSE and correlation inside the mask,
-  rendered depth taken as sum(w t) / sum(w) (the surface a ray hits; ground truth is ray distance).
+- Depth, where the data has ground truth (synthetic): abs-rel (raw and median-scaled), RMSE and
+  correlation inside the mask, rendered depth taken as sum(w t) / sum(w) (the surface a ray hits;
+  ground truth is ray distance).
 - LPIPS only if the ``lpips`` package and AlexNet weights are already on this machine (never downloads).
 - The mean-image baseline: the mean training image (and mean training depth) predicted for every view.
 """
