@@ -2,7 +2,8 @@
 
 The Taichi kernels in this package are checked against these functions on every backend, and the
 benchmark times them as the baseline. They follow the same contract (docs/ARCHITECTURE.md) and the
-same sampling conventions, so for the same generator both give the same samples:
+same sampling conventions, so both give the same samples at bin centres (no generator), and the same
+jittered samples when the reference is handed the kernels' uniforms (``jitter=hashed_uniforms(...)``):
 
 - uniforms: the reference draws them with ``torch.rand`` from the caller's generator. The Taichi kernels
   hash them inside the kernel instead (``torch.rand`` on the CPU is a sequential Mersenne Twister:
@@ -110,7 +111,10 @@ def generate_rays(
 
 
 def draw_key(generator: torch.Generator) -> int:
-    """One 31-bit key for a call's hashed uniforms, from (and advancing) the caller's generator."""
+    """One 31-bit key for a call's hashed uniforms, from (and advancing) the caller's generator.
+
+    With a CUDA generator the ``.item()`` waits for the device: one small sync per sampling call.
+    """
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
 
 
