@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--reuse", action="store_true", help="with --work: evaluate its trained run again")
     parser.add_argument("train_flags", nargs="*", metavar="-- TRAIN_FLAG",
-                        help="extra train.py flags after --, e.g. -- --loss-hard-weight 0.05")
+                        help="extra train.py flags after --, e.g. -- --loss-hard 0.3")
     args = parser.parse_args(argv)
 
     import torch
