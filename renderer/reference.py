@@ -125,14 +125,18 @@ def pcg_hash(x: torch.Tensor) -> torch.Tensor:
     return (word >> 22) ^ word
 
 
+def mix_key(key: int) -> int:
+    """``pcg_hash(key)``: the offset that key adds to every sample index (the kernels take it as is)."""
+    return int(pcg_hash(torch.tensor(key, dtype=torch.int64)))
+
+
 def hash_uniform(index: torch.Tensor, key: int) -> torch.Tensor:
     """Uniforms in [0, 1) with 24 random bits: int64 sample indices (< 2^32) -> float32, same shape.
 
     >>> hash_uniform(torch.arange(3), key=7)
     tensor([0.5025, 0.6542, 0.8584])
     """
-    mixed = pcg_hash(torch.tensor(key, dtype=torch.int64))
-    return (pcg_hash((index + mixed) & U32) >> 8).to(torch.float32) * 2.0**-24
+    return (pcg_hash((index + mix_key(key)) & U32) >> 8).to(torch.float32) * 2.0**-24
 
 
 def hashed_uniforms(

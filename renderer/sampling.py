@@ -17,7 +17,7 @@ from renderer.reference import (
     PCG_MULTIPLIER,
     PCG_OUTPUT,
     draw_key,
-    pcg_hash,
+    mix_key,
 )
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
@@ -29,7 +29,7 @@ TINY = 1.1754944e-38  # smallest normal float32: guards divisions by a zero-leng
 
 @ti.func
 def hash_uniform(index, mixed_key):
-    """``reference.hash_uniform``: a uniform in [0, 1) from a sample index and ``pcg_hash(key)``."""
+    """``reference.hash_uniform``: a uniform in [0, 1) from a sample index and ``reference.mix_key(key)``."""
     state = (ti.cast(index, ti.u32) + mixed_key) * ti.u32(PCG_MULTIPLIER) + ti.u32(PCG_INCREMENT)
     word = ((state >> ((state >> ti.u32(28)) + ti.u32(4))) ^ state) * ti.u32(PCG_OUTPUT)
     word = (word >> ti.u32(22)) ^ word
@@ -187,10 +187,10 @@ def deltas_kernel(t: f32_1d, far: f32_1d, deltas: f32_1d, n_samples: ti.i32):
 
 
 def _mixed_key(generator: torch.Generator | None) -> int:
-    """``pcg_hash`` of a fresh key from the caller's generator (0, unused, without a generator)."""
+    """``mix_key`` of a fresh key from the caller's generator (0, unused, without a generator)."""
     if generator is None:
         return 0
-    return int(pcg_hash(torch.tensor(draw_key(generator), dtype=torch.int64)))
+    return mix_key(draw_key(generator))
 
 
 def _check_rays(near: torch.Tensor, far: torch.Tensor) -> None:
