@@ -68,6 +68,10 @@ def _start(
     """Start Taichi on ``arch``; True when it really runs there (not on Taichi's silent x64 fallback)."""
     ti.reset()
     options = {"cpu_max_num_threads": cpu_threads} if cpu_threads else {}
+    if arch == "cpu":
+        # Keep ti.types.vector values as LLVM vectors: the x64 kernels' 8-float lanes then compile to
+        # AVX instructions (renderer/lanes.py). Other arches keep Taichi's default (scalarised).
+        options["real_matrix_scalarize"] = False
     try:
         ti.init(
             arch=getattr(ti, arch),

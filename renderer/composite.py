@@ -27,6 +27,8 @@ import taichi as ti
 import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
+from renderer.composite_lanes import composite_backward_lanes, composite_forward_lanes
+from renderer.lanes import LANES, aligned, as_lanes, lane_ready, lanes_active
 from renderer.reference import Composited, expand_background
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
@@ -150,7 +152,18 @@ class CompositeFunction(torch.autograd.Function):
         bg_k = to_kernel(background)
         weights = torch.empty((n_rays, n_samples), device=device)
         per_ray = torch.empty((n_rays, PER_RAY), device=device)
-        if n_rays > 0 and n_samples > 0:
+        use_lanes = n_rays > 0 and n_samples % LANES == 0 and lanes_active()
+        if use_lanes:
+            sigmas_k, rgbs_k, t_k, deltas_k = (lane_ready(x) for x in (sigmas_k, rgbs_k, t_k, deltas_k))
+            use_lanes = aligned(sigmas_k, rgbs_k, t_k, deltas_k, weights)
+        if use_lanes:
+            launch(
+                "composite_forward",
+                composite_forward_lanes,
+                *(as_lanes(x) for x in (sigmas_k, rgbs_k, t_k, deltas_k)), bg_k, as_lanes(weights), per_ray,
+                n_samples // LANES,
+            )  # fmt: skip
+        elif n_rays > 0 and n_samples > 0:
             launch(
                 "composite_forward",
                 composite_forward_kernel,
@@ -161,6 +174,7 @@ class CompositeFunction(torch.autograd.Function):
             per_ray[:, :3] = bg_k
             per_ray[:, 5] = 1.0
         ctx.save_for_backward(rgbs_k, t_k, deltas_k, bg_k, weights, per_ray)
+        ctx.lanes = use_lanes
         ctx.out_device = out_device
         ctx.grad_dtypes = (sigmas.dtype, rgbs.dtype, background.dtype)  # computed in float32
         # Copies, not views of per_ray (which backward reads): callers may edit outputs in place.
@@ -187,14 +201,28 @@ class CompositeFunction(torch.autograd.Function):
                 dim=1,
             )
             use_grad_weights = grad_weights is not None
-            launch(
-                "composite_backward",
-                composite_backward_kernel,
-                rgbs, t, deltas, background, weights.view(-1), per_ray, grad_per_ray,
-                _flat(grad_weights) if use_grad_weights else torch.zeros(1, device=device),
-                int(use_grad_weights), grad_sigmas.view(-1), grad_rgbs.view(-1), grad_background,
-                n_samples,
-            )  # fmt: skip
+            upstream_weights = _flat(grad_weights) if use_grad_weights else torch.zeros(LANES, device=device)
+            use_lanes = ctx.lanes and lanes_active()
+            if use_lanes:
+                upstream_weights = lane_ready(upstream_weights)
+                lane_tensors = (rgbs, t, deltas, weights, upstream_weights, grad_sigmas, grad_rgbs)
+                use_lanes = aligned(*lane_tensors)
+            if use_lanes:
+                launch(
+                    "composite_backward",
+                    composite_backward_lanes,
+                    *(as_lanes(x) for x in lane_tensors[:3]), background, as_lanes(weights), per_ray,
+                    grad_per_ray, as_lanes(upstream_weights), use_grad_weights, as_lanes(grad_sigmas),
+                    as_lanes(grad_rgbs), grad_background, n_samples // LANES,
+                )  # fmt: skip
+            else:
+                launch(
+                    "composite_backward",
+                    composite_backward_kernel,
+                    rgbs, t, deltas, background, weights.view(-1), per_ray, grad_per_ray, upstream_weights,
+                    int(use_grad_weights), grad_sigmas.view(-1), grad_rgbs.view(-1), grad_background,
+                    n_samples,
+                )  # fmt: skip
         else:
             grad_background = _upstream(grad_color, (n_rays, 3), device) * (1 - per_ray[:, 3:4])
         out, (d_sigma, d_rgb, d_bg) = ctx.out_device, ctx.grad_dtypes

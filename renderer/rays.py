@@ -43,7 +43,8 @@ def rays_kernel(
         for a in ti.static(range(3)):
             trans[a] = world_to_camera[ie, a, 3]
         direction = (rot.transpose() @ cam).normalized()
-        origin = -(rot.transpose() @ trans)
+        # 0 - v, not -v: unary minus on a vector aborts LLVM on x64 (see renderer/lanes.py).
+        origin = 0.0 - rot.transpose() @ trans
         half_b = origin.dot(direction)
         c = origin.dot(origin) - radius * radius
         disc = half_b * half_b - c

@@ -11,6 +11,7 @@ import taichi as ti
 import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
+from renderer.lanes import LANES, aligned, as_lanes, lanes_active
 from renderer.reference import (
     IMPORTANCE_EPS,
     PCG_INCREMENT,
@@ -19,6 +20,7 @@ from renderer.reference import (
     draw_key,
     mix_key,
 )
+from renderer.sampling_lanes import stratified_lanes
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
@@ -215,7 +217,12 @@ def sample_stratified(
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     n_rays = near.shape[0]
     t = torch.empty((n_rays, n_samples), device=kernel_device())
-    if n_rays > 0:
+    if n_rays > 0 and n_samples % LANES == 0 and lanes_active() and aligned(t):
+        launch(
+            "sample_stratified", stratified_lanes, to_kernel(near), to_kernel(far), _mixed_key(generator),
+            generator is not None, as_lanes(t), n_samples // LANES,
+        )  # fmt: skip
+    elif n_rays > 0:
         launch(
             "sample_stratified", stratified_kernel, to_kernel(near), to_kernel(far), _mixed_key(generator),
             int(generator is not None), t.view(-1), n_samples,

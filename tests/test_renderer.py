@@ -1,5 +1,6 @@
 """Renderer kernels against the plain-torch reference, on every Taichi backend (the `arch` fixture)."""
 
+import importlib
 import math
 
 import numpy as np
@@ -279,9 +280,8 @@ def test_composite_grads_from_a_subset_of_outputs(arch, outputs):
         assert_close(got, torch.zeros_like(got) if want is None else want, atol=2e-5)
 
 
-def edge_case_batch() -> tuple[torch.Tensor, ...]:
-    """One row per edge case, 6 samples each."""
-    n = 6
+def edge_case_batch(n: int = 6) -> tuple[torch.Tensor, ...]:
+    """One row per edge case, n >= 6 samples each."""
     t = torch.linspace(5, 8, n).expand(7, n).clone()
     deltas = torch.full((7, n), 0.6)
     sigmas = torch.rand(7, n, generator=torch.Generator().manual_seed(0)) * 3
@@ -291,7 +291,7 @@ def edge_case_batch() -> tuple[torch.Tensor, ...]:
     deltas[3] = 0.0  # zero-length intervals
     deltas[4] = 1e6  # very long intervals
     t[5], deltas[5] = 2.0, 0.0  # a miss: near == far, every sample at near
-    sigmas[6] = torch.tensor([0.0, 1e-8, 1e-4, 1e4, 0.0, 5.0])  # mixed scales
+    sigmas[6] = torch.tensor([0.0, 1e-8, 1e-4, 1e4, 0.0, 5.0] + [0.5] * (n - 6))  # mixed scales
     rgbs = torch.rand(7, n, 3, generator=torch.Generator().manual_seed(1))
     background = torch.rand(7, 3, generator=torch.Generator().manual_seed(2))
     return sigmas, rgbs, t, deltas, background
@@ -465,3 +465,110 @@ def test_composite_float64_leaves_get_float64_gradients(arch):
     (grad,) = torch.autograd.grad(expected.color.sum(), [sigmas32])
     assert sigmas.grad.dtype == torch.float64 and rgbs.grad.dtype == torch.float64
     assert_close(sigmas.grad.float(), grad)
+
+
+@pytest.fixture
+def lane_launches(monkeypatch, keep_taichi_arch):
+    """Starts x64 (the only arch with the 8-sample lane kernels) and counts the lane kernels' launches."""
+    if backend.started_arch() != "cpu":
+        backend.init_backend("cpu", "cpu", verbose=False)
+    composite_module = importlib.import_module("renderer.composite")  # renderer.composite is the function
+    sampling_module = importlib.import_module("renderer.sampling")
+
+    counts = {}
+    for module, name in [
+        (composite_module, "composite_forward_lanes"),
+        (composite_module, "composite_backward_lanes"),
+        (sampling_module, "stratified_lanes"),
+    ]:
+        kernel = getattr(module, name)
+
+        def counted(*args, _kernel=kernel, _name=name):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _kernel(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+def run_both_paths(monkeypatch, fn):
+    """``fn()`` with the lane kernels and again with the scalar kernels (lanes switched off)."""
+    from renderer import lanes
+
+    with_lanes = fn()
+    monkeypatch.setattr(lanes, "ENABLED", False)
+    scalar = fn()
+    monkeypatch.setattr(lanes, "ENABLED", True)
+    return with_lanes, scalar
+
+
+def misaligned_copy(x: torch.Tensor) -> torch.Tensor:
+    """The same values in a contiguous view that starts one float into its storage (not 32-byte aligned)."""
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
+    view = storage[1:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_composite_lanes_match_scalar_kernels_and_reference(lane_launches, monkeypatch, misaligned):
+    """Random rays plus every edge case, 8 and 24 samples per ray: lanes == scalar == reference."""
+    batch = random_batch(37, 24, seed=12)
+    edge = edge_case_batch(8)
+    cases = [
+        (batch["sigmas"], batch["rgbs"], batch["t"], batch["deltas"], batch["background"]),
+        edge,
+    ]
+    for sigmas, rgbs, t, deltas, background in cases:
+        if misaligned:
+            sigmas, rgbs, t, deltas = (misaligned_copy(x) for x in (sigmas, rgbs, t, deltas))
+        upstream = upstream_for(*sigmas.shape, seed=5)
+        args = (sigmas, rgbs, t, deltas, background, upstream)
+
+        def run(args=args):
+            out, grads = composite_with_grads(renderer.composite, *args)
+            return (*out, *grads)
+
+        before = dict(lane_launches)
+        with_lanes, scalar = run_both_paths(monkeypatch, run)
+        assert lane_launches["composite_forward_lanes"] == before.get("composite_forward_lanes", 0) + 1
+        assert lane_launches["composite_backward_lanes"] == before.get("composite_backward_lanes", 0) + 1
+        out_ref, grads_ref = composite_with_grads(ref.composite, *args)
+        for got, want, expected in zip(with_lanes, scalar, (*out_ref, *grads_ref), strict=True):
+            assert torch.isfinite(got).all()
+            assert_close(got, want, atol=2e-6)
+            assert_close(got, expected, atol=2e-5)
+
+
+def test_composite_lanes_weights_gradient_and_saturation(lane_launches, monkeypatch):
+    """Gradient through the weights alone, and rays that saturate inside, across and after a lane."""
+    sigmas, rgbs, t, deltas, background = edge_case_batch(16)
+    sigmas[0, 7:] = 1e6  # opaque from the last lane of the first chunk on
+    upstream = [torch.zeros(7, 3), torch.zeros(7), torch.zeros(7), torch.randn(7, 16)]
+
+    def run():
+        out, grads = composite_with_grads(renderer.composite, sigmas, rgbs, t, deltas, background, upstream)
+        return (*out, *grads)
+
+    with_lanes, scalar = run_both_paths(monkeypatch, run)
+    assert lane_launches["composite_backward_lanes"] == 1
+    for got, want in zip(with_lanes, scalar, strict=True):
+        assert_close(got, want, atol=2e-6)
+    assert torch.all(with_lanes[3][0, 8:] == 0)
+
+
+def test_stratified_lanes_match_scalar_kernel_bit_for_bit(lane_launches, monkeypatch):
+    near = torch.tensor([0.0, 5.0, 2.0, 3.0, 4.5])
+    far = torch.tensor([4.0, 9.0, 2.0, 3.5, 8.25])
+
+    def run():
+        return tuple(
+            renderer.sample_stratified(near, far, n, None if seed is None else torch.Generator().manual_seed(seed))
+            for n in (8, 64)
+            for seed in (None, 3)
+        )
+
+    with_lanes, scalar = run_both_paths(monkeypatch, run)
+    assert lane_launches["stratified_lanes"] == 4
+    for got, want in zip(with_lanes, scalar, strict=True):
+        assert torch.equal(got, want)
