@@ -562,10 +562,11 @@ def test_stratified_lanes_match_scalar_kernel_bit_for_bit(lane_launches, monkeyp
     far = torch.tensor([4.0, 9.0, 2.0, 3.5, 8.25])
 
     def run():
+        seeded = [None, lambda: torch.Generator().manual_seed(3)]
         return tuple(
-            renderer.sample_stratified(near, far, n, None if seed is None else torch.Generator().manual_seed(seed))
+            renderer.sample_stratified(near, far, n, make() if make else None)
             for n in (8, 64)
-            for seed in (None, 3)
+            for make in seeded
         )
 
     with_lanes, scalar = run_both_paths(monkeypatch, run)

@@ -194,7 +194,7 @@ def test_profile_prints_breakdown_and_writes_trace(cache, tmp_path, capsys):
         restore_arch(previous)
     out = capsys.readouterr().out
     for phase in ("data", "field forward", "renderer forward", "field backward", "renderer backward",
-                  "optimiser", "composite_forward_kernel", "share of the step outside the field MLP"):
+                  "optimiser", "composite_forward_lanes", "share of the step outside the field MLP"):
         assert phase in out
     trace = json.loads((run_dir / "profile_trace.json").read_text())
     assert trace["traceEvents"]
