@@ -4,14 +4,16 @@
 
 Times forward + backward of sampling and compositing for a 64 x 64 view (4,096 rays, frontal camera
 7 units from the origin, bounding sphere of radius 2), exactly the renderer part of a training step:
-stratified 128 -> importance 64 (from fixed coarse weights) -> merge with deltas -> composite of
-the 192 merged samples -> backward from upstream gradients on all four outputs (colour, opacity, depth,
-weights). The densities and colours stand in for the network: fixed leaf tensors, so only renderer
-work is timed. Both implementations run interleaved in each repeat (so load from other processes hits
-both alike) with the same seeds; each stage is timed alone and the whole chain end to end. Prints
-medians and the reference / Taichi ratio; ``--json`` writes them. Each implementation draws its jitter
-its own way (the reference with ``torch.rand``, the kernels by hashing in-kernel; see
-``renderer.reference``), so the agreement check runs one extra pass at bin centres.
+stratified 128 -> importance 64 (from fixed coarse weights), merged with the coarse samples and their
+interval lengths (``sample_importance_and_merge``: one kernel pass in Taichi, ``sample_importance``
+then a sort in the reference) -> composite of the 192 merged samples -> backward from upstream
+gradients on all four outputs (colour, opacity, depth, weights). The densities and colours stand in
+for the network: fixed leaf tensors, so only renderer work is timed. Both implementations run
+interleaved in each repeat (so load from other processes hits both alike) with the same seeds; each
+stage is timed alone and the whole chain end to end. Prints medians and the reference / Taichi ratio;
+``--json`` writes them. Each implementation draws its jitter its own way (the reference with
+``torch.rand``, the kernels by hashing in-kernel; see ``renderer.reference``), so the agreement check
+runs one extra pass at bin centres.
 
 On a machine shared with other jobs, wall times mislead: torch's OpenMP threads wait for each other
 when another process holds a core, which inflates the reference far more than Taichi (we saw the
@@ -46,7 +48,7 @@ import renderer
 from dataset.cache import atomic_write_json
 from renderer import reference
 
-STAGES = ("stratified", "importance", "merge_deltas", "composite_forward", "composite_backward")
+STAGES = ("stratified", "importance_merge", "composite_forward", "composite_backward")
 
 
 def make_inputs(n_side: int, n_coarse: int, n_fine: int) -> dict:
@@ -97,9 +99,9 @@ def run_pipeline(impl, x: dict, seed: int | None, clock: Callable[[], float]) ->
     marks = [clock()]
     t = impl.sample_stratified(x["near"], x["far"], x["n_coarse"], g)
     marks.append(clock())
-    t_fine = impl.sample_importance(t, x["coarse_weights"], x["n_fine"], x["near"], x["far"], g)
-    marks.append(clock())
-    t_all, _, deltas = impl.merge_samples_with_deltas(t, t_fine, x["far"])
+    _, t_all, _, deltas = impl.sample_importance_and_merge(
+        t, x["coarse_weights"], x["n_fine"], x["near"], x["far"], g
+    )
     marks.append(clock())
     out = impl.composite(x["sigmas"], x["rgbs"], t_all, deltas, x["background"])
     marks.append(clock())

@@ -8,10 +8,10 @@
 Each sample is evaluated by the network exactly once:
 1. coarse stratified samples -> field (with gradients);
 2. compositing of the detached coarse outputs gives the weights for importance sampling (no gradient);
-3. importance samples -> field (with gradients), the fine samples only;
-4. ``merge_samples_with_deltas`` sorts coarse + fine depths and gives the interval lengths; its ``order``
-   gathers the already computed sigma/rgb;
-5. ``renderer.composite`` over all samples, with gradients. The coarse pass has no loss of its own.
+3. importance samples -> field (with gradients), the fine samples only. The same kernel pass
+   (``sample_importance_and_merge``) merges coarse + fine depths and gives the interval lengths; its
+   ``order`` gathers the already computed sigma/rgb;
+4. ``renderer.composite`` over all samples, with gradients. The coarse pass has no loss of its own.
 """
 
 from __future__ import annotations
@@ -79,10 +79,9 @@ def render_rays(field: nn.Module, background: nn.Module, rays: renderer.Rays, la
         deltas_coarse = ops.sample_deltas(t_coarse, rays.far)
         coarse = ops.composite(sigma_coarse.detach(), rgb_coarse.detach(), t_coarse, deltas_coarse, 0.0)
     if cfg.n_fine > 0:
-        t_fine = ops.sample_importance(t_coarse, coarse.weights, cfg.n_fine, rays.near, rays.far,
-                                       generator=generator)
+        t_fine, t_all, order, deltas = ops.sample_importance_and_merge(
+            t_coarse, coarse.weights, cfg.n_fine, rays.near, rays.far, generator=generator)
         sigma_fine, rgb_fine = evaluate_samples(field, rays, t_fine, latents)
-        t_all, order, deltas = ops.merge_samples_with_deltas(t_coarse, t_fine, rays.far)
         sigma = torch.cat([sigma_coarse, sigma_fine], dim=1).gather(1, order)
         rgb = torch.cat([rgb_coarse, rgb_fine], dim=1).gather(1, order[..., None].expand(-1, -1, 3))
     else:

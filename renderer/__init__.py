@@ -14,6 +14,7 @@ from renderer.sampling import (
     merge_samples_with_deltas,
     sample_deltas,
     sample_importance,
+    sample_importance_and_merge,
     sample_stratified,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "merge_samples_with_deltas",
     "sample_deltas",
     "sample_importance",
+    "sample_importance_and_merge",
     "sample_stratified",
 ]

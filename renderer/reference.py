@@ -230,6 +230,21 @@ def sample_importance(
     return torch.where(total > 0, samples, near[:, None].expand_as(samples))
 
 
+def sample_importance_and_merge(
+    t: torch.Tensor,
+    weights: torch.Tensor,
+    n_samples: int,
+    near: torch.Tensor,
+    far: torch.Tensor,
+    generator: torch.Generator | None = None,
+    jitter: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sample_importance`` then ``merge_samples_with_deltas(t, t_fine, far)``:
+    -> t_fine (R, F), t_all (R, S+F), order (R, S+F) int64, deltas (R, S+F)."""
+    t_fine = sample_importance(t, weights, n_samples, near, far, generator, jitter)
+    return (t_fine, *merge_samples_with_deltas(t, t_fine, far))
+
+
 def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two per-ray sorted sample lists: (R, S), (R, F) -> t_all (R, S+F), order (R, S+F) int64.
 

@@ -11,7 +11,7 @@ import taichi as ti
 import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
-from renderer.lanes import LANES, aligned, as_lanes, lanes_active
+from renderer.lanes import LANES, aligned, as_lanes, lanes_1d, lanes_active, shift_down
 from renderer.reference import (
     IMPORTANCE_EPS,
     PCG_INCREMENT,
@@ -56,6 +56,15 @@ def stratified_kernel(
             t[first + s] = lo + bin_width * (s + u)
 
 
+@ti.func
+def place(t_all: ti.template(), order: ti.template(), ray, k, value, source, take):
+    """Write (value, source) to slot k of the ray's merged list, and keep it only if ``take``: returns
+    the next free slot. Branch-free: a slot written but not kept is overwritten by the next one."""
+    t_all[ray, k] = value
+    order[ray, k] = source
+    return k + ti.cast(take, ti.i32)
+
+
 @ti.kernel
 def importance_kernel(
     t: f32_2d,
@@ -65,12 +74,29 @@ def importance_kernel(
     mixed_key: ti.u32,
     use_jitter: ti.i32,
     t_fine: f32_2d,
+    merged: ti.template(),
+    t_all: f32_2d,
+    order: i64_2d,
+    deltas: f32_2d,
+    lane_deltas: ti.template(),
+    t_all_lanes: lanes_1d,
+    deltas_lanes: lanes_1d,
 ):
     """Inverse CDF by a two-pointer walk (the uniforms are sorted): (R, S) t, weights -> (R, F) t_fine.
 
     Bin i spans [left_i, right_i] = [near | mid(t[i-1], t[i]), mid(t[i], t[i+1]) | far]; its mass is
     ``max(w_i, 0) + eps * width_i / (far - near)``. The walk carries the current bin's edges and its
     mass, so each bin is visited once per ray: O(S + F).
+
+    With ``merged`` (a compile-time flag) the walk also writes ``merge_samples_with_deltas(t, t_fine,
+    far)`` into (R, S+F) t_all, order and deltas, which needs no search: coarse sample t_i lies in bin
+    i, so every coarse sample before the current bin is ``<=`` the fine sample being placed, and every
+    one after it is ``>=``. The walk places t_i when it leaves bin i, or before the first fine sample of
+    bin i that is ``>= t_i``, both without a data-dependent branch (``place``); a loop catches the ties
+    of degenerate rays (equal coarse samples), so the result is the stable merge exactly. The interval
+    lengths follow in a last pass over the row, 8 at a time on x64 (``lane_deltas``; the *_lanes
+    arguments are lane views of t_all and deltas). For 4,096 rays of 128 + 64 samples this kernel took
+    6.8 ms against 7.8 ms for this walk then ``merge_kernel`` on one core (4.0 against 5.1 ms on two).
     """
     n_bins = t.shape[1]
     n_fine = t_fine.shape[1]
@@ -82,21 +108,27 @@ def importance_kernel(
             weight_sum += ti.max(weights[ray, i], 0.0)
         # The bin widths telescope to far - near (coarse t sorted inside [near, far]).
         total = weight_sum + eps_per_length * (hi - lo)
-        if total > 0.0:
-            u_scale = total / n_fine
-            i = 0
-            cdf_below = 0.0
-            left = lo
-            right = hi
-            if n_bins > 1:
-                right = 0.5 * (t[ray, 0] + t[ray, 1])
-            mass = ti.max(weights[ray, 0], 0.0) + eps_per_length * ti.max(right - left, 0.0)
-            for j in range(n_fine):
+        u_scale = total / n_fine
+        i = 0
+        cdf_below = 0.0
+        left = lo
+        right = hi
+        if n_bins > 1:
+            right = 0.5 * (t[ray, 0] + t[ray, 1])
+        mass = ti.max(weights[ray, 0], 0.0) + eps_per_length * ti.max(right - left, 0.0)
+        k = 0  # merged slots filled
+        placed = 0  # coarse samples placed
+        for j in range(n_fine):
+            sample = lo  # a miss (near == far) has no mass: every sample sits at near
+            if total > 0.0:
                 v = 0.5
                 if use_jitter:
                     v = hash_uniform(ray * n_fine + j, mixed_key)
                 u = (j + v) * u_scale
                 while i < n_bins - 1 and cdf_below + mass <= u:
+                    if ti.static(merged):  # leaving bin i: t_i comes before every later sample
+                        k = place(t_all, order, ray, k, t[ray, i], i, placed <= i)
+                        placed = ti.max(placed, i + 1)
                     cdf_below += mass
                     i += 1
                     left = right
@@ -107,10 +139,34 @@ def importance_kernel(
                 frac = 0.0
                 if mass > 0.0:
                     frac = ti.min(ti.max((u - cdf_below) / mass, 0.0), 1.0)
-                t_fine[ray, j] = left + frac * ti.max(right - left, 0.0)
-        else:  # a miss (near == far) has no mass: every sample sits at near
-            for j in range(n_fine):
-                t_fine[ray, j] = lo
+                sample = left + frac * ti.max(right - left, 0.0)
+            t_fine[ray, j] = sample
+            if ti.static(merged):
+                coarse = t[ray, i]
+                take = placed <= i and coarse <= sample  # ties: the coarse sample first (stable)
+                k = place(t_all, order, ray, k, coarse, i, take)
+                placed = ti.select(take, i + 1, placed)
+                while placed < n_bins and t[ray, placed] <= sample:  # only on degenerate (tied) rays
+                    k = place(t_all, order, ray, k, t[ray, placed], placed, True)
+                    placed += 1
+                k = place(t_all, order, ray, k, sample, n_bins + j, True)
+        if ti.static(merged):
+            while placed < n_bins:
+                k = place(t_all, order, ray, k, t[ray, placed], placed, True)
+                placed += 1
+            width = n_bins + n_fine
+            if ti.static(lane_deltas):
+                chunks = width // LANES
+                for c in range(ray * chunks, ray * chunks + chunks):
+                    here = t_all_lanes[c]
+                    after = hi
+                    if c + 1 < ray * chunks + chunks:
+                        after = t_all_lanes[c + 1][0]
+                    deltas_lanes[c] = ti.max(shift_down(here, 1, after) - here, 0.0)
+            else:
+                for m in range(width - 1):
+                    deltas[ray, m] = ti.max(t_all[ray, m + 1] - t_all[ray, m], 0.0)
+                deltas[ray, width - 1] = ti.max(hi - t_all[ray, width - 1], 0.0)
 
 
 @ti.func
@@ -247,6 +303,39 @@ def sample_importance(
     >>> sample_importance(t, w, 2, torch.tensor([0.0]), torch.tensor([4.0]))
     tensor([[2.2500, 2.7500]])
     """
+    return _importance(t, weights, n_samples, near, far, generator, merged=False)[0]
+
+
+def sample_importance_and_merge(
+    t: torch.Tensor,
+    weights: torch.Tensor,
+    n_samples: int,
+    near: torch.Tensor,
+    far: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sample_importance``, then ``merge_samples_with_deltas(t, t_fine, far)``, in one kernel pass:
+    -> t_fine (R, F), t_all (R, S+F), order (R, S+F) int64, deltas (R, S+F); the same numbers as the
+    two calls with the same generator state.
+
+    >>> t = torch.tensor([[0.5, 1.5, 2.5, 3.5]]); w = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    >>> near, far = torch.tensor([0.0]), torch.tensor([4.0])
+    >>> t_fine, t_all, order, deltas = sample_importance_and_merge(t, w, 2, near, far)
+    >>> order, deltas
+    (tensor([[0, 1, 4, 2, 5, 3]]), tensor([[1.0000, 0.7500, 0.2500, 0.2500, 0.7500, 0.5000]]))
+    """
+    return _importance(t, weights, n_samples, near, far, generator, merged=True)
+
+
+def _importance(
+    t: torch.Tensor,
+    weights: torch.Tensor,
+    n_samples: int,
+    near: torch.Tensor,
+    far: torch.Tensor,
+    generator: torch.Generator | None,
+    merged: bool,
+) -> tuple[torch.Tensor, ...]:
     _check_rays(near, far)
     if t.dim() != 2 or weights.shape != t.shape or t.shape[0] != near.shape[0]:
         raise ValueError(
@@ -256,20 +345,23 @@ def sample_importance(
     if n_samples < 1 or t.shape[1] < 1:
         raise ValueError(f"need at least one coarse and one fine sample; got {t.shape[1]} and {n_samples}.")
     n_rays = t.shape[0]
-    t_fine = torch.empty((n_rays, n_samples), device=kernel_device())
+    device = kernel_device()
+    t_fine = torch.empty((n_rays, n_samples), device=device)
+    width = t.shape[1] + n_samples if merged else 0  # (R, 0) placeholders when not merging
+    t_all = torch.empty((n_rays, width), device=device)
+    order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
+    deltas = torch.empty((n_rays, width), device=device)
+    lane_deltas = merged and width % LANES == 0 and lanes_active() and aligned(t_all, deltas)
+    unused = torch.zeros((1, LANES), device=device)
+    lane_views = (as_lanes(t_all), as_lanes(deltas)) if lane_deltas else (unused, unused)
     if n_rays > 0:
         launch(
-            "sample_importance",
-            importance_kernel,
-            to_kernel(t),
-            to_kernel(weights),
-            to_kernel(near),
-            to_kernel(far),
-            _mixed_key(generator),
-            int(generator is not None),
-            t_fine,
-        )
-    return t_fine.to(t.device)
+            "sample_importance_and_merge" if merged else "sample_importance", importance_kernel,
+            to_kernel(t), to_kernel(weights), to_kernel(near), to_kernel(far), _mixed_key(generator),
+            int(generator is not None), t_fine, merged, t_all, order, deltas, lane_deltas, *lane_views,
+        )  # fmt: skip
+    out = (t_fine, t_all, order, deltas) if merged else (t_fine,)
+    return tuple(x.to(t.device) for x in out)
 
 
 def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

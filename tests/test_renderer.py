@@ -159,6 +159,36 @@ def test_importance_matches_reference(arch):
         assert torch.all(fine[:4] == near[:4, None])
 
 
+@pytest.mark.parametrize("n_coarse, n_fine", [(32, 24), (13, 5)])  # x64: deltas 8 at a time, or not
+def test_importance_and_merge_equals_importance_then_merge(arch, n_coarse, n_fine):
+    """The fused kernel is exactly sample_importance + merge_samples_with_deltas, ties and misses included."""
+    rays = 40
+    g = torch.Generator().manual_seed(4)
+    near = 4 + torch.rand(rays, generator=g)
+    far = near + 1 + 3 * torch.rand(rays, generator=g)
+    far[:3] = near[:3]  # misses: every sample at near, all tied
+    t = ref.sample_stratified(near, far, n_coarse, g)
+    t[3, 4:8] = t[3, 4]  # equal coarse samples: zero-width bins and ties with the fine samples
+    t[4] = torch.sort(t[4]).values
+    weights = torch.rand(rays, n_coarse, generator=g) ** 6
+    weights[5] = 0  # uniform sampling
+    weights[6, 2] = 1e4  # a spike: many fine samples in one bin
+    for seed in (None, 11):
+        def generator(seed=seed):
+            return None if seed is None else torch.Generator().manual_seed(seed)
+
+        fine = renderer.sample_importance(t, weights, n_fine, near, far, generator())
+        separate = (fine, *renderer.merge_samples_with_deltas(t, fine, far))
+        fused = renderer.sample_importance_and_merge(t, weights, n_fine, near, far, generator())
+        for got, want in zip(fused, separate, strict=True):
+            assert torch.equal(got, want)
+        jitter = None if seed is None else ref.hashed_uniforms(rays, n_fine, generator(), "cpu")
+        expected = ref.sample_importance_and_merge(t, weights, n_fine, near, far, jitter=jitter)
+        assert_close(fused[1], expected[1], atol=1e-4)
+        assert_close(fused[3], expected[3], atol=2e-4)
+        assert torch.equal(fused[1].gather(1, fused[2].argsort(1))[:, :n_coarse], t)
+
+
 def test_hashed_uniforms_are_uniform_seeded_and_fresh_per_call(arch):
     """The in-kernel PCG uniforms: bit-exact with the torch version, flat, and a new key per call."""
     g = torch.Generator().manual_seed(0)
