@@ -152,7 +152,7 @@ class CompositeFunction(torch.autograd.Function):
         bg_k = to_kernel(background)
         weights = torch.empty((n_rays, n_samples), device=device)
         per_ray = torch.empty((n_rays, PER_RAY), device=device)
-        use_lanes = n_rays > 0 and n_samples % LANES == 0 and lanes_active()
+        use_lanes = n_rays > 0 and n_samples > 0 and n_samples % LANES == 0 and lanes_active()
         if use_lanes:
             sigmas_k, rgbs_k, t_k, deltas_k = (lane_ready(x) for x in (sigmas_k, rgbs_k, t_k, deltas_k))
             use_lanes = aligned(sigmas_k, rgbs_k, t_k, deltas_k, weights)
