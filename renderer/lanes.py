@@ -10,9 +10,12 @@ against 3.1 ms for the scalar kernel.
 
 So the x64 kernels hold 8 consecutive samples of one ray per ``Lanes`` value, and these helpers do what
 would otherwise be scalar: an exp by polynomial, in-vector scans (prefix products and suffix sums), the
-interleaved RGB shuffles and the PCG hash. Two Taichi bugs under ``real_matrix_scalarize=False`` shape
+interleaved RGB shuffles and the PCG hash. Taichi bugs under ``real_matrix_scalarize=False`` shape
 them: unary minus on a vector and ``ti.cast`` of a vector abort inside LLVM, so negation is written
-``0.0 - x`` and casts go lane by lane (LLVM's SLP vectoriser fuses them back into vector instructions).
+``0.0 - x`` and casts go lane by lane (LLVM's SLP vectoriser fuses them back into vector instructions);
+a vector local created before a kernel's parallel loop and used inside it crashed, so kernels build
+their vector constants inside the loop. ``+=`` on an ndarray element is an atomic add in a Taichi
+kernel, so kernels accumulate in locals.
 
 A tensor can take the lane path when its length is a multiple of 8 and its data is 32-byte aligned
 (``aligned``): the vector loads and stores are aligned AVX instructions, and a misaligned address

@@ -143,7 +143,7 @@ def importance_kernel(
             t_fine[ray, j] = sample
             if ti.static(merged):
                 coarse = t[ray, i]
-                take = placed <= i and coarse <= sample  # ties: the coarse sample first (stable)
+                take = (placed <= i) & (coarse <= sample)  # ties: the coarse sample first (stable)
                 k = place(t_all, order, ray, k, coarse, i, take)
                 placed = ti.select(take, i + 1, placed)
                 while placed < n_bins and t[ray, placed] <= sample:  # only on degenerate (tied) rays
