@@ -10,12 +10,11 @@ against 3.1 ms for the scalar kernel.
 
 So the x64 kernels hold 8 consecutive samples of one ray per ``Lanes`` value, and these helpers do what
 would otherwise be scalar: an exp by polynomial, in-vector scans (prefix products and suffix sums), the
-interleaved RGB shuffles and the PCG hash. Taichi bugs under ``real_matrix_scalarize=False`` shape
+interleaved RGB shuffles. Taichi bugs under ``real_matrix_scalarize=False`` shape
 them: unary minus on a vector and ``ti.cast`` of a vector abort inside LLVM, so negation is written
 ``0.0 - x`` and casts go lane by lane (LLVM's SLP vectoriser fuses them back into vector instructions);
 a vector local created before a kernel's parallel loop and used inside it crashed, so kernels build
-their vector constants inside the loop. ``+=`` on an ndarray element is an atomic add in a Taichi
-kernel, so kernels accumulate in locals.
+their vector constants inside the loop.
 
 A tensor can take the lane path when its length is a multiple of 8 and its data is 32-byte aligned
 (``aligned``): the vector loads and stores are aligned AVX instructions, and a misaligned address
@@ -26,7 +25,6 @@ import taichi as ti
 import torch
 
 from renderer.backend import started_arch
-from renderer.reference import PCG_INCREMENT, PCG_MULTIPLIER, PCG_OUTPUT
 
 LANES = 8
 Lanes = ti.types.vector(LANES, ti.f32)
@@ -151,14 +149,3 @@ def sum_rgb(p0, p1, p2):
             for s in ti.static(range(LANES))
         ]
     )
-
-
-@ti.func
-def hash_uniform_lanes(first, mixed_key):
-    """``sampling.hash_uniform`` of sample indices first .. first + 7, bit for bit."""
-    state = ti.Vector([ti.cast(first + k, ti.u32) + mixed_key for k in ti.static(range(LANES))])
-    state = state * ti.u32(PCG_MULTIPLIER) + ti.u32(PCG_INCREMENT)
-    word = ((state >> ((state >> ti.u32(28)) + ti.u32(4))) ^ state) * ti.u32(PCG_OUTPUT)
-    word = (word >> ti.u32(22)) ^ word
-    word = word >> ti.u32(8)
-    return ti.Vector([ti.cast(word[k], ti.f32) for k in ti.static(range(LANES))]) * (1.0 / 16777216.0)
