@@ -9,7 +9,7 @@ read from an ndarray of such vectors is different: with the compile option
 against 3.1 ms for the scalar kernel.
 
 So the x64 kernels hold 8 consecutive samples of one ray per ``Lanes`` value, and these helpers do what
-would otherwise be scalar: an exp by polynomial, in-vector scans (prefix products and suffix sums), the
+would otherwise be scalar: an exp by polynomial, in-vector scans (prefix products and suffix sums) and the
 interleaved RGB shuffles. Taichi bugs under ``real_matrix_scalarize=False`` shape
 them: unary minus on a vector and ``ti.cast`` of a vector abort inside LLVM, so negation is written
 ``0.0 - x`` and casts go lane by lane (LLVM's SLP vectoriser fuses them back into vector instructions);
