@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import render
+import renderer
 from export.cameras import default_intrinsics, look_at_origin
 from export.inference import load_model, render_view, start_renderer
 from export.mesh import read_ply
@@ -205,7 +206,60 @@ def test_bad_requests_are_one_clear_error(ckpt, tmp_path, capsys):
     assert "--camera-file" in capsys.readouterr().err
 
 
+def _render_stages(model, rays, latents, ops):
+    """``models.render.render_rays`` stage by stage (deterministic samples), keeping what each stage gave."""
+    from models.render import evaluate_samples
+
+    cfg = model.render_config
+    t_coarse = ops.sample_stratified(rays.near, rays.far, cfg.n_coarse)
+    sigma_c, rgb_c = evaluate_samples(model.field, rays, t_coarse, latents)
+    coarse = ops.composite(sigma_c, rgb_c, t_coarse, ops.sample_deltas(t_coarse, rays.far), 0.0)
+    t_fine, t_all, _order, _deltas = ops.sample_importance_and_merge(
+        t_coarse, coarse.weights, cfg.n_fine, rays.near, rays.far
+    )
+    bg = model.background(rays.directions, latents)
+    return {
+        "t_coarse": t_coarse,
+        "coarse_weights": coarse.weights,
+        "t_fine": t_fine,
+        "t_all": t_all,
+        "bg": bg,
+    }
+
+
+def _composite_at(model, rays, latents, t_all, bg):
+    """The reference's compositing of the field evaluated at given merged depths t_all (R, N)."""
+    from models.render import evaluate_samples
+    from renderer import reference
+
+    sigma, rgb = evaluate_samples(model.field, rays, t_all, latents)
+    return reference.composite(sigma, rgb, t_all, reference.sample_deltas(t_all, rays.far), bg)
+
+
+def _reference_cdf_at(t_coarse, weights, near, far, t):
+    """The reference importance sampler's unnormalised CDF at depths t (R, F), its slope there, its total."""
+    from renderer import reference
+
+    edges = torch.cat([near[:, None], 0.5 * (t_coarse[:, 1:] + t_coarse[:, :-1]), far[:, None]], dim=1)
+    widths = (edges[:, 1:] - edges[:, :-1]).clamp_min(0)
+    mass = weights.clamp_min(0) + reference.IMPORTANCE_EPS * widths / (far - near).clamp_min(1e-30)[:, None]
+    cdf = torch.cat([torch.zeros_like(near)[:, None], torch.cumsum(mass, dim=1)], dim=1)
+    index = torch.searchsorted(edges.contiguous(), t.contiguous(), right=True) - 1
+    index = index.clamp(0, mass.shape[1] - 1)
+    frac = ((t - edges.gather(1, index)) / widths.gather(1, index).clamp_min(1e-30)).clamp(0, 1)
+    slope = mass.gather(1, index) / widths.gather(1, index).clamp_min(1e-30)
+    return cdf.gather(1, index) + frac * mass.gather(1, index), slope, cdf[:, -1]
+
+
 def test_full_image_rendering_agrees_with_the_torch_reference_on_every_backend(tiny_run, arch):
+    """Taichi and the torch reference agree wherever the maths says they must.
+
+    Bit-level differences (ray/sphere roots, exp, scan order) are legitimate, and the inverse-CDF
+    importance sampler amplifies them where a bin carries almost no mass: a CDF change of 1e-7 can move a
+    fine sample by 1e-2 there, and near a sharp density step that moves a pixel's colour by 1e-4 or more
+    (a fresh machine trains a slightly different tiny model and saw 3.3e-4). So each stage is compared on
+    identical inputs, and the fine samples are compared where the sampler defines them: in CDF space.
+    """
     from models.render import pixel_grid, render_rays
     from renderer import reference
 
@@ -213,16 +267,40 @@ def test_full_image_rendering_agrees_with_the_torch_reference_on_every_backend(t
     K, w2c = default_intrinsics(16, 16), look_at_origin(7.0, yaw_deg=-25)
     latent = model.latents.codes[1]
     view = render_view(model, latent, K, w2c, 16, 16, chunk=100)
-    rays = reference.generate_rays(pixel_grid(16, 16), torch.as_tensor(K), torch.as_tensor(w2c), radius=2.0)
+    pixels = pixel_grid(16, 16)
+    K_t, w2c_t = torch.as_tensor(K, dtype=torch.float32), torch.as_tensor(w2c, dtype=torch.float32)
+    rays = renderer.generate_rays(pixels, K_t, w2c_t, radius=2.0)
+    for got, want in zip(rays, reference.generate_rays(pixels, K_t, w2c_t, radius=2.0), strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5)  # roots of |o + t d| = r
+    latents = latent[None].expand(256, -1)
     with torch.no_grad():
-        ref = render_rays(
-            model.field,
-            model.background,
-            rays,
-            latent[None].expand(256, -1),
-            model.render_config,
-            ops=reference,
+        taichi = render_rays(model.field, model.background, rays, latents, model.render_config)
+        mine = _render_stages(model, rays, latents, renderer)
+        theirs = _render_stages(model, rays, latents, reference)
+
+        # The chunked full-image path is the same computation as one batch of rays.
+        np.testing.assert_allclose(view["color"].reshape(-1, 3), taichi.color.numpy(), atol=1e-6)
+        np.testing.assert_allclose(view["opacity"].reshape(-1), taichi.opacity.numpy(), atol=1e-6)
+        np.testing.assert_allclose(view["depth"].reshape(-1), taichi.depth.numpy(), atol=1e-5)
+        # Bin centres, and the compositing of identical coarse samples: rounding only.
+        np.testing.assert_allclose(mine["t_coarse"].numpy(), theirs["t_coarse"].numpy(), rtol=1e-6)
+        dw = (mine["coarse_weights"] - theirs["coarse_weights"]).abs()
+        assert dw.max() < 2e-5, f"coarse weights differ by {dw.max():.2e}"
+        # Each Taichi fine sample inverts the reference's CDF at its uniform (j + 0.5) / F, up to how far
+        # the two CDFs can differ: the summed weight differences, once in the CDF below the sample and
+        # once in the total that scales the uniform, plus float32 rounding of the sums and of t.
+        cdf, slope, total = _reference_cdf_at(
+            mine["t_coarse"], theirs["coarse_weights"], rays.near, rays.far, mine["t_fine"]
         )
-    np.testing.assert_allclose(view["color"].reshape(-1, 3), ref.color.numpy(), atol=2e-4)
-    np.testing.assert_allclose(view["opacity"].reshape(-1), ref.opacity.numpy(), atol=2e-4)
-    np.testing.assert_allclose(view["depth"].reshape(-1), ref.depth.numpy(), atol=2e-3)
+        n_fine = mine["t_fine"].shape[1]
+        target = (torch.arange(n_fine) + 0.5) / n_fine * total[:, None]
+        rounding = 4e-7 * n_fine * total[:, None] + 4 * 6e-8 * slope * mine["t_fine"].abs()  # sums; t itself
+        allowed = 2 * dw.sum(1, keepdim=True) + rounding + 1e-7
+        hit = rays.far > rays.near
+        miss = (cdf - target).abs()[hit] / allowed[hit]
+        assert miss.max() <= 1, f"a fine sample misses the reference CDF by {miss.max():.2f}x the bound"
+        # Compositing the Taichi samples, in torch: the same colours, opacity and depth.
+        again = _composite_at(model, rays, latents, mine["t_all"], mine["bg"])
+        np.testing.assert_allclose(taichi.color.numpy(), again.color.numpy(), atol=2e-5)
+        np.testing.assert_allclose(taichi.opacity.numpy(), again.opacity.numpy(), atol=2e-5)
+        np.testing.assert_allclose(taichi.depth.numpy(), again.depth.numpy(), atol=2e-4)
