@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,6 +28,8 @@ from dataset.cache import (
     atomic_write_json,
     complete_manifest,
     invalidate,
+    remove_partial,
+    remove_split,
     split_dir,
     write_split,
 )
@@ -106,8 +107,8 @@ def _prepare_partial(partial: Path, cache_fp: str, chunk_size: int) -> None:
             return
     except (OSError, ValueError):
         pass
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    remove_partial(partial)
+    partial.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state_path, state)
 
 
@@ -211,7 +212,7 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict) -> dic
         directory = split_dir(out_dir, split)
         if counts[split] == 0:
             if split == "heldout":
-                shutil.rmtree(directory, ignore_errors=True)
+                remove_split(directory)
             continue
         write_split(directory, _split_chunks(partial, metas, split, identity), counts[split], image_size,
                     with_depth)
@@ -233,5 +234,5 @@ def build_cache(source, data_root: Path, out_dir: Path, config: PrepareConfig, w
     build["workers"] = workers
     build["seconds"] = round(time.perf_counter() - start, 3)
     manifest = finalise(partial, out_dir, build["chunks"], {**manifest, "build": build})
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_partial(partial)
     return manifest

@@ -17,9 +17,9 @@ Layout (FORMAT_VERSION = 1)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
@@ -141,6 +141,68 @@ def records_to_chunk(records: list[dict]) -> dict:
     return chunk
 
 
+MARKER = ".lolnerf-cache"  # written into a cache directory before anything in it is created or removed
+BUILD_FILES = (*SPLIT_FILES, "depths.npy", "partial", "heldout", ".lock", MARKER)
+
+
+def claim_cache_dir(out_dir: Path, data_root: Path | None = None) -> Path:
+    """Make ``out_dir`` a cache directory this project owns, or refuse it before anything is written.
+
+    A new or empty folder, or one this project has built into (its marker file, or a manifest or
+    ``partial/`` from a build written before the marker existed), is claimed by writing the marker; any
+    other non-empty folder belongs to the user and raises CacheError, as does a data root inside it.
+
+    >>> claim_cache_dir(Path("runs/cache/synthetic64"))  # doctest: +SKIP
+    PosixPath('runs/cache/synthetic64')
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CacheError(f"--out {out_dir} is a file, not a folder; choose a new folder for the cache.")
+    if data_root is not None:
+        cache, root = out_dir.resolve(), Path(data_root).resolve()
+        if root == cache or root.is_relative_to(cache):
+            raise CacheError(f"--data-root {data_root} lies inside --out {out_dir}, and a build rewrites its "
+                             "--out: put the cache in a folder of its own.")
+    if out_dir.is_dir() and not (out_dir / MARKER).is_file():
+        legacy = read_manifest(out_dir) is not None or (out_dir / "partial" / "build.json").is_file()
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in BUILD_FILES)
+        if foreign or (any(out_dir.iterdir()) and not legacy):
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise CacheError(f"--out {out_dir} already holds files that are not a prepared cache ({shown}); "
+                             "nothing was changed: choose a new or empty folder for the cache.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Exclusive create, not a temp file and a rename: of two builds claiming one folder, one writes it.
+    with contextlib.suppress(FileExistsError), open(out_dir / MARKER, "x") as marker:
+        marker.write("A prepared LOLNeRF dataset cache: dataset.prepare rewrites the files it made here.\n")
+    return out_dir
+
+
+def remove_created(directory: Path, names: Iterable[str], patterns: Iterable[str] = ()) -> None:
+    """Delete the files a build wrote in ``directory`` (by name or glob pattern), then the folder itself
+    if that left it empty. Anything else in it (a user's file) is kept, and with it the folder."""
+    directory = Path(directory)
+    if not directory.is_dir() or directory.is_symlink():
+        return
+    doomed = {directory / name for name in names}
+    for pattern in patterns:
+        doomed.update(directory.glob(pattern))
+    for path in doomed:
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: something we did not write is still there
+        directory.rmdir()
+
+
+def remove_split(directory: Path) -> None:
+    """Delete a split folder (e.g. a stale ``heldout/``) as far as a build wrote it."""
+    remove_created(directory, (*SPLIT_FILES, "depths.npy"), (".*.tmp",))
+
+
+def remove_partial(partial: Path) -> None:
+    """Delete a build's ``partial/`` shards folder as far as the build wrote it."""
+    remove_created(partial, ("build.json",), ("chunk_*.npz", "chunk_*.json", ".*.tmp"))
+
+
 def invalidate(cache_dir: Path) -> None:
     """Remove the manifests first, so an interrupted rewrite never looks like a complete cache."""
     for directory in (Path(cache_dir), Path(cache_dir) / "heldout"):
@@ -181,7 +243,7 @@ def write_cache(out_dir: str | Path, records_by_split: dict[str, list[dict]], ma
         directory = split_dir(out_dir, split)
         if not records:
             if split == "heldout":  # a stale heldout/ from an earlier build must not survive
-                shutil.rmtree(directory, ignore_errors=True)
+                remove_split(directory)
             continue
         write_split(directory, [records_to_chunk(records)], len(records), image_size, with_depth)
         atomic_write_json(directory / "skipped.json", skipped if split == "train" else [])
@@ -207,7 +269,7 @@ def is_up_to_date(cache_dir: str | Path, fingerprint: str) -> bool:
         return False
     try:
         PreparedDataset(cache_dir)
-        if (Path(cache_dir) / "heldout").exists():
+        if manifest.get("counts", {}).get("heldout"):
             PreparedDataset(cache_dir, split="heldout")
     except CacheError:
         return False
@@ -258,7 +320,7 @@ class PreparedDataset:
             raise CacheError(f"{self.cache_dir} uses cache format {version}, newer than this code's "
                              f"{FORMAT_VERSION}; update the code or prepare the dataset again.")
         if split == "heldout":
-            if not directory.is_dir():
+            if not self.manifest.get("counts", {}).get("heldout") or not directory.is_dir():
                 raise CacheError(f"{self.cache_dir} has no held-out split (heldout/); only synthetic and srn "
                                  "datasets have held-out views.")
             heldout_manifest = self._read_json(directory / "manifest.json")
