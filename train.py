@@ -16,6 +16,7 @@ variable ``LOLNERF_DEBUG_NAN_STEPS=3,4`` makes the loss NaN at those steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dataset.cache import atomic_write_json
-from models.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from dataset.cache import CacheError, LockedError, atomic_write_json, directory_lock
+from models.checkpoint import CheckpointError, read_checkpoint, read_newest_checkpoint
 from models.distributed import launched_by_torchrun, world
 from models.train_config import (
     RESUMABLE,
@@ -40,30 +41,22 @@ from models.trainer import NullTimer, StopRequest, Trainer
 __all__ = ["NullTimer", "Trainer", "flag_name", "main", "prepare_cache", "preset_config"]
 
 
-def default_cache(data: dict) -> Path:
-    """Prepared-cache directory when --cache is not given: under data/prepared/, named by source."""
-    if data["dataset"] == "synthetic":
-        return Path("data/prepared") / f"synthetic-{data['synthetic_identities']}-{data['resolution']}"
-    root = Path(data["data_root"]).expanduser().resolve()
-    return root.parent / f"{root.name}-prepared-{data['dataset']}-{data['resolution']}"
+def prepare_cache(data: dict, given: set[str] = frozenset(), rebuild: bool = False,
+                  verbose: bool = True) -> Path:
+    """Open the prepared cache ``data`` names (or prepare it) and update ``data`` to what it holds.
 
-
-def prepare_cache(data: dict, reuse_existing: bool = False) -> Path:
-    """Make sure the prepared cache exists (idempotent) and return its directory.
-
-    ``reuse_existing`` (resume) opens a complete cache as it is, so a --cache that points at another
-    dataset is refused by the fingerprint check instead of being rebuilt.
+    An existing complete cache is trained on as prepared; a flag in ``given`` that contradicts it is one
+    sentence (see ``dataset.prepare.cache_for_training``).
     """
-    cache = Path(data["cache"]) if data["cache"] else default_cache(data)
-    if reuse_existing and (cache / "manifest.json").is_file():
-        return cache
-    if data["dataset"] != "synthetic" and not data["data_root"]:
-        raise SystemExit(f"--dataset {data['dataset']} needs --data-root DIR pointing at the photos.")
-    from dataset.config import PrepareConfig
-    from dataset.prepare import prepare_dataset
+    from dataset.prepare import CacheMismatch, cache_for_training
+    from dataset.sources import DataRootError
 
-    settings = PrepareConfig(resolution=data["resolution"], synthetic_identities=data["synthetic_identities"])
-    return Path(prepare_dataset(data["dataset"], data["data_root"] or None, cache, settings))
+    try:
+        cache, prepared = cache_for_training(data["cache"], data, given, rebuild, verbose)
+    except (CacheMismatch, DataRootError, CacheError) as err:
+        raise SystemExit(str(err)) from None
+    data.update(prepared, cache=str(cache.resolve()))
+    return cache
 
 
 def parse_nan_steps(text: str) -> set[int]:
@@ -143,11 +136,17 @@ def main(argv: list[str] | None = None) -> Path:
         if args.resume == "auto" and not args.out:
             raise SystemExit("--resume without a path needs --out RUN_DIR (the run to continue).")
         try:
-            path = resume_source if resume_source.is_file() else latest_checkpoint(resume_source)
-            resume_payload = read_checkpoint(path)
+            if resume_source.is_file():
+                path, resume_payload = resume_source, read_checkpoint(resume_source)
+            else:
+                path, resume_payload = read_newest_checkpoint(resume_source)
         except CheckpointError as err:
             raise SystemExit(f"Cannot resume: {err}") from None
         saved = resume_payload["config"]
+        if args.preset and args.preset != saved.get("preset"):
+            raise SystemExit(f"Cannot resume with --preset {args.preset}: the run was trained with the "
+                             f"{saved.get('preset')} preset; drop --preset to resume, or start a new run "
+                             "with another --out.")
         config = {section: dict(values) if isinstance(values, dict) else values
                   for section, values in saved.items()}
         for (section, key), value in overrides.items():
@@ -162,14 +161,31 @@ def main(argv: list[str] | None = None) -> Path:
             raise SystemExit(f"{run_dir} already holds checkpoints; pass --resume to continue that run or "
                              f"choose another --out.")
 
+    # Resuming trains on the cache as the run saved it; the fingerprint check below guards the rest.
+    given = set() if resume_payload else {key for section, key in overrides if section == "data"}
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SystemExit(f"--out {run_dir} is a file; choose a folder for the run.")
+    try:
+        with directory_lock(run_dir, wait=False, what="--out") if rank == 0 else contextlib.nullcontext():
+            return train_in(run_dir, config, overrides, given, args, backend, resume_payload, resume_source)
+    except LockedError as err:
+        raise SystemExit(str(err)) from None
+    except PermissionError as err:
+        raise SystemExit(f"Cannot write the run directory {run_dir} ({err.strerror}): choose an --out you "
+                         "may write to.") from None
+
+
+def train_in(run_dir: Path, config: dict, overrides: dict, given: set[str], args, backend, resume_payload,
+             resume_source) -> Path:
+    """Everything after the run directory is locked: cache, config.json, the loop, the report."""
+    rank, _ = world()
+    distributed = launched_by_torchrun()
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cache = prepare_cache(config["data"], reuse_existing=resume_payload is not None)
+        prepare_cache(config["data"], given, args.rebuild_cache)
     if distributed:
         torch.distributed.barrier()
         if rank != 0:  # the cache now exists: every other rank just opens it
-            cache = prepare_cache(config["data"], reuse_existing=True)
-    config["data"]["cache"] = str(Path(cache).resolve())
+            prepare_cache(config["data"], given, verbose=False)
 
     if resume_payload is not None:
         from dataset import PreparedDataset

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import time
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
@@ -45,6 +47,43 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock on a cache or run directory."""
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, wait: bool, what: str):
+    """Hold an exclusive advisory lock on ``directory/.lock`` (POSIX flock; nothing on Windows).
+
+    ``wait`` blocks until the holder lets go (two builds of one cache: the second then finds it done);
+    otherwise a held lock raises LockedError naming the holder's pid, as the holder writes it into the
+    lock file. The lock dies with its process, so a killed run never leaves a stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise LockedError(f"{directory} is in use by {holder}; wait for it to finish (or stop it), or "
+                              f"choose another {what}.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} ({Path(sys.argv[0]).name or 'python'}) since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_json(path: Path, obj) -> None:

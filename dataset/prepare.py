@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
 from dataset.build import BuildInterrupted, build_cache, fingerprint, list_source_items
-from dataset.cache import CacheError, is_up_to_date, read_manifest
+from dataset.cache import (
+    CacheError,
+    claim_cache_dir,
+    directory_lock,
+    is_up_to_date,
+    read_manifest,
+    remove_partial,
+)
 from dataset.config import PrepareConfig
 from dataset.sources import PHOTO_SOURCES, REASONS, DataRootError, default_workers
 from dataset.srn import SrnSource
@@ -113,26 +118,11 @@ def prepare_source(source, data_root: str | Path | None, out_dir: str | Path, co
                                 f"{source.layout}.")
         data_root = Path(data_root).expanduser().absolute()
     items = list_source_items(source, data_root, config.limit)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with build_lock(out_dir):  # a second process (another rank, a second shell) waits, then finds it done
+    claim_cache_dir(out_dir, data_root)  # refuses a user's folder before anything is written
+    # A second process (another rank, a second shell) waits, then finds the cache done.
+    with directory_lock(out_dir, wait=True, what="--out"):
         return _prepare_locked(source, data_root, out_dir, config, items, workers, say, progress,
                                stop_after_chunks)
-
-
-@contextmanager
-def build_lock(out_dir: Path):
-    """An exclusive advisory lock on ``out_dir/.lock`` for the duration of a build (POSIX only)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; do not run two builds into one cache there
-        yield
-        return
-    with open(out_dir / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, items: list[str],
@@ -141,7 +131,7 @@ def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, ite
     settings = {**source.settings(config), "limit": config.limit}
     source_fp, cache_fp = fingerprint(source, data_root, items, settings)
     if is_up_to_date(out_dir, cache_fp):
-        shutil.rmtree(out_dir / "partial", ignore_errors=True)  # left if a finished build was cut short
+        remove_partial(out_dir / "partial")  # left if a finished build was cut short
         say(format_summary(out_dir, up_to_date=True))
         return out_dir
     background = source.background
@@ -159,6 +149,79 @@ def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, ite
                 stop_after_chunks=stop_after_chunks, progress=progress)
     say(format_summary(out_dir))
     return out_dir
+
+
+TRAINING_FLAGS = {"dataset": "--dataset", "data_root": "--data-root", "resolution": "--resolution",
+                  "synthetic_identities": "--synthetic-identities"}
+
+
+class CacheMismatch(ValueError):
+    """A prepared cache exists, and a setting the user gave contradicts how it was prepared."""
+
+
+def default_training_cache(dataset: str, data_root: str, resolution: int, synthetic_identities: int) -> Path:
+    """Where training keeps a cache it prepares itself: beside the data root, named by source and size
+    (under ``data/prepared/`` for the synthetic set)."""
+    if dataset == "synthetic":
+        return Path("data/prepared") / f"synthetic-{synthetic_identities}-{resolution}"
+    root = Path(data_root).expanduser().resolve()
+    return root.parent / f"{root.name}-prepared-{dataset}-{resolution}"
+
+
+def prepared_from(cache_dir: str | Path) -> dict | None:
+    """How the complete cache at ``cache_dir`` was prepared, in training's terms (dataset, data_root,
+    resolution, synthetic_identities); None when no complete cache is there."""
+    manifest = read_manifest(cache_dir)
+    if manifest is None or "source" not in manifest or "image_size" not in manifest:
+        return None
+    name = manifest["source"].get("name", "")
+    return {"dataset": name, "data_root": manifest["source"].get("data_root") or "",
+            "resolution": int(manifest["image_size"][0]),
+            "synthetic_identities": int(manifest.get("n_identities", 0)) if name == "synthetic" else None}
+
+
+def _same(key: str, given, prepared) -> bool:
+    if key == "data_root":
+        return Path(str(given)).expanduser().resolve() == Path(str(prepared)).expanduser().resolve()
+    return prepared is None or given == prepared  # synthetic_identities means nothing to a photo cache
+
+
+def cache_for_training(cache_dir: str | Path | None, wanted: dict, given: set[str], rebuild: bool = False,
+                       verbose: bool = True) -> tuple[Path, dict]:
+    """The cache to train on, and the data settings it holds: an existing complete cache as it was
+    prepared, else one prepared now with ``wanted`` (dataset, data_root, resolution, synthetic_identities).
+
+    A setting in ``given`` (the flags the user typed) that contradicts an existing cache raises
+    CacheMismatch: the cache may hold hours of preparation with settings training does not know (a
+    refined template, another world scale), so it is never rebuilt unless ``rebuild`` says so.
+
+    >>> cache_for_training("data/prepared/ffhq64", {"dataset": "ffhq", ...}, {"dataset"})  # doctest: +SKIP
+    (PosixPath('data/prepared/ffhq64'), {'dataset': 'ffhq', 'data_root': '/data/ffhq', ...})
+    """
+    if cache_dir is None or str(cache_dir) == "":
+        cache_dir = default_training_cache(wanted["dataset"], wanted["data_root"], wanted["resolution"],
+                                           wanted["synthetic_identities"])
+    cache_dir = Path(cache_dir)
+    prepared = prepared_from(cache_dir)
+    if prepared is not None and not rebuild:
+        described = (f"{prepared['dataset']} at {prepared['resolution']} px"
+                     + (f" from {prepared['data_root']}" if prepared["data_root"] else ""))
+        for key in TRAINING_FLAGS:
+            if key in given and not _same(key, wanted[key], prepared[key]):
+                raise CacheMismatch(
+                    f"{cache_dir} holds {described}, but {TRAINING_FLAGS[key]} {wanted[key]} contradicts it: "
+                    "drop the flag to train on the cache as prepared, choose another --cache, or add "
+                    "--rebuild-cache to prepare it again with your settings (replacing it).")
+        if verbose:
+            print(f"[train] training on the prepared cache {cache_dir} as it is ({described}); "
+                  "--rebuild-cache prepares it again.")
+        return cache_dir, {key: value for key, value in prepared.items() if value is not None}
+    if wanted["dataset"] != "synthetic" and not wanted["data_root"]:
+        raise DataRootError(f"--dataset {wanted['dataset']} needs --data-root DIR pointing at the photos.")
+    settings = PrepareConfig(resolution=wanted["resolution"],
+                             synthetic_identities=wanted["synthetic_identities"])
+    prepare_dataset(wanted["dataset"], wanted["data_root"] or None, cache_dir, settings, verbose=verbose)
+    return cache_dir, {key: wanted[key] for key in TRAINING_FLAGS}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -224,6 +224,33 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1][1]
 
 
+def read_newest_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict]:
+    """The newest readable ``step_*.pt`` of a run and its payload, for resuming.
+
+    An unreadable newer one (truncated by a full disk, say) is renamed ``*.unreadable`` (kept, never
+    deleted, and out of the way of pruning) and the next older one is tried, with one line saying so.
+    Raises CheckpointError when none is readable, naming each one tried.
+    """
+    latest_checkpoint(run_dir)  # the "no checkpoint at all" error
+    run_dir = Path(run_dir)
+    if run_dir.name == CHECKPOINT_DIR and not checkpoint_dir(run_dir).is_dir():
+        run_dir = run_dir.parent
+    tried = []
+    for _, path in reversed(step_checkpoints(run_dir)):
+        try:
+            payload = read_checkpoint(path, map_location)
+        except CheckpointError as err:
+            tried.append(f"{path.name} ({err})")
+            continue
+        for bad in tried:
+            name = bad.split(" ", 1)[0]
+            (path.parent / name).rename(path.parent / f"{name}.unreadable")
+            print(f"[train] {path.parent / name} cannot be read, so it was renamed {name}.unreadable; "
+                  f"resuming from {path.name} instead.")
+        return path, payload
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} can be read: " + "; ".join(tried))
+
+
 class CheckpointKeeper:
     """Writes step checkpoints, keeps the last ``keep_last`` and a copy of the best (lowest metric)."""
 

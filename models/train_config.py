@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue from the latest checkpoint in --out, or from the given checkpoint "
                              "file or run directory")
+    parser.add_argument("--rebuild-cache", action="store_true",
+                        help="prepare the cache again with these flags even though a complete one exists "
+                             "(default: an existing --cache is trained on as prepared)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="run N steps under the Taichi kernel profiler and torch.profiler, print where "
                              "the time went, write a Chrome trace, and exit")

@@ -324,11 +324,25 @@ class Trainer:
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
-    """Remove log lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+    """Remove log lines past ``step`` (written after the checkpoint a resumed run starts from), and a
+    torn line (a crash mid-write), saying so; any other unreadable line is kept as it is."""
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                print(f"[train] {path}: dropped a torn last line (a write cut short): {line[:60]!r}")
+                continue
+            raise SystemExit(f"{path} line {number} is not JSON, so the log cannot be continued safely: "
+                             "move the file aside (resuming does not need it) and resume again.") from None
+        if entry.get("step", 0) <= step:
+            kept.append(line)
     if len(kept) != len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

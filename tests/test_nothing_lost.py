@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import cv2
 import pytest
 import skimage.data
+from tiny_run import train_in_process
 
 from dataset import PreparedDataset
 from dataset.cache import MARKER
 from dataset.prepare import main as prepare_main
+from models.checkpoint import latest_checkpoint, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _photo(path) -> None:
@@ -69,3 +79,108 @@ def test_a_cache_from_before_the_marker_is_still_rebuilt_in_place(tmp_path):
     args[args.index("--identities") + 1] = "3"
     assert prepare_main(args) == 0
     assert len(PreparedDataset(out)) == 3 and (out / MARKER).is_file()
+
+
+# --- train.py: a prepared cache is trained on as prepared, a run directory has one user at a time ---------
+
+TRAIN = ["--arch", "cpu", "--device", "cpu", "--preset", "cpu", "--field-depth", "2", "--field-width", "16",
+         "--latent-dim", "8", "--render-n-coarse", "8", "--render-n-fine", "8", "--batch-identities", "2",
+         "--batch-views", "1", "--batch-pixels", "16", "--log-every", "1", "--preview-every", "100000",
+         "--checkpoint-every", "1", "--preview-identities", "1"]
+
+
+@pytest.fixture
+def odd_cache(tmp_path):
+    """A synthetic cache prepared with settings train.py would never choose (4 identities, 16 px, seed 5)."""
+    out = tmp_path / "odd_cache"
+    assert prepare_main(["--dataset", "synthetic", "--identities", "4", "--resolution", "16", "--seed", "5",
+                         "--heldout-views", "0", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _fingerprint(cache) -> str:
+    return json.loads((cache / "manifest.json").read_text())["fingerprint"]
+
+
+def test_train_uses_an_existing_cache_as_prepared(odd_cache, tmp_path, capsys):
+    before = _fingerprint(odd_cache)
+    run_dir = train_in_process([*TRAIN, "--out", str(tmp_path / "run"), "--cache", str(odd_cache),
+                                "--steps", "1"])
+    assert _fingerprint(odd_cache) == before  # not rebuilt with train.py's defaults (64 identities, 64 px)
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    assert (data["dataset"], data["resolution"], data["synthetic_identities"]) == ("synthetic", 16, 4)
+    assert "as it is" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("contradiction", [["--resolution", "32"], ["--synthetic-identities", "8"],
+                                           ["--dataset", "ffhq", "--data-root", "photos"]])
+def test_train_refuses_flags_that_contradict_the_cache(odd_cache, tmp_path, contradiction):
+    before = _tree(odd_cache)
+    with pytest.raises(SystemExit) as stop:
+        train_in_process([*TRAIN, "--out", str(tmp_path / "run"), "--cache", str(odd_cache), "--steps", "1",
+                          *contradiction])
+    message = str(stop.value.code)
+    assert contradiction[0] in message and "--rebuild-cache" in message and "\n" not in message
+    assert _tree(odd_cache) == before
+
+
+def test_rebuild_cache_prepares_it_again_when_asked(odd_cache, tmp_path):
+    before = _fingerprint(odd_cache)
+    run_dir = train_in_process([*TRAIN, "--out", str(tmp_path / "run"), "--cache", str(odd_cache),
+                                "--steps", "1", "--resolution", "16", "--synthetic-identities", "3",
+                                "--rebuild-cache"])
+    assert _fingerprint(odd_cache) != before and len(PreparedDataset(odd_cache)) == 3
+    assert json.loads((run_dir / "config.json").read_text())["data"]["synthetic_identities"] == 3
+
+
+def test_a_second_run_on_one_out_is_refused(odd_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TRAIN, "--out", str(run_dir),
+                              "--cache", str(odd_cache), "--steps", "1000000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run_dir / "checkpoints").glob("step_*.pt")) and first.poll() is None:
+            assert time.monotonic() < deadline, "the first run never started training"
+            time.sleep(0.2)
+        with pytest.raises(SystemExit) as stop:  # --resume: what would interleave logs and checkpoints
+            train_in_process([*TRAIN, "--out", str(run_dir), "--resume", "--steps", "2"])
+        assert f"process {first.pid}" in str(stop.value.code)
+        assert first.poll() is None  # the first run is untouched
+    finally:
+        first.kill()
+        first.wait()
+    # The lock dies with its holder: after kill -9, the run can be resumed.
+    train_in_process([*TRAIN, "--out", str(run_dir), "--resume", "--steps", "1"])
+
+
+def _short_run(cache, run_dir) -> Path:
+    return train_in_process([*TRAIN, "--out", str(run_dir), "--cache", str(cache), "--steps", "3"])
+
+
+def test_resume_trims_a_torn_last_metrics_line(odd_cache, tmp_path, capsys):
+    run_dir = _short_run(odd_cache, tmp_path / "run")
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        log.write('{"step": 4, "loss": 0.0')  # a crash in the middle of a write
+    train_in_process([*TRAIN, "--out", str(run_dir), "--resume", "--steps", "5"])
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert "torn last line" in capsys.readouterr().out
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(odd_cache, tmp_path, capsys):
+    run_dir = _short_run(odd_cache, tmp_path / "run")
+    newest = run_dir / "checkpoints" / "step_00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a full disk or a crash cut it short
+    train_in_process([*TRAIN, "--out", str(run_dir), "--resume", "--steps", "3"])
+    printed = capsys.readouterr().out
+    assert "step_00000002.pt" in printed and "unreadable" in printed
+    assert (run_dir / "checkpoints" / "step_00000003.pt.unreadable").is_file()  # kept, never deleted
+    assert read_checkpoint(latest_checkpoint(run_dir))["step"] == 3  # step 3 trained again from step 2
+
+
+def test_resume_refuses_a_preset_it_cannot_honour(odd_cache, tmp_path):
+    run_dir = _short_run(odd_cache, tmp_path / "run")
+    with pytest.raises(SystemExit) as stop:
+        train_in_process(["--out", str(run_dir), "--resume", "--preset", "paper", "--arch", "cpu"])
+    assert "--preset paper" in str(stop.value.code) and "cpu preset" in str(stop.value.code)
