@@ -10,9 +10,11 @@ last and ``partial/`` is removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -57,16 +59,19 @@ def fingerprint(source, data_root: Path, items: list[str], settings: dict) -> tu
     return source_fp, hashlib.sha256(payload.encode()).hexdigest()
 
 
-def list_source_items(source, data_root: Path, limit: int | None) -> list[str]:
-    """The source's items, or one clear DataRootError naming the expected layout."""
+def list_source_items(source, data_root: Path, limit: int | None) -> tuple[list[str], list[dict]]:
+    """The source's items and the skip entries of paths it could not list, or one clear DataRootError
+    naming the expected layout."""
     if source.needs_data_root and not Path(data_root).is_dir():
         raise DataRootError(f"Data root {data_root} does not exist or is not a folder; the {source.name} "
                             f"source expects {source.layout}.")
-    items = source.list_items(data_root)
+    items, problems = source.list_items(data_root)
     if not items:
-        raise DataRootError(f"Data root {data_root} holds nothing the {source.name} source can use; it "
-                            f"expects {source.layout}.")
-    return items[:limit] if limit is not None else items
+        listed = f" ({len(problems)} paths could not be used, e.g. {problems[0]['file']}: " \
+                 f"{problems[0]['detail']})" if problems else ""
+        raise DataRootError(f"Data root {data_root} holds nothing the {source.name} source can use{listed}; "
+                            f"it expects {source.layout}.")
+    return (items[:limit] if limit is not None else items), problems
 
 
 def _process_item(source, data_root: Path, item: str, config: PrepareConfig) -> ItemResult:
@@ -74,6 +79,32 @@ def _process_item(source, data_root: Path, item: str, config: PrepareConfig) -> 
         return source.process(data_root, item, config)
     except Exception as err:  # one bad file must not stop a 70,000-image build; the summary shows it
         return skip(item, "error", f"{type(err).__name__}: {err}")
+
+
+def die_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:
+    """Worker initialiser: exit as soon as the process that started this worker is gone.
+
+    A worker blocked on its task queue never notices on its own when its parent is killed (kill -9,
+    an OOM kill): each would keep its MediaPipe graphs (~200 MB) alive indefinitely. On Linux the kernel
+    kills it at once (PR_SET_PDEATHSIG); elsewhere a daemon thread sees the parent change and exits.
+    """
+    import ctypes
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def process_chunk(task: tuple) -> tuple[int, int]:
@@ -135,7 +166,8 @@ def run_chunks(source, data_root: Path, items: list[str], config: PrepareConfig,
         else:
             # spawn: workers start clean (no forked MediaPipe/Taichi state) and build their own graphs.
             # An executor (unlike multiprocessing.Pool) reports a crashed worker instead of hanging.
-            executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=die_with_parent, initargs=(os.getpid(),))
             try:
                 futures = [executor.submit(process_chunk, task) for task in tasks]
                 for future in as_completed(futures):
@@ -188,10 +220,12 @@ def _split_chunks(partial: Path, metas: list[dict], split: str, identity: dict[s
         yield chunk
 
 
-def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict) -> dict:
-    """Assemble the shards into the cache (manifest last); returns the completed manifest."""
+def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
+             unlisted: list[dict] = ()) -> dict:
+    """Assemble the shards into the cache (manifest last); returns the completed manifest. ``unlisted``
+    are the skip entries of paths the listing could not use."""
     metas = _load_shard_metas(partial, n_chunks)
-    skipped = [entry for meta in metas for entry in meta["skipped"]]
+    skipped = [*unlisted, *(entry for meta in metas for entry in meta["skipped"])]
     identity = _assign_identities(metas)
     counts = {split: sum(1 for m in metas for r in m["records"][split] if r["item"] in identity)
               for split in SPLITS}
@@ -223,8 +257,9 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict) -> dic
 
 def build_cache(source, data_root: Path, out_dir: Path, config: PrepareConfig, workers: int,
                 manifest: dict, items: list[str], cache_fp: str, stop_after_chunks: int | None = None,
-                progress: bool = True) -> dict:
-    """Run (or resume) the chunks and finalise. Returns the manifest plus a "build" entry with timings."""
+                progress: bool = True, unlisted: list[dict] = ()) -> dict:
+    """Run (or resume) the chunks and finalise. Returns the manifest plus a "build" entry with timings.
+    ``unlisted``: skip entries for paths the listing could not use, reported with the others."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     invalidate(out_dir)  # from here on the old cache is gone: never served stale, even if interrupted
@@ -233,6 +268,6 @@ def build_cache(source, data_root: Path, out_dir: Path, config: PrepareConfig, w
     build = run_chunks(source, data_root, items, config, partial, workers, stop_after_chunks, progress)
     build["workers"] = workers
     build["seconds"] = round(time.perf_counter() - start, 3)
-    manifest = finalise(partial, out_dir, build["chunks"], {**manifest, "build": build})
+    manifest = finalise(partial, out_dir, build["chunks"], {**manifest, "build": build}, unlisted)
     remove_partial(partial)
     return manifest

@@ -117,16 +117,17 @@ def prepare_source(source, data_root: str | Path | None, out_dir: str | Path, co
             raise DataRootError(f"The {source.name} dataset needs --data-root: a folder with "
                                 f"{source.layout}.")
         data_root = Path(data_root).expanduser().absolute()
-    items = list_source_items(source, data_root, config.limit)
+    items, unlisted = list_source_items(source, data_root, config.limit)
     claim_cache_dir(out_dir, data_root)  # refuses a user's folder before anything is written
     # A second process (another rank, a second shell) waits, then finds the cache done.
     with directory_lock(out_dir, wait=True, what="--out"):
-        return _prepare_locked(source, data_root, out_dir, config, items, workers, say, progress,
+        return _prepare_locked(source, data_root, out_dir, config, items, unlisted, workers, say, progress,
                                stop_after_chunks)
 
 
 def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, items: list[str],
-                    workers: int | None, say, progress: bool, stop_after_chunks: int | None) -> Path:
+                    unlisted: list[dict], workers: int | None, say, progress: bool,
+                    stop_after_chunks: int | None) -> Path:
     """Under the lock: return an up-to-date cache as it is, or (re)build it and print the summary."""
     settings = {**source.settings(config), "limit": config.limit}
     source_fp, cache_fp = fingerprint(source, data_root, items, settings)
@@ -146,7 +147,7 @@ def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, ite
     }
     workers = workers or source.default_workers(len(items))
     build_cache(source, data_root, out_dir, config, workers, manifest, items, cache_fp,
-                stop_after_chunks=stop_after_chunks, progress=progress)
+                stop_after_chunks=stop_after_chunks, progress=progress, unlisted=unlisted)
     say(format_summary(out_dir))
     return out_dir
 

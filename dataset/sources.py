@@ -2,7 +2,8 @@
 
 A source is a small swappable component with three jobs:
 
-- ``list_items(data_root)``: the sorted relative paths of its items (a photo file, an SRN instance);
+- ``list_items(data_root)``: the sorted relative paths of its items (a photo file, an SRN instance),
+  and a skip entry for each path the listing could not use (a dangling link, an unreadable folder);
 - ``item_files(data_root, item)``: the files whose (path, size, mtime) make up the source fingerprint;
 - ``process(data_root, item, config)``: an ``ItemResult`` with cache records, or why it was skipped.
 
@@ -52,6 +53,7 @@ REASONS = {
     "no_face": "no face found",
     "pose_rejected": "camera fit rejected (reprojection error above threshold)",
     "bad_instance": "SRN instance with missing or inconsistent files",
+    "bad_path": "dangling or looping symbolic link, or a folder that cannot be read",
     "error": "unexpected error while preparing (a bug: please report it)",
 }
 
@@ -61,14 +63,50 @@ def skip(item: str, reason: str, detail: str) -> ItemResult:
     return ItemResult(item=item, skipped={"file": item, "reason": reason, "detail": detail})
 
 
-def walk_files(root: Path) -> list[str]:
-    """Every regular file under ``root`` at any depth, as sorted POSIX relative paths; hidden files and
-    folders (a leading dot) are ignored, so editor and OS droppings do not count as data."""
-    found = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        found += [Path(directory, f).relative_to(root).as_posix() for f in files if not f.startswith(".")]
-    return sorted(found)
+def walk(root: Path, problems: list[dict]):
+    """``os.walk(root)`` that follows symbolic links to folders, but never into a loop, yields only files
+    that can be opened, and appends a ``bad_path`` skip entry to ``problems`` for each dangling or
+    looping link and each folder it may not read (os.walk alone drops those silently, and a later stat
+    of a dangling link fails). Hidden files and folders (a leading dot) are left out, so editor and OS
+    droppings do not count as data. Yields (directory, subdirs, files) like os.walk; prune subdirs to
+    stop descending."""
+    root = Path(root)
+
+    def note(path, detail: str) -> None:
+        problems.append(skip(Path(path).relative_to(root).as_posix(), "bad_path", detail).skipped)
+
+    def unreadable(err: OSError) -> None:
+        note(err.filename, f"cannot list this folder ({err.strerror}); check its permissions")
+
+    walked = set()
+    for directory, subdirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in walked:  # a link back up the tree, or a second link to a folder already listed
+            note(directory, f"a symbolic link to {real}, which is already listed (a link loop?)")
+            subdirs[:] = []
+            continue
+        walked.add(real)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        usable = []
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = Path(directory, name)
+            try:
+                path.stat()
+            except OSError as err:  # os.walk lists a dangling or looping link as a file
+                what = "a symbolic link to nothing" if path.is_symlink() else "cannot be read"
+                note(path, f"{what} ({err.strerror})")
+                continue
+            usable.append(name)
+        yield directory, subdirs, usable
+
+
+def walk_files(root: Path) -> tuple[list[str], list[dict]]:
+    """Every usable file under ``root`` at any depth, as sorted POSIX relative paths, and the skip
+    entries of the paths that could not be used (see ``walk``)."""
+    problems: list[dict] = []
+    found = [Path(directory, f).relative_to(root).as_posix()
+             for directory, _subdirs, files in walk(root, problems) for f in files]
+    return sorted(found), problems
 
 
 @dataclass(frozen=True)
@@ -82,7 +120,7 @@ class PhotoSource:
     has_template = True
     needs_data_root = True
 
-    def list_items(self, data_root: Path) -> list[str]:
+    def list_items(self, data_root: Path) -> tuple[list[str], list[dict]]:
         """Every (non-hidden) file at any depth: non-images are listed so they get a skip line."""
         return walk_files(data_root)
 

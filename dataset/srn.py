@@ -16,7 +16,6 @@ it as ``world_scale``. Each instance is one identity; ``views_per_identity`` see
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import cv2
 import numpy as np
 
 from dataset.config import PrepareConfig
-from dataset.sources import ItemResult, default_workers, skip
+from dataset.sources import ItemResult, default_workers, skip, walk
 from dataset.synthetic import SyntheticConfig, intrinsics, orbit_camera, render_identity
 
 
@@ -56,16 +55,15 @@ def mask_from_white(image: np.ndarray, threshold: int) -> np.ndarray:
     return (image.min(axis=2) < threshold).astype(np.float32)
 
 
-def list_instances(root: Path) -> list[str]:
-    """Sorted relative paths of every folder that has an ``rgb/`` subfolder, at any depth."""
-    found = []
-    for directory, subdirs, _files in os.walk(root):
+def list_instances(root: Path) -> tuple[list[str], list[dict]]:
+    """Sorted relative paths of every folder that has an ``rgb/`` subfolder, at any depth, and the skip
+    entries of the paths the walk could not use (``dataset.sources.walk``)."""
+    found, problems = [], []
+    for directory, subdirs, _files in walk(root, problems):
         if "rgb" in subdirs:
             found.append(Path(directory).relative_to(root).as_posix())
             subdirs[:] = []
-        else:
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-    return sorted(found)
+    return sorted(found), problems
 
 
 @dataclass(frozen=True)
@@ -79,13 +77,13 @@ class SrnSource:
     has_template = False
     needs_data_root = True
 
-    def list_items(self, data_root: Path) -> list[str]:
+    def list_items(self, data_root: Path) -> tuple[list[str], list[dict]]:
         return list_instances(Path(data_root))
 
     def item_files(self, data_root: Path, item: str) -> list[str]:
         root = Path(data_root)
         return [Path(d, f).relative_to(root).as_posix()
-                for d, _s, files in os.walk(root / item) for f in files]
+                for d, _s, files in walk(root / item, []) for f in files]  # bad files: process says
 
     def settings(self, config: PrepareConfig) -> dict:
         return {"resolution": config.resolution, "views_per_identity": config.views_per_identity,

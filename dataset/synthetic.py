@@ -253,8 +253,8 @@ class SyntheticSource:
     has_template = False
     needs_data_root = False
 
-    def list_items(self, data_root) -> list[str]:
-        return [f"identity_{i:06d}" for i in range(self.config.n_identities)]
+    def list_items(self, data_root) -> tuple[list[str], list[dict]]:
+        return [f"identity_{i:06d}" for i in range(self.config.n_identities)], []
 
     def item_files(self, data_root, item: str) -> list[str]:
         return []

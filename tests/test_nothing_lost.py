@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -184,3 +186,74 @@ def test_resume_refuses_a_preset_it_cannot_honour(odd_cache, tmp_path):
     with pytest.raises(SystemExit) as stop:
         train_in_process(["--out", str(run_dir), "--resume", "--preset", "paper", "--arch", "cpu"])
     assert "--preset paper" in str(stop.value.code) and "cpu preset" in str(stop.value.code)
+
+
+# --- dataset.prepare: workers die with their parent; bad paths in a data root are reported, not fatal ----
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent (here: init, maybe absent) can reap it
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find child processes")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    out = tmp_path / "cache"
+    command = [sys.executable, "-m", "dataset.prepare", "--dataset", "synthetic", "--out", str(out),
+               "--identities", "400", "--resolution", "96", "--heldout-views", "1", "--chunk-size", "1",
+               "--workers", "2", "--no-progress"]
+    parent = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "partial").glob("chunk_*.json")) and parent.poll() is None:
+            assert time.monotonic() < deadline, "the build never started writing shards"
+            time.sleep(0.05)
+        workers = [pid for pid in _children(parent.pid) if _alive(pid)]
+        assert parent.poll() is None and len(workers) >= 2, "expected the parent and its workers running"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:  # do not leave them behind even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"{len(survivors)} worker processes outlived their killed parent"
+
+
+def test_bad_paths_in_a_data_root_are_skipped_with_a_reason(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    _photo(root / "astronaut.jpg")
+    (root / "dangling.jpg").symlink_to(root / "gone.jpg")
+    (root / "self.jpg").symlink_to(root / "self.jpg")  # a link loop
+    (root / "nested").mkdir()
+    (root / "nested" / "up").symlink_to(root)  # a folder loop
+    _photo(root / "locked" / "hidden_from_us.jpg")
+    # A folder we may not list. chmod 0 does not stop root (as CI runs), so the listing itself fails.
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == root / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "cache"
+    assert prepare_main(["--dataset", "folder", "--data-root", str(root), "--out", str(out), "--no-progress",
+                         "--workers", "1"]) == 0
+    skipped = {entry["file"]: entry for entry in json.loads((out / "skipped.json").read_text())}
+    assert set(skipped) == {"dangling.jpg", "self.jpg", "nested/up", "locked"}
+    assert {entry["reason"] for entry in skipped.values()} == {"bad_path"}
+    assert "to nothing" in skipped["dangling.jpg"]["detail"] and "Permission" in skipped["locked"]["detail"]
+    assert len(PreparedDataset(out)) == 1
