@@ -103,6 +103,8 @@ def profile_training(trainer: Trainer, n_steps: int, run_dir: Path) -> dict[str,
 def main(argv: list[str] | None = None) -> Path:
     """Train (or profile) and return the run directory."""
     args = build_parser().parse_args(argv)
+    if args.profile < 0:
+        raise SystemExit(f"--profile {args.profile} must be at least 1 (steps to profile), or left out.")
     from renderer.backend import BackendUnavailableError, init_backend
 
     distributed = launched_by_torchrun()
@@ -165,9 +167,17 @@ def main(argv: list[str] | None = None) -> Path:
     given = set() if resume_payload else {key for section, key in overrides if section == "data"}
     if run_dir.exists() and not run_dir.is_dir():
         raise SystemExit(f"--out {run_dir} is a file; choose a folder for the run.")
+    # The cache first (it has its own lock; preparing can take hours), so a refused data root leaves
+    # no run directory behind.
+    if rank == 0:
+        prepare_cache(config["data"], given, args.rebuild_cache)
+    if distributed:
+        torch.distributed.barrier()
+        if rank != 0:  # the cache now exists: every other rank just opens it
+            prepare_cache(config["data"], given, verbose=False)
     try:
         with directory_lock(run_dir, wait=False, what="--out") if rank == 0 else contextlib.nullcontext():
-            return train_in(run_dir, config, overrides, given, args, backend, resume_payload, resume_source)
+            return train_in(run_dir, config, overrides, args, backend, resume_payload, resume_source)
     except LockedError as err:
         raise SystemExit(str(err)) from None
     except PermissionError as err:
@@ -175,24 +185,20 @@ def main(argv: list[str] | None = None) -> Path:
                          "may write to.") from None
 
 
-def train_in(run_dir: Path, config: dict, overrides: dict, given: set[str], args, backend, resume_payload,
+def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, resume_payload,
              resume_source) -> Path:
-    """Everything after the run directory is locked: cache, config.json, the loop, the report."""
+    """Everything after the run directory is locked: config.json, the loop, the report."""
     rank, _ = world()
     distributed = launched_by_torchrun()
-    if rank == 0:
-        prepare_cache(config["data"], given, args.rebuild_cache)
-    if distributed:
-        torch.distributed.barrier()
-        if rank != 0:  # the cache now exists: every other rank just opens it
-            prepare_cache(config["data"], given, verbose=False)
-
     if resume_payload is not None:
         from dataset import PreparedDataset
 
         fingerprint = PreparedDataset(config["data"]["cache"]).fingerprint
         check_resume_compatible(resume_payload["config"], overrides, fingerprint,
                                 resume_payload["fingerprint"], resume_source)
+        if config["run"]["steps"] <= resume_payload["step"] and not args.profile:
+            raise SystemExit(f"The run is already at step {resume_payload['step']} of --steps "
+                             f"{config['run']['steps']}; pass a larger --steps to train on.")
     if rank == 0:
         atomic_write_json(run_dir / "config.json", config)
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataset.prepare import DATASETS
 from models.background import BackgroundConfig
 from models.field import FieldConfig
 from models.latents import LatentConfig
@@ -122,9 +124,19 @@ RESUMABLE = {("run", "steps"), ("run", "log_every"), ("run", "preview_every"), (
              ("run", "keep_last"), ("run", "max_bad_steps"), ("data", "cache"), ("data", "data_root")}
 
 
+# What each value may be. Integers not listed must be at least 1; floats must be finite (lr: or none).
+CHOICES = {("data", "dataset"): DATASETS, ("field", "latent_mode"): ("chunks", "whole"),
+           ("latent", "optimizer"): ("sgd", "adam")}
+AT_LEAST = {("data", "resolution"): 8, ("run", "seed"): 0, ("run", "preview_identities"): 0,
+            ("field", "n_frequencies"): 0, ("background", "n_frequencies"): 0, ("render", "n_fine"): 0}
+POSITIVE = {("render", "radius"), ("optim", "lr_init"), ("optim", "lr_final"), ("latent", "lr"),
+            ("latent", "lr_scale")}
+UNIT_INTERVAL = {("optim", "beta1"), ("optim", "beta2"), ("latent", "momentum")}  # [0, 1)
+
+
 # What a flag means, for --help (values whose name says it all are left out).
 FLAG_HELP = {
-    ("data", "dataset"): "synthetic | ffhq | celeba | celebahq | folder | srn",
+    ("data", "dataset"): " | ".join(DATASETS),
     ("data", "data_root"): "folder with the source photos (not needed for synthetic)",
     ("data", "cache"): "prepared-cache directory (default: data/prepared/<source>-...)",
     ("data", "synthetic_identities"): "identities of the built-in synthetic dataset",
@@ -147,6 +159,40 @@ FLAG_HELP = {
     ("batch", "views"): "views per identity per step",
     ("batch", "pixels"): "random pixels per view per step",
 }
+
+
+def config_problem(section: str, key: str, value) -> str | None:
+    """Why ``value`` cannot be the configuration value (section, key), or None when it can.
+
+    >>> config_problem("field", "depth", 0)
+    'must be at least 1'
+    """
+    if (section, key) in CHOICES:
+        choices = CHOICES[(section, key)]
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None
+    if isinstance(value, int):
+        low = AT_LEAST.get((section, key), 1)
+        return None if value >= low else f"must be at least {low}"
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if (section, key) in POSITIVE and value <= 0:
+        return "must be positive"
+    if (section, key) in UNIT_INTERVAL and not 0 <= value < 1:
+        return "must be in [0, 1)"
+    if value < 0:
+        return "must not be negative"
+    return None
+
+
+def check_config(config: dict) -> None:
+    """One sentence (SystemExit) naming the first flag whose value cannot work, before any work starts."""
+    for section, cls in SECTIONS.items():
+        for key, value in config.get(section, {}).items():
+            problem = config_problem(section, key, value)
+            if problem:
+                raise SystemExit(f"{flag_name(section, key)} {value!r} {problem} ({cls.__name__}.{key}).")
 
 
 def preset_config(preset: str) -> dict[str, dict]:
@@ -255,5 +301,6 @@ def resolve_config(args: argparse.Namespace, device_type: str) -> tuple[dict, di
     overrides = explicit_overrides(args, config)
     for (section, key), value in overrides.items():
         config[section][key] = value
+    check_config(config)
     config["preset"] = preset
     return config, overrides, preset

@@ -146,14 +146,15 @@ def test_a_second_run_on_one_out_is_refused(odd_cache, tmp_path):
             assert time.monotonic() < deadline, "the first run never started training"
             time.sleep(0.2)
         with pytest.raises(SystemExit) as stop:  # --resume: what would interleave logs and checkpoints
-            train_in_process([*TRAIN, "--out", str(run_dir), "--resume", "--steps", "2"])
+            train_in_process([*TRAIN, "--out", str(run_dir), "--resume", "--steps", "1000000"])
         assert f"process {first.pid}" in str(stop.value.code)
         assert first.poll() is None  # the first run is untouched
     finally:
         first.kill()
         first.wait()
     # The lock dies with its holder: after kill -9, the run can be resumed.
-    train_in_process([*TRAIN, "--out", str(run_dir), "--resume", "--steps", "1"])
+    done = read_checkpoint(latest_checkpoint(run_dir))["step"]
+    train_in_process([*TRAIN, "--out", str(run_dir), "--resume", "--steps", str(done + 1)])
 
 
 def _short_run(cache, run_dir) -> Path:
