@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export.arguments import add_arch_flag, at_least
 from export.inference import (
     load_model,
     render_view,
@@ -37,6 +38,7 @@ from export.inference import (
 from export.metrics import Lpips, depth_errors, lpips_status, psnr, ssim
 from export.outputs import OutputExistsError, claim_file, write_json, write_text
 from models.checkpoint import CheckpointError, LoadedCheckpoint
+from renderer.backend import BackendUnavailableError
 
 
 def spread_indices(n: int, limit: int | None) -> np.ndarray:
@@ -222,11 +224,23 @@ def evaluate(
     views_dir: Path | None = None,
     max_images: int | None = 200,
     chunk: int = 8192,
+    allow_other_cache: bool = False,
 ) -> dict:
-    """Every evaluation for one checkpoint and its training cache. Returns the results dict (JSON-ready)."""
+    """Every evaluation for one checkpoint and its training cache. Returns the results dict (JSON-ready).
+
+    A cache whose fingerprint differs from the one the checkpoint was trained on is refused (ValueError)
+    unless ``allow_other_cache``: latents index identities, so another dataset's images would be scored
+    against the wrong heads.
+    """
     from dataset import CacheError, PreparedDataset
 
     train = PreparedDataset(cache, split="train")
+    if train.fingerprint != model.fingerprint and not allow_other_cache:
+        raise ValueError(
+            f"the cache {cache} is not the dataset this checkpoint was trained on (fingerprint "
+            f"{train.fingerprint[:12]} vs {str(model.fingerprint)[:12]}); pass the training cache with "
+            "--cache, or --allow-other-cache to score it anyway."
+        )
     if train.n_identities != model.latents.n:
         raise ValueError(
             f"the cache {cache} has {train.n_identities} identities but the checkpoint has "
@@ -234,7 +248,12 @@ def evaluate(
         )
     available, note = lpips_status()
     lpips = Lpips() if available else None
-    results: dict = {"step": model.step, "cache": str(cache), "lpips_note": note}
+    results: dict = {
+        "step": model.step,
+        "cache": str(cache),
+        "lpips_note": note,
+        "same_cache_as_training": train.fingerprint == model.fingerprint,
+    }
 
     train_idx = spread_indices(len(train), max_images)
     per_train = evaluate_views(model, cache_views(train, train_idx), lpips, chunk, "reconstruction")
@@ -266,8 +285,11 @@ def evaluate(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    # No usage block: a mistake is the one line "prog: error: ..." (--help lists every flag).
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage=argparse.SUPPRESS,
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py")
     parser.add_argument("--cache", type=Path, help="training cache (default: the one the checkpoint records)")
@@ -276,10 +298,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here (always printed)")
-    parser.add_argument("--max-images", type=int, default=200, help="views per evaluation, evenly spread")
-    parser.add_argument("--chunk", type=int, default=8192, help="rays per rendering chunk (bounds memory)")
-    parser.add_argument("--arch", default="cpu", help="Taichi arch for the renderer: auto|cpu|vulkan|cuda")
+    parser.add_argument(
+        "--max-images", type=at_least(1), default=200, help="views per evaluation, evenly spread"
+    )
+    parser.add_argument(
+        "--chunk", type=at_least(1), default=8192, help="rays per rendering chunk (bounds memory)"
+    )
+    add_arch_flag(parser)
     parser.add_argument("--force", action="store_true", help="overwrite existing --json / --markdown")
+    parser.add_argument(
+        "--allow-other-cache",
+        action="store_true",
+        help="score a cache other than the one the checkpoint was trained on (same "
+        "identity count; refused by default)",
+    )
     return parser.parse_args(argv)
 
 
@@ -298,8 +330,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the checkpoint records no training cache; pass --cache DIR.")
         start_renderer(args.arch)
         with torch.no_grad():
-            results = evaluate(model, Path(cache), args.views, args.max_images, args.chunk)
-    except (CheckpointError, CacheError, OutputExistsError, ValueError, FileNotFoundError) as err:
+            results = evaluate(
+                model, Path(cache), args.views, args.max_images, args.chunk, args.allow_other_cache
+            )
+    except (
+        CheckpointError,
+        CacheError,
+        OutputExistsError,
+        ValueError,
+        FileNotFoundError,
+        BackendUnavailableError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results["checkpoint"] = str(args.checkpoint)

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import renderer
+from export.arguments import add_arch_flag, at_least, positive_float
 from export.cameras import orbit_cameras, scale_intrinsics, yaw_cameras
 from export.inference import (
     latent_mesh,
@@ -49,10 +50,19 @@ from export.inference import (
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png, upscale
 from export.mesh import preview_mesh, write_ply
 from export.metrics import psnr, ssim
-from export.outputs import OutputExistsError, claim_dir, save_npy, write_json
+from export.outputs import (
+    OutputExistsError,
+    OutputPathError,
+    claim_dir,
+    inside,
+    output_name,
+    save_npy,
+    write_json,
+)
 from models import compute_losses, render_rays
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.render import pixel_grid
+from renderer.backend import BackendUnavailableError
 
 
 @dataclass
@@ -210,12 +220,12 @@ def write_outputs(
     scores, view = reconstruction_scores(
         model, result.latent, image, mask, K, world_to_camera, settings.chunk
     )
-    save_npy(out_dir / "latent.npy", result.latent.numpy().astype(np.float32))
+    save_npy(inside(out_dir, "latent.npy"), result.latent.numpy().astype(np.float32))
     depth_rgb = colorize_depth(surface_depth(view), view["opacity"])
-    save_png(out_dir / "depth.png", depth_rgb)
+    save_png(inside(out_dir, "depth.png"), depth_rgb)
     label = f"PSNR {scores['psnr']:.1f} SSIM {scores['ssim']:.2f}"
     cells = [upscale(cell, 128) for cell in (image, view["color"], depth_rgb)]
-    save_png(out_dir / "reconstruction.png", image_grid([cells], labels=[["input", label, "depth"]]))
+    save_png(inside(out_dir, "reconstruction.png"), image_grid([cells], labels=[["input", label, "depth"]]))
 
     size = settings.video_size or 2 * int(np.asarray(image).shape[0])
     K_video = scale_intrinsics(K, np.asarray(image).shape[:2], (size, size))
@@ -224,13 +234,13 @@ def write_outputs(
         f["color"]
         for f in render_path(model, result.latent, K_video, cameras, size, size, settings.chunk, desc="orbit")
     ]
-    save_mp4(out_dir / "orbit.mp4", frames, fps=settings.fps)
-    save_gif(out_dir / "orbit.gif", frames, fps=settings.fps)
+    save_mp4(inside(out_dir, "orbit.mp4"), frames, fps=settings.fps)
+    save_gif(inside(out_dir, "orbit.gif"), frames, fps=settings.fps)
 
     mesh = latent_mesh(model, result.latent, resolution=settings.mesh_resolution, level=settings.mesh_level)
-    write_ply(out_dir / "mesh.ply", mesh)
+    write_ply(inside(out_dir, "mesh.ply"), mesh)
     side_view = yaw_cameras(world_to_camera, [30.0])[0]
-    save_png(out_dir / "mesh.png", preview_mesh(mesh, K_video, side_view, size, size))
+    save_png(inside(out_dir, "mesh.png"), preview_mesh(mesh, K_video, side_view, size, size))
 
     record = {
         **scores,
@@ -240,32 +250,43 @@ def write_outputs(
         "world_to_camera": np.asarray(world_to_camera).tolist(),
         **(extra or {}),
     }
-    write_json(out_dir / "metrics.json", record)
+    write_json(inside(out_dir, "metrics.json"), record)
     return record
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    # No usage block: a mistake is the one line "prog: error: ..." (--help lists every flag).
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage=argparse.SUPPRESS,
     )
     parser.add_argument("photos", nargs="*", type=Path, help="photos to fit (any format OpenCV reads)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py")
     parser.add_argument("--out", required=True, type=Path, help="output folder; one subfolder per photo")
     parser.add_argument("--from-cache", type=Path, help="fit already-prepared views of a dataset cache")
     parser.add_argument("--split", default="heldout", choices=["train", "heldout"], help="with --from-cache")
-    parser.add_argument("--index", type=int, nargs="+", default=[0], help="with --from-cache: view indices")
+    parser.add_argument(
+        "--index", type=at_least(0), nargs="+", default=[0], help="with --from-cache: view indices"
+    )
     parser.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="FitConfig preset")
-    parser.add_argument("--steps", type=int, help="optimisation steps (default: the preset's)")
-    parser.add_argument("--lr", type=float, help="latent learning rate (default: the preset's)")
-    parser.add_argument("--rays", type=int, help="random pixels per step (default: the preset's)")
+    parser.add_argument("--steps", type=at_least(1), help="optimisation steps (default: the preset's)")
+    parser.add_argument("--lr", type=positive_float, help="latent learning rate (default: the preset's)")
+    parser.add_argument("--rays", type=at_least(1), help="random pixels per step (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--frames", type=int, default=36, help="frames of the orbit video")
-    parser.add_argument("--video-size", type=int, help="orbit video side in pixels (default 2x training)")
-    parser.add_argument("--mesh-resolution", type=int, default=128, help="density grid side for the mesh")
+    parser.add_argument("--frames", type=at_least(1), default=36, help="frames of the orbit video")
+    parser.add_argument(
+        "--video-size", type=at_least(8), help="orbit video side in pixels (default 2x training)"
+    )
+    parser.add_argument(
+        "--mesh-resolution", type=at_least(8), default=128, help="density grid side for the mesh"
+    )
     parser.add_argument("--mesh-level", type=float, help="density iso-level (default: read off the model)")
     parser.add_argument("--framing", choices=["aligned", "landmarks"], help="default: as in training")
-    parser.add_argument("--arch", default="cpu", help="Taichi arch for the renderer: auto|cpu|vulkan|cuda")
-    parser.add_argument("--chunk", type=int, default=8192, help="rays per rendering chunk (bounds memory)")
+    add_arch_flag(parser)
+    parser.add_argument(
+        "--chunk", type=at_least(1), default=8192, help="rays per rendering chunk (bounds memory)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     parser.add_argument(
         "--resume",
@@ -299,7 +320,7 @@ def _jobs(args: argparse.Namespace, resolution: int, framing: str):
             info = {"source": str(path), "reprojection_error_px": float(photo.reprojection_error_px)}
             return photo.image, photo.mask, photo.K, photo.world_to_camera, info
 
-        yield unique(path.stem), load
+        yield unique(output_name(path.stem)), load
 
     if args.from_cache is not None:
         from functools import cache
@@ -341,15 +362,20 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    start_renderer(args.arch)
+    try:
+        start_renderer(args.arch)
+        claim_dir(args.out, force=True)  # an --out that cannot be written is found before any fitting
+    except (BackendUnavailableError, OutputExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     resolution = training_resolution(model)
     framing = args.framing or training_framing(model)
     preset = FitConfig.paper() if args.preset == "paper" else FitConfig.cpu()
     config = FitConfig(
-        steps=args.steps or preset.steps,
-        lr=args.lr or preset.lr,
+        steps=preset.steps if args.steps is None else args.steps,
+        lr=preset.lr if args.lr is None else args.lr,
         final_lr_fraction=preset.final_lr_fraction,
-        rays_per_step=args.rays or preset.rays_per_step,
+        rays_per_step=preset.rays_per_step if args.rays is None else args.rays,
         seed=args.seed,
     )
     settings = OutputSettings(
@@ -362,14 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     summary: list[tuple[str, str]] = []
     for name, load in _jobs(args, resolution, framing):
         started = time.perf_counter()
-        if args.resume and not args.force and (args.out / name / "metrics.json").is_file():
+        if args.resume and not args.force and inside(args.out, name, "metrics.json").is_file():
             summary.append((name, "ok      already fitted (--resume)"))
             print(f"{name}: {summary[-1][1]}", flush=True)
             continue
         try:
             image, mask, K, w2c, info = load()
             # --resume: a folder without metrics.json holds an interrupted fit, which is redone.
-            out_dir = claim_dir(args.out / name, force=args.force or args.resume)
+            out_dir = claim_dir(inside(args.out, name), force=args.force or args.resume)
             result = fit_latent(model, image, mask, K, w2c, config, progress=not args.quiet)
             record = write_outputs(
                 model,
@@ -389,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             NoFaceError,
             PoseRejectedError,
             OutputExistsError,
+            OutputPathError,
             IndexError,
             ValueError,
             OSError,

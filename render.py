@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.arguments import add_arch_flag, at_least, finite_float, positive_float
 from export.cameras import (
     default_intrinsics,
     load_camera_file,
@@ -51,8 +52,9 @@ from export.inference import (
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png
 from export.mesh import preview_mesh, write_ply
-from export.outputs import OutputExistsError, claim_dir, save_npy
+from export.outputs import OutputExistsError, claim_dir, inside, output_name, save_npy
 from models.checkpoint import CheckpointError, LoadedCheckpoint
+from renderer.backend import BackendUnavailableError
 
 OUTPUT_KINDS = ("frames", "grid", "mp4", "gif", "depth", "mesh", "latent")
 MAX_GRID_COLUMNS = 8
@@ -96,7 +98,7 @@ def source_subjects(model: LoadedCheckpoint, names: list[str], cache: Path | Non
             found = "no training image" if not identities else f"{len(identities)} identities"
             raise ValueError(f"--source {name!r} matches {found}; give a longer part of the file name.")
         subjects.append(
-            Subject(Path(name).stem.replace("/", "_"), model.latents.codes[identities[0]].detach().clone())
+            Subject(output_name(Path(name).stem), model.latents.codes[identities[0]].detach().clone())
         )
     return subjects
 
@@ -114,8 +116,8 @@ def latent_file_subjects(model: LoadedCheckpoint, paths: list[Path]) -> list[Sub
             raise ValueError(
                 f"{path} holds {z.shape[0]} values but this checkpoint's latents have {model.latents.dim}."
             )
-        name = path.parent.name if path.stem == "latent" else path.stem
-        subjects.append(Subject(name, torch.from_numpy(z)))
+        name = path.resolve().parent.name if path.stem == "latent" else path.stem
+        subjects.append(Subject(output_name(name), torch.from_numpy(z)))
     return subjects
 
 
@@ -155,8 +157,11 @@ def camera_path(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    # No usage block: a mistake is the one line "prog: error: ..." (--help lists every flag).
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage=argparse.SUPPRESS,
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py")
     parser.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty)")
@@ -165,26 +170,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     who.add_argument("--source", nargs="+", default=[], help="training identities by source file name")
     who.add_argument("--cache", type=Path, help="training cache for --source (default: from the checkpoint)")
     who.add_argument("--latent", type=Path, nargs="+", default=[], help="saved latents (.npy)")
-    who.add_argument("--random", type=int, default=0, help="this many random identities")
-    who.add_argument("--psi", type=float, default=0.7, help="truncation for --random (1 = none)")
+    who.add_argument("--random", type=at_least(0), default=0, help="this many random identities")
+    who.add_argument("--psi", type=finite_float, default=0.7, help="truncation for --random (1 = none)")
     who.add_argument("--seed", type=int, default=0, help="seed for --random")
     who.add_argument("--interpolate", type=int, nargs=2, metavar=("A", "B"), help="identities to blend")
-    who.add_argument("--steps", type=int, default=8, help="codes along --interpolate")
+    who.add_argument("--steps", type=at_least(2), default=8, help="codes along --interpolate")
     cams = parser.add_argument_group("cameras")
     cams.add_argument("--camera", default="orbit", choices=["fixed", "yaw", "orbit", "file"])
-    cams.add_argument("--frames", type=int, default=36, help="cameras along yaw/orbit paths")
-    cams.add_argument("--yaw-range", type=float, nargs=2, default=[-40.0, 40.0], metavar=("FROM", "TO"))
+    cams.add_argument("--frames", type=at_least(1), default=36, help="cameras along yaw/orbit paths")
+    cams.add_argument(
+        "--yaw-range", type=finite_float, nargs=2, default=[-40.0, 40.0], metavar=("FROM", "TO")
+    )
     cams.add_argument("--camera-file", type=Path, help="with --camera file")
-    cams.add_argument("--distance", type=float, default=DEFAULT_CAMERA_DISTANCE, help="camera distance")
-    cams.add_argument("--size", type=int, help="square output side (default: training resolution)")
-    cams.add_argument("--height", type=int, help="output height (overrides --size)")
-    cams.add_argument("--width", type=int, help="output width (overrides --size)")
+    cams.add_argument(
+        "--distance", type=positive_float, default=DEFAULT_CAMERA_DISTANCE, help="camera distance"
+    )
+    cams.add_argument("--size", type=at_least(1), help="square output side (default: training resolution)")
+    cams.add_argument("--height", type=at_least(1), help="output height (overrides --size)")
+    cams.add_argument("--width", type=at_least(1), help="output width (overrides --size)")
     parser.add_argument("--outputs", nargs="+", default=["grid", "gif"], choices=OUTPUT_KINDS)
-    parser.add_argument("--fps", type=float, default=18.0)
-    parser.add_argument("--mesh-resolution", type=int, default=128)
+    parser.add_argument("--fps", type=positive_float, default=18.0)
+    parser.add_argument("--mesh-resolution", type=at_least(8), default=128)
     parser.add_argument("--mesh-level", type=float, help="density iso-level (default: read off the model)")
-    parser.add_argument("--chunk", type=int, default=8192, help="rays per rendering chunk (bounds memory)")
-    parser.add_argument("--arch", default="cpu", help="Taichi arch for the renderer: auto|cpu|vulkan|cuda")
+    parser.add_argument(
+        "--chunk", type=at_least(1), default=8192, help="rays per rendering chunk (bounds memory)"
+    )
+    add_arch_flag(parser)
     parser.add_argument("--force", action="store_true", help="write into a folder that holds results")
     return parser.parse_args(argv)
 
@@ -200,7 +211,13 @@ def collect_subjects(model: LoadedCheckpoint, args: argparse.Namespace) -> list[
         subjects += [Subject(f"random_s{args.seed}_{k:03d}", z) for k, z in enumerate(codes)]
     if args.interpolate:
         subjects += interpolation_subjects(model, args.interpolate[0], args.interpolate[1], args.steps)
-    return subjects or identity_subjects(model, [0])
+    subjects = subjects or identity_subjects(model, [0])
+    seen: dict[str, int] = {}
+    for subject in subjects:  # two latents named alike (a/x/latent.npy, b/x/latent.npy) get two names
+        count = seen[subject.name] = seen.get(subject.name, 0) + 1
+        if count > 1:
+            subject.name = f"{subject.name}_{count}"
+    return subjects
 
 
 def grid_columns(n: int) -> list[int]:
@@ -229,54 +246,63 @@ def main(argv: list[str] | None = None) -> int:
             args.camera_file,
             (height, width),
         )
+        start_renderer(args.arch)
         out = claim_dir(args.out, force=args.force)
-    except (CheckpointError, ValueError, OutputExistsError, FileNotFoundError) as err:
+    except (
+        CheckpointError,
+        ValueError,
+        OutputExistsError,
+        FileNotFoundError,
+        BackendUnavailableError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    start_renderer(args.arch)
     kinds = set(args.outputs)
     rendered = {}
     for subject in subjects:
         views = render_path(model, subject.latent, K, cameras, height, width, args.chunk, desc=subject.name)
         rendered[subject.name] = views
         if "latent" in kinds:
-            save_npy(out / f"{subject.name}.npy", subject.latent.numpy())
+            save_npy(inside(out, f"{subject.name}.npy"), subject.latent.numpy())
         if "frames" in kinds or "depth" in kinds:
             for k, view in enumerate(views):
                 if "frames" in kinds:
-                    save_png(out / subject.name / f"frame_{k:03d}.png", view["color"])
+                    save_png(inside(out, subject.name, f"frame_{k:03d}.png"), view["color"])
                 if "depth" in kinds:
                     save_png(
-                        out / subject.name / f"depth_{k:03d}.png",
+                        inside(out, subject.name, f"depth_{k:03d}.png"),
                         colorize_depth(surface_depth(view), view["opacity"]),
                     )
-                    save_npy(out / subject.name / f"depth_{k:03d}.npy", view["depth"])
+                    save_npy(inside(out, subject.name, f"depth_{k:03d}.npy"), view["depth"])
         if len(cameras) > 1:
             frames = [v["color"] for v in views]
             if "mp4" in kinds:
-                save_mp4(out / f"{subject.name}.mp4", frames, args.fps)
+                save_mp4(inside(out, f"{subject.name}.mp4"), frames, args.fps)
             if "gif" in kinds:
-                save_gif(out / f"{subject.name}.gif", frames, args.fps)
+                save_gif(inside(out, f"{subject.name}.gif"), frames, args.fps)
         if "mesh" in kinds:
             try:
                 mesh = latent_mesh(model, subject.latent, args.mesh_resolution, level=args.mesh_level)
             except ValueError as err:
                 print(f"{subject.name}: no mesh: {err}", file=sys.stderr)
             else:
-                write_ply(out / f"{subject.name}.ply", mesh)
-                save_png(out / f"{subject.name}_mesh.png", preview_mesh(mesh, K, cameras[0], height, width))
+                write_ply(inside(out, f"{subject.name}.ply"), mesh)
+                save_png(
+                    inside(out, f"{subject.name}_mesh.png"), preview_mesh(mesh, K, cameras[0], height, width)
+                )
     if len(cameras) == 1 and len(subjects) > 1:
         frames = [rendered[s.name][0]["color"] for s in subjects]
         if "mp4" in kinds:
-            save_mp4(out / "sequence.mp4", frames, args.fps)
+            save_mp4(inside(out, "sequence.mp4"), frames, args.fps)
         if "gif" in kinds:
-            save_gif(out / "sequence.gif", frames, args.fps)
+            save_gif(inside(out, "sequence.gif"), frames, args.fps)
     if len(cameras) == 1 and len(subjects) == 1 and kinds & {"mp4", "gif"}:
         print("note: mp4/gif need several cameras or subjects; one frame was rendered, so none was written.")
     if "grid" in kinds:
         cols = grid_columns(len(cameras))
         save_png(
-            out / "grid.png", image_grid([[rendered[s.name][c]["color"] for c in cols] for s in subjects])
+            inside(out, "grid.png"),
+            image_grid([[rendered[s.name][c]["color"] for c in cols] for s in subjects]),
         )
         if "depth" in kinds:
             rows = [
@@ -286,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 for s in subjects
             ]
-            save_png(out / "depth_grid.png", image_grid(rows))
+            save_png(inside(out, "depth_grid.png"), image_grid(rows))
     print(f"rendered {len(subjects)} subject(s) x {len(cameras)} camera(s) at {width}x{height} -> {out}")
     return 0
 

@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI; every flag's help shows its default (the cpu preset's, unless --preset says otherwise)."""
     cpu, paper = PrepareConfig.preset("cpu"), PrepareConfig.preset("paper")
     parser = argparse.ArgumentParser(
-        prog="python -m dataset.prepare", description="Prepare a dataset cache for LOLNeRF training: "
+        prog="python -m dataset.prepare", usage=argparse.SUPPRESS,  # a mistake is one line
+        description="Prepare a dataset cache for LOLNeRF training: "
         "cameras from landmarks (photos), given cameras (srn) or exact cameras (synthetic).")
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="source format")
     parser.add_argument("--data-root", default=None, help="source folder (not needed for synthetic)")
@@ -274,8 +275,17 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: one clear line on bad input, exit status 2; 3 when stopped early."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"argument --workers: {args.workers} must be at least 1 (1 runs in-process).")
+    if args.max_error_fraction is not None and not 0 < args.max_error_fraction < float("inf"):
+        parser.error(f"argument --max-error-fraction: {args.max_error_fraction} must be a positive number.")
     try:
+        if args.template is not None:
+            from pose.template import template_metadata
+
+            template_metadata(args.template)  # a missing or broken template is found before any work
         prepare_dataset(args.dataset, args.data_root, args.out, config_from_args(args), args.workers,
                         progress=not args.no_progress)
     except (DataRootError, CacheError, ValueError) as err:

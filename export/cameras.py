@@ -141,6 +141,8 @@ def load_camera_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[in
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Camera file {path} does not exist; pass a .json or .npz with K and [R|t].")
+    if path.suffix.lower() not in (".json", ".npz"):
+        raise ValueError(f"Camera file {path} must end in .json or .npz.")
     size = None
     try:
         if path.suffix.lower() == ".json":
@@ -149,18 +151,24 @@ def load_camera_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[in
             w2c = np.asarray(data["world_to_camera"], dtype=np.float32)
             if "height" in data and "width" in data:
                 size = (int(data["height"]), int(data["width"]))
-        elif path.suffix.lower() == ".npz":
+        else:
             with np.load(path, allow_pickle=False) as data:
                 K = np.asarray(data["K"], dtype=np.float32)
                 w2c = np.asarray(data["world_to_camera"], dtype=np.float32)
                 if "height" in data and "width" in data:
                     size = (int(data["height"]), int(data["width"]))
-        else:
-            raise ValueError(f"Camera file {path} must end in .json or .npz.")
     except KeyError as err:
         raise ValueError(
             f"Camera file {path} lacks {err}; it needs 'K' (3x3) and 'world_to_camera' (3x4)."
         ) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Camera file {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg}); it needs 'K' (3x3) and 'world_to_camera' (3x4).") from None
+    except (TypeError, ValueError, OSError, UnicodeDecodeError) as err:  # wrong shapes/types, not a zip
+        raise ValueError(f"Camera file {path} cannot be read as cameras ({err}); it needs 'K' (3x3) and "
+                         "'world_to_camera' (3x4).") from None
+    if not (np.isfinite(K).all() and np.isfinite(w2c).all()):
+        raise ValueError(f"Camera file {path} holds NaN or infinite values.")
     if K.ndim == 3:
         K = K[0]
     if w2c.ndim == 2:

@@ -228,6 +228,7 @@ def parse_value(text: str, like):
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: run-level flags plus one flag per configuration value (defaults shown for both presets)."""
     parser = argparse.ArgumentParser(
+        usage=argparse.SUPPRESS,  # a mistake is one line, "train.py: error: ..."; --help lists every flag
         description="Train LOLNeRF (auto-decoder NeRF) on a prepared dataset; with no arguments, on the "
                     "built-in synthetic heads with the CPU preset.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

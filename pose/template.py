@@ -30,12 +30,36 @@ HEAD_RADIUS = 1.5
 TEMPLATE_PATH = Path(__file__).with_name("data") / "template.json"
 
 
+class TemplateError(ValueError):
+    """A landmark template file that is missing or not a template; the message says which and what to do."""
+
+
 @lru_cache(maxsize=8)
 def _read(path: str) -> dict:
+    fix = ("pass a template written by `python -m pose.fit_template`, or leave --template out for the "
+           "shipped one")
     try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"Template {path} is missing; run `python -m pose.make_template`.") from err
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TemplateError(f"Template {path} does not exist; {fix}.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise TemplateError(f"Template {path} cannot be read ({err}); {fix}.") from None
+    except json.JSONDecodeError as err:
+        raise TemplateError(f"Template {path} is not JSON (line {err.lineno}, column {err.colno}: "
+                            f"{err.msg}); {fix}.") from None
+    points = data.get("points") if isinstance(data, dict) else None
+    if not isinstance(points, dict) or not points:
+        raise TemplateError(f"Template {path} has no \"points\" table of landmark methods; {fix}.")
+    for method, value in points.items():
+        array = np.asarray(value, dtype=object)
+        try:
+            ok = array.ndim == 2 and array.shape[1] == 3 and np.isfinite(array.astype(np.float64)).all()
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise TemplateError(f"Template {path}: the {method!r} points are not a list of finite "
+                                f"(x, y, z) triples; {fix}.")
+    return data
 
 
 def load_template(method: str = "face_mesh", path: str | Path | None = None) -> np.ndarray:

@@ -134,9 +134,12 @@ def _start_arch(arch: str, settings: dict) -> str:
     return f"asked for {arch}"
 
 
-def _start_auto(settings: dict) -> tuple[str, str]:
-    """Start the best available arch in the order CUDA, Vulkan, CPU; returns (arch, reason)."""
-    cuda_missing = _torch_cuda_missing()
+def _start_auto(settings: dict, allow_cuda: bool = True) -> tuple[str, str]:
+    """Start the best available arch in the order CUDA, Vulkan, CPU; returns (arch, reason).
+
+    ``allow_cuda=False`` (the caller's tensors stay on the CPU, which Taichi CUDA cannot read) skips CUDA.
+    """
+    cuda_missing = _torch_cuda_missing() if allow_cuda else "the torch device is the CPU"
     if cuda_missing is None and _start("cuda", **settings):
         return "cuda", "auto: torch and Taichi both use CUDA"
     why_not_cuda = cuda_missing or "Taichi could not start CUDA"
@@ -190,7 +193,7 @@ def init_backend(
 
     settings = {"kernel_profiler": kernel_profiler, "random_seed": random_seed, "cpu_threads": cpu_threads}
     if arch == "auto":
-        started, reason = _start_auto(settings)
+        started, reason = _start_auto(settings, allow_cuda=device in ("auto", "cuda"))
     else:
         started, reason = arch, _start_arch(arch, settings)
 

@@ -1,0 +1,73 @@
+"""argparse value types for the entry scripts: a bad number is refused while parsing, in one sentence.
+
+    parser.add_argument("--frames", type=at_least(1), default=36)
+    parser.add_argument("--fps", type=positive_float, default=18.0)
+
+argparse turns the ``ArgumentTypeError`` into ``prog: error: argument --frames: ...`` and exit status 2,
+before any model is loaded or any file written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+RENDER_ARCHES = ("auto", "cpu", "vulkan", "metal")
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``.
+
+    >>> at_least(1)("3")
+    3
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # what argparse names in its own messages
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number.
+
+    >>> finite_float("-0.5")
+    -0.5
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0.
+
+    >>> positive_float("18")
+    18.0
+    """
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def add_arch_flag(parser: argparse.ArgumentParser) -> None:
+    """``--arch`` for the scripts that render with the model's weights on the CPU (fit, render, evaluate).
+
+    Taichi CUDA reads CUDA tensors in place, and these scripts keep their tensors on the CPU, so ``cuda``
+    is not offered here; ``auto`` never picks it for them either (``export.inference.start_renderer``).
+    """
+    parser.add_argument("--arch", default="cpu", choices=RENDER_ARCHES,
+                        help="Taichi arch for the renderer (tensors stay on the CPU)")
