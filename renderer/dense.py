@@ -1,0 +1,462 @@
+"""Dense (fully connected) layers and NeRF positional encoding as Taichi kernels, on torch tensors.
+
+Generic building blocks for an MLP whose layers read a concatenation of column blocks
+(``Segment``s) without building it: the layer's weight is split into matching column blocks, so
+``y = act([a, b, c] @ W^T + bias)`` reads ``a``, ``b`` and ``c`` where they lie. Nothing here knows
+about any particular network (``models.taichi_field`` wires them into the LOLNeRF field).
+
+    y = dense_forward([Segment(x)], weight, bias, "relu")            # x (N, K), weight (O, K) -> (N, O)
+    dz = act_backward("relu", y, None, dy)                             # dL/d(pre-activation)
+    dx = dense_grad_input(dz, weight)                                  # (N, K)
+    dw, db = dense_grad_params(dz, [Segment(x)])                       # (O, K), (O,)
+
+Activations: ``none``, ``relu``, ``softplus`` (log(1 + e^z), torch's default threshold 20) and
+``sigmoid``. Backward of softplus needs the pre-activation ``z`` (``dense_forward(...,
+keep_pre=True)``); relu and sigmoid need only the output.
+
+Kernel layout, chosen for a GPU and kept simple enough to run unchanged on x64 and Vulkan:
+
+* forward and ``dense_grad_input``: one thread per TILE x TILE block of outputs (rows x columns),
+  accumulated in registers as outer products, so each step loads 2 * TILE values for TILE^2
+  multiply-adds; every inner loop reads contiguous rows (of x and W forward, of W backward);
+* ``dense_grad_params``: the rows are cut into blocks of ``BLOCK_ROWS``; one thread per (block,
+  TILE outputs, TILE input columns of one segment, or the bias) sums its block in registers and makes
+  ONE atomic add per weight, so atomics are N / BLOCK_ROWS per weight instead of N;
+* tiles at the edges (N, O or a segment not a multiple of TILE) re-read the last row or column and
+  skip the writes, so no shape needs padding.
+
+``ti.simt.block.SharedArray`` would let a GPU thread block stage tiles of x and W in shared memory,
+but Taichi 1.7.4's x64 backend refuses ``ti.simt.block.sync`` (a compilation error; Vulkan runs it),
+so one path for both arches keeps everything in registers.
+"""
+
+from dataclasses import dataclass
+
+import taichi as ti
+import torch
+
+from renderer.backend import kernel_device, launch, to_kernel
+
+f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
+f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
+
+ACTIVATIONS = {"none": 0, "relu": 1, "softplus": 2, "sigmoid": 3}
+MAX_SEGMENTS = 3
+# Each thread computes a TILE x TILE block of outputs in registers (the kernels take it as a template
+# argument, so it can be tuned per arch). Measured, cpu preset fwd+bwd, 16,384 rows, one thread, on a
+# loaded 2-core machine: x64 tile 1/2/4/8 = 1814/1499/640/642 ms (8 took 19 s to compile, 4 took 4 s);
+# lavapipe tile 1/2/4 = 7.5/3.7/3.3 s, and 8 slower than 4. No GPU was measured.
+TILE = 4
+BLOCK_ROWS = 128  # rows summed in registers per atomic add of the weight gradient
+SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: z above it passes through unchanged
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Columns ``start .. start + size - 1`` of a (N, C) float32 tensor: one block of a layer's input.
+
+    ``size=None`` means all columns from ``start``. Example: the 16 latent values layer 1 sees,
+    ``Segment(latents, 16, 16)`` for latents (N, 64).
+    """
+
+    tensor: torch.Tensor
+    start: int = 0
+    size: int | None = None
+
+    @property
+    def width(self) -> int:
+        """Number of columns this segment contributes."""
+        return self.tensor.shape[1] - self.start if self.size is None else self.size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Taichi functions and kernels
+
+
+@ti.func
+def _log1p(t):
+    """log(1 + t) for 0 <= t <= 1, to float32 precision also for tiny t.
+
+    Below 0.1 an alternating series to t^9 (truncation < t^10 / 10, relative 1e-9): ``log(1 + t)``
+    alone loses the low bits of t when 1 + t rounds, and Goldberg's ``log(u) * t / (u - 1)`` fix is
+    undone by Taichi's fast-math (it folds ``(1 + t) - 1`` back into t; measured 17 % off at t = 3e-7).
+    """
+    result = ti.log(1.0 + t)
+    if t < 0.1:
+        poly = 1.0 / 9.0
+        for k in ti.static(range(8, 0, -1)):
+            poly = 1.0 / k - t * poly
+        result = t * poly
+    return result
+
+
+@ti.func
+def _activate(z, act):
+    y = z
+    if act == 1:
+        y = ti.max(z, 0.0)
+    elif act == 2:
+        if z <= SOFTPLUS_THRESHOLD:
+            y = ti.max(z, 0.0) + _log1p(ti.exp(-ti.abs(z)))
+    elif act == 3:
+        y = 1.0 / (1.0 + ti.exp(-z))
+    return y
+
+
+@ti.kernel
+def _encode_kernel(points: f32_2d, out: f32_2d, n_frequencies: ti.i32, include_input: ti.i32):
+    """(N, D) -> (N, D * (2F + include_input)): [x, sin(2^f x_d) at f*D + d, cos(2^f x_d) after]."""
+    n_dims = points.shape[1]
+    base = include_input * n_dims
+    for n, d in ti.ndrange(points.shape[0], n_dims):
+        x = points[n, d]
+        if include_input:
+            out[n, d] = x
+        scale = 1.0
+        for f in range(n_frequencies):
+            col = base + f * n_dims + d
+            out[n, col] = ti.sin(x * scale)
+            out[n, col + n_frequencies * n_dims] = ti.cos(x * scale)
+            scale *= 2.0
+
+
+@ti.func
+def _tile_rows(first, limit, tile: ti.template()):
+    """tile consecutive indices from ``first``, clamped to ``limit - 1`` (tiles at the edge re-read
+    the last row or column; their extra results are never written)."""
+    return ti.Vector([ti.min(first + t, limit - 1) for t in ti.static(range(tile))], ti.i32)
+
+
+@ti.func
+def _mac_rows(
+    acc, x: ti.template(), rows, x_start, weight: ti.template(), outs, w_start, length, tile: ti.template()
+):
+    """acc[r, t] += sum_m x[rows[r], x_start + m] * weight[outs[t], w_start + m] (both walk along rows)."""
+    for m in range(length):
+        xs = ti.Vector([x[rows[r], x_start + m] for r in ti.static(range(tile))])
+        ws = ti.Vector([weight[outs[t], w_start + m] for t in ti.static(range(tile))])
+        acc += xs.outer_product(ws)
+    return acc
+
+
+@ti.kernel
+def _forward_kernel(
+    x0: f32_2d, s0: ti.i32, k0: ti.i32,
+    x1: f32_2d, s1: ti.i32, k1: ti.i32,
+    x2: f32_2d, s2: ti.i32, k2: ti.i32,
+    weight: f32_2d, bias: f32_1d, out: f32_2d, pre: f32_2d, keep_pre: ti.i32, act: ti.i32,
+    tile: ti.template(),
+):  # fmt: skip
+    """out[n, o] = act(bias[o] + sum over the three segments of x_s[n, s_s + j] * weight[o, off_s + j]).
+
+    One thread per tile x tile block of outputs (tile rows x tile output columns).
+    """
+    n_rows, n_out = out.shape[0], out.shape[1]
+    for tn, to in ti.ndrange((n_rows + tile - 1) // tile, (n_out + tile - 1) // tile):
+        rows = _tile_rows(tn * tile, n_rows, tile)
+        outs = _tile_rows(to * tile, n_out, tile)
+        acc = ti.Matrix([[bias[outs[t]] for t in ti.static(range(tile))] for _ in ti.static(range(tile))])
+        acc = _mac_rows(acc, x0, rows, s0, weight, outs, 0, k0, tile)
+        acc = _mac_rows(acc, x1, rows, s1, weight, outs, k0, k1, tile)
+        acc = _mac_rows(acc, x2, rows, s2, weight, outs, k0 + k1, k2, tile)
+        for r, t in ti.static(ti.ndrange(tile, tile)):
+            n, o = tn * tile + r, to * tile + t
+            if n < n_rows and o < n_out:
+                if keep_pre:
+                    pre[n, o] = acc[r, t]
+                out[n, o] = _activate(acc[r, t], act)
+
+
+@ti.kernel
+def _act_backward_kernel(out: f32_2d, pre: f32_2d, grad_out: f32_2d, grad_pre: f32_2d, act: ti.i32):
+    """grad_pre = grad_out * act'(z), from the output y (relu, sigmoid) or the pre-activation z (softplus)."""
+    for n, o in ti.ndrange(grad_out.shape[0], grad_out.shape[1]):
+        g = grad_out[n, o]
+        if act == 1:
+            if out[n, o] <= 0.0:
+                g = 0.0
+        elif act == 2:
+            z = pre[n, o]
+            if z <= SOFTPLUS_THRESHOLD:
+                g *= 1.0 / (1.0 + ti.exp(-z))
+        elif act == 3:
+            y = out[n, o]
+            g *= y * (1.0 - y)
+        grad_pre[n, o] = g
+
+
+@ti.kernel
+def _grad_input_kernel(
+    grad_pre: f32_2d, weight: f32_2d, w_start: ti.i32,
+    out: f32_2d, out_start: ti.i32, size: ti.i32, accumulate: ti.i32, gate: f32_2d, use_gate: ti.i32,
+    tile: ti.template(),
+):  # fmt: skip
+    """out[n, out_start + j] (+)= [gate[n, j] > 0] * sum_o grad_pre[n, o] * weight[o, w_start + j].
+
+    One thread per tile x tile block of (row, column); the loop over o reads a row of W each step.
+    """
+    n_rows, n_out = grad_pre.shape[0], grad_pre.shape[1]
+    for tn, tj in ti.ndrange((n_rows + tile - 1) // tile, (size + tile - 1) // tile):
+        rows = _tile_rows(tn * tile, n_rows, tile)
+        cols = _tile_rows(tj * tile, size, tile)
+        acc = ti.Matrix.zero(ti.f32, tile, tile)
+        for o in range(n_out):
+            gs = ti.Vector([grad_pre[rows[r], o] for r in ti.static(range(tile))])
+            ws = ti.Vector([weight[o, w_start + cols[t]] for t in ti.static(range(tile))])
+            acc += gs.outer_product(ws)
+        for r, t in ti.static(ti.ndrange(tile, tile)):
+            n, j = tn * tile + r, tj * tile + t
+            if n < n_rows and j < size:
+                g = acc[r, t]
+                if use_gate:
+                    if gate[n, j] <= 0.0:
+                        g = 0.0
+                if accumulate:
+                    g += out[n, out_start + j]
+                out[n, out_start + j] = g
+
+
+@ti.func
+def _mac_columns(
+    acc, grad_pre: ti.template(), outs, x: ti.template(), cols, first, last, tile: ti.template()
+):
+    """acc[r, t] += sum_{n = first}^{last - 1} grad_pre[n, outs[r]] * x[n, cols[t]] (both walk down)."""
+    for n in range(first, last):
+        gs = ti.Vector([grad_pre[n, outs[r]] for r in ti.static(range(tile))])
+        xs = ti.Vector([x[n, cols[t]] for t in ti.static(range(tile))])
+        acc += gs.outer_product(xs)
+    return acc
+
+
+@ti.func
+def _add_weight_tile(grad_weight: ti.template(), acc, to, n_out, w_col, count, tile: ti.template()):
+    """Atomically add the valid part of a tile x tile tile at (to * tile, w_col)."""
+    for r, t in ti.static(ti.ndrange(tile, tile)):
+        o = to * tile + r
+        if o < n_out and t < count:
+            ti.atomic_add(grad_weight[o, w_col + t], acc[r, t])
+
+
+@ti.kernel
+def _grad_params_kernel(
+    grad_pre: f32_2d,
+    x0: f32_2d, s0: ti.i32, k0: ti.i32,
+    x1: f32_2d, s1: ti.i32, k1: ti.i32,
+    x2: f32_2d, s2: ti.i32, k2: ti.i32,
+    grad_weight: f32_2d, grad_bias: f32_1d, block_rows: ti.i32, tile: ti.template(),
+):  # fmt: skip
+    """grad_weight[o, c] += sum_n grad_pre[n, o] * input[n, c], grad_bias[o] += sum_n grad_pre[n, o].
+
+    One thread per (row block, tile outputs, tile input columns of one segment, or the bias): a register
+    sum over ``block_rows`` rows, then one atomic add per weight.
+    """
+    n_rows, n_out = grad_pre.shape[0], grad_pre.shape[1]
+    n_blocks = (n_rows + block_rows - 1) // block_rows
+    c0, c1, c2 = (k0 + tile - 1) // tile, (k1 + tile - 1) // tile, (k2 + tile - 1) // tile
+    for blk, to, tc in ti.ndrange(n_blocks, (n_out + tile - 1) // tile, c0 + c1 + c2 + 1):
+        first = blk * block_rows
+        last = ti.min(first + block_rows, n_rows)
+        outs = _tile_rows(to * tile, n_out, tile)
+        acc = ti.Matrix.zero(ti.f32, tile, tile)
+        if tc < c0:
+            cols = _tile_rows(s0 + tc * tile, s0 + k0, tile)
+            acc = _mac_columns(acc, grad_pre, outs, x0, cols, first, last, tile)
+            _add_weight_tile(grad_weight, acc, to, n_out, tc * tile, k0 - tc * tile, tile)
+        elif tc < c0 + c1:
+            c = tc - c0
+            cols = _tile_rows(s1 + c * tile, s1 + k1, tile)
+            acc = _mac_columns(acc, grad_pre, outs, x1, cols, first, last, tile)
+            _add_weight_tile(grad_weight, acc, to, n_out, k0 + c * tile, k1 - c * tile, tile)
+        elif tc < c0 + c1 + c2:
+            c = tc - c0 - c1
+            cols = _tile_rows(s2 + c * tile, s2 + k2, tile)
+            acc = _mac_columns(acc, grad_pre, outs, x2, cols, first, last, tile)
+            _add_weight_tile(grad_weight, acc, to, n_out, k0 + k1 + c * tile, k2 - c * tile, tile)
+        else:
+            sums = ti.Vector.zero(ti.f32, tile)
+            for n in range(first, last):
+                sums += ti.Vector([grad_pre[n, outs[r]] for r in ti.static(range(tile))])
+            for r in ti.static(range(tile)):
+                if to * tile + r < n_out:
+                    ti.atomic_add(grad_bias[to * tile + r], sums[r])
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch-facing functions
+
+
+def _act_code(act: str) -> int:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {act!r}: choose one of {', '.join(ACTIVATIONS)}.")
+    return ACTIVATIONS[act]
+
+
+def tile_size() -> int:
+    """Register tile side of the matmul kernels (``TILE``; a function so that one arch can differ)."""
+    return TILE
+
+
+def _dummy() -> torch.Tensor:
+    return torch.zeros((1, 1), device=kernel_device())
+
+
+def _segment_args(segments: list[Segment], n_rows: int) -> list:
+    """Kernel arguments (tensor, start, size) for up to MAX_SEGMENTS segments, padded with empty ones."""
+    if not 1 <= len(segments) <= MAX_SEGMENTS:
+        raise ValueError(f"a dense layer reads 1 to {MAX_SEGMENTS} input segments; got {len(segments)}.")
+    args = []
+    for seg in segments:
+        x = to_kernel(seg.tensor)
+        if x.dim() != 2 or x.shape[0] != n_rows:
+            raise ValueError(f"segment tensors must be (N={n_rows}, C); got {tuple(x.shape)}.")
+        if seg.start < 0 or seg.start + seg.width > x.shape[1]:
+            raise ValueError(f"segment columns {seg.start}..{seg.start + seg.width} exceed {x.shape[1]}.")
+        args += [x, seg.start, seg.width]
+    for _ in range(MAX_SEGMENTS - len(segments)):
+        args += [_dummy(), 0, 0]
+    return args
+
+
+def encode_positions(points: torch.Tensor, n_frequencies: int, include_input: bool = True) -> torch.Tensor:
+    """NeRF positional encoding [x, sin(2^k x), cos(2^k x)], k = 0..n_frequencies-1 (no gradient).
+
+    Shapes: points (N, D) -> (N, D * (2 * n_frequencies + include_input)); column order as
+    ``models.field.positional_encoding`` (all sines of frequency k for every dimension, then cosines).
+
+    >>> encode_positions(torch.zeros(2, 3), 4).shape
+    torch.Size([2, 27])
+    """
+    x = to_kernel(points)
+    width = x.shape[1] * (2 * n_frequencies + int(include_input))
+    out = torch.empty((x.shape[0], width), device=x.device)
+    if x.numel() > 0:
+        launch("encode_positions", _encode_kernel, x, out, n_frequencies, int(include_input))
+    return out
+
+
+def dense_forward(
+    segments: list[Segment], weight: torch.Tensor, bias: torch.Tensor, act: str = "none",
+    keep_pre: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """``act(concat(segments) @ weight.T + bias)`` without building the concatenation.
+
+    Shapes: segments of total width K (each (N, C_s)), weight (O, K), bias (O,) -> (y (N, O), z) where
+    z is the pre-activation (N, O) when ``keep_pre`` (needed by ``act_backward`` for softplus), else None.
+
+    >>> y, _ = dense_forward([Segment(torch.ones(2, 3))], torch.ones(4, 3), torch.zeros(4), "relu")
+    >>> y
+    tensor([[3., 3., 3., 3.],
+            [3., 3., 3., 3.]])
+    """
+    code = _act_code(act)
+    weight_k, bias_k = to_kernel(weight), to_kernel(bias)
+    n_rows = segments[0].tensor.shape[0]
+    if sum(s.width for s in segments) != weight_k.shape[1]:
+        raise ValueError(
+            f"segments give {sum(s.width for s in segments)} columns; weight has {weight_k.shape[1]}."
+        )
+    args = _segment_args(segments, n_rows)
+    out = torch.empty((n_rows, weight_k.shape[0]), device=weight_k.device)
+    pre = torch.empty_like(out) if keep_pre else _dummy()
+    if out.numel() > 0:
+        launch(
+            "dense_forward", _forward_kernel,
+            *args, weight_k, bias_k, out, pre, int(keep_pre), code, tile_size(),
+        )  # fmt: skip
+    return out, (pre if keep_pre else None)
+
+
+def act_backward(
+    act: str, out: torch.Tensor, pre: torch.Tensor | None, grad_out: torch.Tensor
+) -> torch.Tensor:
+    """Gradient wrt the pre-activation: ``grad_out * act'(z)``.
+
+    Shapes: out (N, O) (the layer's output), pre (N, O) (needed for softplus, else may be None),
+    grad_out (N, O) -> (N, O).
+
+    >>> act_backward("relu", torch.tensor([[0.0, 2.0]]), None, torch.tensor([[5.0, 5.0]]))
+    tensor([[0., 5.]])
+    """
+    code = _act_code(act)
+    if code == 2 and pre is None:
+        raise ValueError("act_backward('softplus') needs the pre-activation (dense_forward keep_pre=True).")
+    out_k, grad_k = to_kernel(out), to_kernel(grad_out)
+    pre_k = to_kernel(pre) if pre is not None else _dummy()
+    grad_pre = torch.empty_like(grad_k)
+    if grad_pre.numel() > 0:
+        launch("dense_act_backward", _act_backward_kernel, out_k, pre_k, grad_k, grad_pre, code)
+    return grad_pre
+
+
+def dense_grad_input(
+    grad_pre: torch.Tensor, weight: torch.Tensor, w_start: int = 0, size: int | None = None,
+    out: torch.Tensor | None = None, out_start: int = 0, accumulate: bool = False,
+    relu_gate: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Gradient wrt one input segment: ``grad_pre @ weight[:, w_start : w_start + size]``.
+
+    Shapes: grad_pre (N, O), weight (O, K) -> (N, size) written into ``out[:, out_start:]`` (a new
+    (N, size) tensor when ``out`` is None), added to what is there when ``accumulate``. ``relu_gate``
+    (N, size) zeroes entries where it is <= 0: pass the ReLU output that fed this segment, and the
+    result is already the gradient wrt that ReLU's pre-activation.
+
+    >>> dense_grad_input(torch.ones(1, 2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    tensor([[4., 6.]])
+    """
+    grad_k, weight_k = to_kernel(grad_pre), to_kernel(weight)
+    size = weight_k.shape[1] - w_start if size is None else size
+    if out is None:
+        out = torch.empty((grad_k.shape[0], size), device=grad_k.device)
+        out_start, accumulate = 0, False
+    gate = to_kernel(relu_gate) if relu_gate is not None else _dummy()
+    if grad_k.shape[0] > 0 and size > 0:
+        launch(
+            "dense_grad_input", _grad_input_kernel,
+            grad_k, weight_k, w_start, out, out_start, size, int(accumulate),
+            gate, int(relu_gate is not None), tile_size(),
+        )  # fmt: skip
+    return out
+
+
+def dense_grad_params(
+    grad_pre: torch.Tensor, segments: list[Segment], block_rows: int = BLOCK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias gradients: ``grad_pre.T @ concat(segments)`` and ``grad_pre.sum(0)``.
+
+    Shapes: grad_pre (N, O), segments of total width K -> (dW (O, K), db (O,)).
+
+    >>> dw, db = dense_grad_params(torch.ones(3, 1), [Segment(torch.ones(3, 2))])
+    >>> dw, db
+    (tensor([[3., 3.]]), tensor([3.]))
+    """
+    grad_k = to_kernel(grad_pre)
+    n_rows, n_out = grad_k.shape
+    args = _segment_args(segments, n_rows)
+    k_total = sum(s.width for s in segments)
+    grad_weight = torch.zeros((n_out, k_total), device=grad_k.device)
+    grad_bias = torch.zeros((n_out,), device=grad_k.device)
+    if n_rows > 0 and n_out > 0:
+        launch(
+            "dense_grad_params", _grad_params_kernel,
+            grad_k, *args, grad_weight, grad_bias, block_rows, tile_size(),
+        )  # fmt: skip
+    return grad_weight, grad_bias
+
+
+def dense_backward(
+    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor, act: str = "none",
+    pre: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Backward of ``y = act(x @ weight.T + b)`` for one plain input: (dx (N, K), dW (O, K), db (O,)).
+
+    Shapes: x (N, K), weight (O, K), out y (N, O), grad_out (N, O); ``pre`` (N, O) for softplus.
+
+    >>> x, w = torch.ones(2, 3), torch.ones(1, 3)
+    >>> y, _ = dense_forward([Segment(x)], w, torch.zeros(1))
+    >>> [t.shape for t in dense_backward(x, w, y, torch.ones(2, 1))]
+    [torch.Size([2, 3]), torch.Size([1, 3]), torch.Size([1])]
+    """
+    grad_pre = act_backward(act, out, pre, grad_out)
+    grad_x = dense_grad_input(grad_pre, weight)
+    grad_weight, grad_bias = dense_grad_params(grad_pre, [Segment(x)])
+    return grad_x, grad_weight, grad_bias
