@@ -5,6 +5,14 @@ Contract (other modules code against this):
     field = ConditionedField(FieldConfig.cpu(), latent_dim=64)
     sigma, rgb = field(points, latents)
     # points (N, 3), latents (N, L) -> sigma (N,) >= 0, rgb (N, 3) in (0, 1)
+    sigma, rgb = field(points, ray_latents)
+    # points (R, S, 3), ray_latents (R, L) -> sigma (R, S), rgb (R, S, 3): one code per ray
+
+Each layer's weight is applied block by block ([hidden | latent chunk | encoding], see
+``weight_blocks``): the hidden and encoding blocks per sample, the latent block once per ray and
+broadcast over its samples, so neither the per-layer concatenation nor a per-sample copy of the code is
+ever built (``benchmarks/field_layout.py`` measures it against the concatenated form). The
+parameters (``layers.i.weight`` over the concatenated input) and checkpoints are unchanged.
 
 Density is ``softplus`` and colour ``sigmoid``; colour does not depend on the viewing direction (LOLNeRF
 learns from one view per identity, so view dependence cannot be supervised).
@@ -107,24 +115,55 @@ class ConditionedField(nn.Module):
         self.color_head = nn.Linear(cfg.width, 3)
 
     def latent_chunks(self, latents: torch.Tensor) -> list[torch.Tensor]:
-        """Split (N, L) latents into the per-layer inputs."""
+        """Split (..., L) latents into the per-layer inputs."""
         if self.cfg.latent_mode == "whole":
             return [latents] * len(self.layers)
         return list(torch.split(latents, self.chunk_sizes, dim=-1))
 
-    def forward(self, points: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluate the field.
+    def weight_blocks(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Layer i's weight split by input block: (hidden or None for layer 0, latent chunk, encoding).
 
-        Shapes: points (N, 3), latents (N, L) -> (sigma (N,) >= 0, rgb (N, 3) in (0, 1)).
+        The layer's input is [hidden, chunk_i, encoded xyz]; multiplying each block by its own input and
+        adding is the same product without building the concatenation for every sample.
+        """
+        weight = self.layers[i].weight
+        n_hidden = 0 if i == 0 else self.cfg.width
+        n_chunk = self.chunk_sizes[i]
+        hidden = weight[:, :n_hidden] if n_hidden else None
+        return hidden, weight[:, n_hidden:n_hidden + n_chunk], weight[:, n_hidden + n_chunk:]
+
+    def forward(self, points: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluate the field, one latent per sample or one per ray.
+
+        Shapes: points (N, 3), latents (N, L) -> sigma (N,) >= 0, rgb (N, 3) in (0, 1); or
+        points (R, S, 3), latents (R, L) -> sigma (R, S), rgb (R, S, 3) (every sample of a ray shares
+        its ray's code, which is never copied per sample).
+
+        Example:
+            >>> field = ConditionedField(FieldConfig(depth=2, width=8), latent_dim=4)
+            >>> sigma, rgb = field(torch.zeros(5, 7, 3), torch.zeros(5, 4))
+            >>> sigma.shape, rgb.shape
+            (torch.Size([5, 7]), torch.Size([5, 7, 3]))
         """
         if latents.shape[-1] != self.latent_dim:
             raise ValueError(f"latents have {latents.shape[-1]} values per row; this field expects "
                              f"{self.latent_dim}.")
-        enc = positional_encoding(points, self.cfg.n_frequencies, self.cfg.include_input)
+        per_sample = points.dim() == 2
+        grouped = points[:, None, :] if per_sample else points  # (R, S, 3)
+        if latents.dim() != 2 or grouped.dim() != 3 or grouped.shape[0] != latents.shape[0]:
+            raise ValueError(f"points {tuple(points.shape)} and latents {tuple(latents.shape)} do not pair: "
+                             "give (N, 3) with (N, L), or (R, S, 3) with (R, L).")
+        n_rays, n_samples, _ = grouped.shape
+        enc = positional_encoding(grouped.reshape(-1, 3), self.cfg.n_frequencies, self.cfg.include_input)
+        width = self.cfg.width
         hidden = None
-        for layer, chunk in zip(self.layers, self.latent_chunks(latents), strict=True):
-            parts = [chunk, enc] if hidden is None else [hidden, chunk, enc]
-            hidden = F.relu(layer(torch.cat(parts, dim=-1)))
-        sigma = F.softplus(self.density_head(hidden)).squeeze(-1)
-        rgb = torch.sigmoid(self.color_head(hidden))
+        for i, (layer, chunk) in enumerate(zip(self.layers, self.latent_chunks(latents), strict=True)):
+            hidden_w, chunk_w, enc_w = self.weight_blocks(i)
+            per_ray = torch.addmm(layer.bias, chunk, chunk_w.T)  # (R, width): once per ray
+            pre = enc @ enc_w.T if hidden is None else torch.addmm(enc @ enc_w.T, hidden, hidden_w.T)
+            hidden = F.relu(pre.view(n_rays, n_samples, width) + per_ray[:, None]).view(-1, width)
+        sigma = F.softplus(self.density_head(hidden)).view(n_rays, n_samples)
+        rgb = torch.sigmoid(self.color_head(hidden)).view(n_rays, n_samples, 3)
+        if per_sample:
+            return sigma[:, 0], rgb[:, 0]
         return sigma, rgb

@@ -57,11 +57,8 @@ class RayOutput(NamedTuple):
 def evaluate_samples(field: nn.Module, rays: renderer.Rays, t: torch.Tensor,
                      latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Field at the points ``o + t d``: rays (R), t (R, S), latents (R, L) -> sigma (R, S), rgb (R, S, 3)."""
-    n_rays, n_samples = t.shape
     points = rays.origins[:, None, :] + t[..., None] * rays.directions[:, None, :]
-    codes = latents[:, None, :].expand(n_rays, n_samples, latents.shape[-1])
-    sigma, rgb = field(points.reshape(-1, 3), codes.reshape(n_rays * n_samples, -1))
-    return sigma.reshape(n_rays, n_samples), rgb.reshape(n_rays, n_samples, 3)
+    return field(points, latents)  # one code per ray, shared by its samples (never copied per sample)
 
 
 def render_rays(field: nn.Module, background: nn.Module, rays: renderer.Rays, latents: torch.Tensor,

@@ -79,6 +79,7 @@ class TimedField(nn.Module):
         self.timer = timer  # may be swapped for a fresh PhaseTimer between steps
 
     def forward(self, points: torch.Tensor, latents: torch.Tensor):
+        """The wrapped field's forward (either shape contract of ``ConditionedField``), timed."""
         tracking = torch.is_grad_enabled() and latents.requires_grad
         if tracking:
             latents = _Mark.apply(self.timer, "end", latents)

@@ -43,9 +43,7 @@ f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
 ACTIVATIONS = {"none": 0, "relu": 1, "softplus": 2, "sigmoid": 3}
 MAX_SEGMENTS = 3
 # Each thread computes a TILE x TILE block of outputs in registers (the kernels take it as a template
-# argument, so it can be tuned per arch). Measured, cpu preset fwd+bwd, 16,384 rows, one thread, on a
-# loaded 2-core machine: x64 tile 1/2/4/8 = 1814/1499/640/642 ms (8 took 19 s to compile, 4 took 4 s);
-# lavapipe tile 1/2/4 = 7.5/3.7/3.3 s, and 8 slower than 4. No GPU was measured.
+# argument, so it can be tuned per arch); README's benchmarks/field.py section has the measured choice.
 TILE = 4
 BLOCK_ROWS = 128  # rows summed in registers per atomic add of the weight gradient
 SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: z above it passes through unchanged

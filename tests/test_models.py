@@ -161,7 +161,7 @@ class CountingField(torch.nn.Module):
         self.points = 0
 
     def forward(self, points, latents):
-        self.points += points.shape[0]
+        self.points += points.shape[:-1].numel()
         return self.field(points, latents)
 
 
@@ -341,3 +341,39 @@ def test_owned_ranges_partition_identities():
         owned_range(2, 0, 3)
     table = torch.randn(4, 2)
     assert torch.equal(gather_owned_rows(table), table)
+
+
+def _concatenated(field: ConditionedField, points: torch.Tensor, latents: torch.Tensor):
+    """The field as one product per layer over the concatenated [hidden, chunk, encoding] (the layout the
+    parameters describe), per sample: (N, 3), (N, L) -> (N,), (N, 3)."""
+    from torch.nn import functional as F
+
+    from models.field import positional_encoding
+
+    enc = positional_encoding(points, field.cfg.n_frequencies, field.cfg.include_input)
+    hidden = None
+    for layer, chunk in zip(field.layers, field.latent_chunks(latents), strict=True):
+        hidden = F.relu(layer(torch.cat([chunk, enc] if hidden is None else [hidden, chunk, enc], -1)))
+    return F.softplus(field.density_head(hidden)).squeeze(-1), torch.sigmoid(field.color_head(hidden))
+
+
+@pytest.mark.parametrize("mode", ["chunks", "whole"])
+def test_weight_blocks_compute_the_concatenated_layer_per_sample_and_per_ray(mode):
+    torch.manual_seed(0)
+    field = ConditionedField(FieldConfig(depth=3, width=16, n_frequencies=2, latent_mode=mode), 7).double()
+    points = torch.randn(5, 6, 3, dtype=torch.float64)
+    ray_latents = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    per_sample_latents = ray_latents[:, None].expand(5, 6, 7).reshape(30, 7)
+    want = _concatenated(field, points.reshape(30, 3), per_sample_latents)
+    for got in (field(points, ray_latents), field(points.reshape(30, 3), per_sample_latents)):
+        assert torch.allclose(got[0].reshape(30), want[0], rtol=0, atol=1e-12)
+        assert torch.allclose(got[1].reshape(30, 3), want[1], rtol=0, atol=1e-12)
+    upstream = torch.randn(30, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64)
+    inputs = [ray_latents, *field.parameters()]
+    want_grads = torch.autograd.grad(want, inputs, upstream)
+    sigma, rgb = field(points, ray_latents)
+    got_grads = torch.autograd.grad((sigma, rgb), inputs, (upstream[0].view(5, 6), upstream[1].view(5, 6, 3)))
+    for got, expected in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="do not pair"):
+        field(points, ray_latents[:4])
