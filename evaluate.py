@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.arguments import add_arch_flag, at_least
+from export.arguments import add_arch_flag, add_field_backend_flag, at_least
 from export.inference import (
     load_model,
     render_view,
@@ -34,6 +34,7 @@ from export.inference import (
     start_renderer,
     surface_depth,
     training_cache,
+    use_field_backend,
 )
 from export.metrics import Lpips, depth_errors, lpips_status, psnr, ssim
 from export.outputs import OutputExistsError, claim_file, write_json, write_text
@@ -305,6 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--chunk", type=at_least(1), default=8192, help="rays per rendering chunk (bounds memory)"
     )
     add_arch_flag(parser)
+    add_field_backend_flag(parser)
     parser.add_argument("--force", action="store_true", help="overwrite existing --json / --markdown")
     parser.add_argument(
         "--allow-other-cache",
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or training_cache(model)
         if cache is None:
             raise ValueError("the checkpoint records no training cache; pass --cache DIR.")
-        start_renderer(args.arch)
+        print(use_field_backend(model, args.field_backend, start_renderer(args.arch)))
         with torch.no_grad():
             results = evaluate(
                 model, Path(cache), args.views, args.max_images, args.chunk, args.allow_other_cache

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import renderer
-from export.arguments import add_arch_flag, at_least, positive_float
+from export.arguments import add_arch_flag, add_field_backend_flag, at_least, positive_float
 from export.cameras import orbit_cameras, scale_intrinsics, yaw_cameras
 from export.inference import (
     latent_mesh,
@@ -46,6 +46,7 @@ from export.inference import (
     training_framing,
     training_losses,
     training_resolution,
+    use_field_backend,
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png, upscale
 from export.mesh import preview_mesh, write_ply
@@ -284,6 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mesh-level", type=float, help="density iso-level (default: read off the model)")
     parser.add_argument("--framing", choices=["aligned", "landmarks"], help="default: as in training")
     add_arch_flag(parser)
+    add_field_backend_flag(parser)
     parser.add_argument(
         "--chunk", type=at_least(1), default=8192, help="rays per rendering chunk (bounds memory)"
     )
@@ -363,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        start_renderer(args.arch)
+        arch = start_renderer(args.arch)
+        print(use_field_backend(model, args.field_backend, arch))
         claim_dir(args.out, force=True)  # an --out that cannot be written is found before any fitting
     except (BackendUnavailableError, OutputExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

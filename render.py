@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.arguments import add_arch_flag, at_least, finite_float, positive_float
+from export.arguments import add_arch_flag, add_field_backend_flag, at_least, finite_float, positive_float
 from export.cameras import (
     default_intrinsics,
     load_camera_file,
@@ -49,6 +49,7 @@ from export.inference import (
     surface_depth,
     training_cache,
     training_resolution,
+    use_field_backend,
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png
 from export.mesh import preview_mesh, write_ply
@@ -196,6 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--chunk", type=at_least(1), default=8192, help="rays per rendering chunk (bounds memory)"
     )
     add_arch_flag(parser)
+    add_field_backend_flag(parser)
     parser.add_argument("--force", action="store_true", help="write into a folder that holds results")
     return parser.parse_args(argv)
 
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             args.camera_file,
             (height, width),
         )
-        start_renderer(args.arch)
+        arch = start_renderer(args.arch)
+        print(use_field_backend(model, args.field_backend, arch))
         out = claim_dir(args.out, force=args.force)
     except (
         CheckpointError,

@@ -27,6 +27,7 @@ import torch
 from dataset.cache import CacheError, LockedError, atomic_write_json, directory_lock
 from models.checkpoint import CheckpointError, read_checkpoint, read_newest_checkpoint
 from models.distributed import launched_by_torchrun, world
+from models.field_backend import choose_field_backend
 from models.train_config import (
     RESUMABLE,
     build_parser,
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> Path:
     if backend.device.type == "cuda" and distributed:
         backend = dataclasses.replace(backend, device=torch.device("cuda", torch.cuda.current_device()))
 
+    field_backend, why = choose_field_backend(args.field_backend, backend.arch, backend.device)
+    if rank == 0:
+        print(f"[train] field MLP: {field_backend} ({why}).")
     config, overrides, preset = resolve_config(args, backend.device.type)
     resume_payload, resume_source = None, None
     if args.resume:
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> Path:
             prepare_cache(config["data"], given, verbose=False)
     try:
         with directory_lock(run_dir, wait=False, what="--out") if rank == 0 else contextlib.nullcontext():
-            return train_in(run_dir, config, overrides, args, backend, resume_payload, resume_source)
+            return train_in(run_dir, config, overrides, args, backend, field_backend, resume_payload,
+                            resume_source)
     except LockedError as err:
         raise SystemExit(str(err)) from None
     except PermissionError as err:
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> Path:
                          "may write to.") from None
 
 
-def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, resume_payload,
+def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, field_backend: str, resume_payload,
              resume_source) -> Path:
     """Everything after the run directory is locked: config.json, the loop, the report."""
     rank, _ = world()
@@ -202,7 +207,8 @@ def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, resume
     if rank == 0:
         atomic_write_json(run_dir / "config.json", config)
 
-    trainer = Trainer(config, run_dir, backend, resume_payload, parse_nan_steps(args.debug_nan_steps))
+    trainer = Trainer(config, run_dir, backend, resume_payload, parse_nan_steps(args.debug_nan_steps),
+                      field_backend)
     if args.profile > 0:
         profile_training(trainer, args.profile, run_dir)
         return run_dir

@@ -71,3 +71,12 @@ def add_arch_flag(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--arch", default="cpu", choices=RENDER_ARCHES,
                         help="Taichi arch for the renderer (tensors stay on the CPU)")
+
+
+def add_field_backend_flag(parser: argparse.ArgumentParser) -> None:
+    """``--field-backend``, as in train.py: which implementation evaluates the field MLP."""
+    from models.field_backend import FIELD_BACKENDS
+
+    parser.add_argument("--field-backend", default="auto", choices=FIELD_BACKENDS,
+                        help="torch, or Taichi kernels on the renderer's arch (auto: taichi on a "
+                             "Vulkan/Metal GPU, else torch)")

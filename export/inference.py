@@ -42,6 +42,16 @@ def start_renderer(arch: str = "cpu", verbose: bool = False) -> str:
     return init_backend(arch=arch, device="cpu", verbose=verbose).arch
 
 
+def use_field_backend(model: LoadedCheckpoint, requested: str, arch: str) -> str:
+    """Evaluate ``model``'s field with torch or Taichi kernels (``models.field_backend``: "auto" | "torch" |
+    "taichi", ``arch`` the running Taichi arch); swaps ``model.field`` in place and returns why."""
+    from models.field_backend import as_backend, choose_field_backend
+
+    name, why = choose_field_backend(requested, arch, torch.device("cpu"))
+    model.field = as_backend(model.field, name)
+    return f"field MLP: {name} ({why})"
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load a checkpoint (``weights_only=True`` inside models.checkpoint) with every weight frozen.
 

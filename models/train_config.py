@@ -21,6 +21,7 @@ from pathlib import Path
 from dataset.prepare import DATASETS
 from models.background import BackgroundConfig
 from models.field import FieldConfig
+from models.field_backend import FIELD_BACKENDS
 from models.latents import LatentConfig
 from models.losses import LossConfig
 from models.render import RenderConfig
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "CUDA, else cpu = x64; Vulkan only when asked for)")
     parser.add_argument("--device", default="auto",
                         help="torch device: auto|cuda|mps|xpu|cpu (default auto)")
+    parser.add_argument("--field-backend", default="auto", choices=FIELD_BACKENDS,
+                        help="what evaluates the field MLP: torch, or Taichi kernels on the renderer's arch "
+                             "(default auto: taichi on a Vulkan/Metal GPU that torch cannot use, else "
+                             "torch; the start-up line says which and why; checkpoints load in either)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue from the latest checkpoint in --out, or from the given checkpoint "
                              "file or run directory")

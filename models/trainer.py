@@ -25,7 +25,8 @@ from torch import nn
 from models.background import BackgroundConfig, make_background
 from models.checkpoint import CheckpointKeeper, checkpoint_payload
 from models.distributed import all_agree, gather_owned_rows, owned_identities, world
-from models.field import ConditionedField, FieldConfig
+from models.field import FieldConfig
+from models.field_backend import make_field
 from models.latents import LatentConfig, LatentTable, make_latent_optimizer
 from models.losses import LossConfig, compute_losses, psnr
 from models.render import RenderConfig, render_rays
@@ -37,7 +38,7 @@ class RenderModule(nn.Module):
     forward(rays, latents, generator) -> RayOutput (see models.render.render_rays).
     """
 
-    def __init__(self, field: ConditionedField, background: nn.Module, render_config: RenderConfig):
+    def __init__(self, field: nn.Module, background: nn.Module, render_config: RenderConfig):
         import renderer
 
         super().__init__()
@@ -85,7 +86,7 @@ class Trainer:
     """One training run: builds everything from a config dict, then ``run()``s the loop."""
 
     def __init__(self, config: dict, run_dir: Path, backend, resume_payload: dict | None,
-                 nan_steps: set[int]):
+                 nan_steps: set[int], field_backend: str = "torch"):
         self.config, self.run_dir, self.backend = config, run_dir, backend
         self.device = backend.device
         self.rank, self.world_size = world()
@@ -108,7 +109,8 @@ class Trainer:
         torch.manual_seed(run["seed"])
         random.seed(run["seed"])
         latent_dim = config["latent"]["dim"]
-        self.field = ConditionedField(FieldConfig(**config["field"]), latent_dim)
+        # "torch" or "taichi" (models.field_backend): same parameters and initial weights either way.
+        self.field = make_field(FieldConfig(**config["field"]), latent_dim, field_backend)
         self.background = make_background(self.dataset.background, latent_dim,
                                           BackgroundConfig(**config["background"]))
         init_gen = torch.Generator().manual_seed(run["seed"] + 1)
