@@ -73,11 +73,12 @@ def params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_is_exact(cache, tmp_path):
-    """2N steps in one go == N steps, then --resume for N more (x64, CPU)."""
+    """2N steps in one go == N steps, then --resume for N more (x64, CPU). The learning rate decays over
+    the run's --steps unless told otherwise, so the N-step run is given the 2N-step run's schedule."""
     previous = started_arch()
     try:
         whole = train(tmp_path / "whole", cache, "--steps", "12")
-        half = train(tmp_path / "half", cache, "--steps", "6")
+        half = train(tmp_path / "half", cache, "--steps", "6", "--optim-decay-steps", "12")
         assert read_checkpoint(latest_checkpoint(half))["step"] == 6
         resumed = train_in_process(["--out", str(half), "--resume", "--steps", "12", "--arch", "cpu"])
     finally:
@@ -199,3 +200,19 @@ def test_profile_prints_breakdown_and_writes_trace(cache, tmp_path, capsys):
     trace = json.loads((run_dir / "profile_trace.json").read_text())
     assert trace["traceEvents"]
     assert not list((run_dir / "checkpoints").glob("*.pt"))  # profiling trains nothing to keep
+
+
+def test_learning_rate_decays_over_the_run_and_resume_keeps_the_schedule(cache, tmp_path):
+    run_dir = train(tmp_path / "run", cache, "--steps", "4")
+    optim = json.loads((run_dir / "config.json").read_text())["optim"]
+    assert optim["decay_steps"] == 4  # the run's --steps (the cpu preset used to decay over 1,000)
+    lrs = {r["step"]: r["lr"] for r in metrics(run_dir)}  # logged after the step: the next step's rate
+    assert lrs[4] == pytest.approx(optim["lr_final"], rel=1e-6) and lrs[1] > lrs[2] > lrs[3] > lrs[4]
+    previous = started_arch()
+    try:  # a longer --steps on resume keeps the 4-step schedule the run started with
+        train_in_process(["--out", str(run_dir), "--resume", "--steps", "6", "--arch", "cpu"])
+    finally:
+        restore_arch(previous)
+    assert json.loads((run_dir / "config.json").read_text())["optim"]["decay_steps"] == 4
+    lrs = {r["step"]: r["lr"] for r in metrics(run_dir)}
+    assert lrs[5] == pytest.approx(optim["lr_final"], rel=1e-6) == lrs[6]
