@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> Path:
     rank, _ = world()
     arch = args.arch
     if arch == "auto":
-        # Without CUDA the field MLP (~90 % of a step) runs in torch on the CPU whatever Taichi uses, and a
-        # Vulkan renderer copies every tensor host<->device (on lavapipe a tiny run took 23 s vs 4.8 s on
-        # x64). So training's auto is CUDA or x64; a Vulkan-only GPU is used with --arch vulkan.
+        # Without CUDA the torch field MLP (most of a step) runs on the CPU whatever Taichi uses, and a
+        # Vulkan renderer copies every tensor host<->device (README, Benchmarks). So training's auto is
+        # CUDA or x64; a Vulkan-only GPU is used with --arch vulkan (and --field-backend auto then runs
+        # the MLP there too).
         arch = "cuda" if torch.cuda.is_available() else "cpu"
         if arch == "cpu" and rank == 0:
             print("[train] --arch auto: torch has no CUDA, so the renderer runs on Taichi x64 beside the "

@@ -85,8 +85,9 @@ def die_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:
     """Worker initialiser: exit as soon as the process that started this worker is gone.
 
     A worker blocked on its task queue never notices on its own when its parent is killed (kill -9,
-    an OOM kill): each would keep its MediaPipe graphs (~200 MB) alive indefinitely. On Linux the kernel
-    kills it at once (PR_SET_PDEATHSIG); elsewhere a daemon thread sees the parent change and exits.
+    an OOM kill): each would keep its MediaPipe graphs, and the memory they hold, alive indefinitely. On
+    Linux the kernel kills it at once (PR_SET_PDEATHSIG); elsewhere a daemon thread sees the parent change
+    and exits.
     """
     import ctypes
     import signal

@@ -143,8 +143,9 @@ class PhotoSource:
         return {"template": template_metadata(config.pose.template_path)}
 
     def default_workers(self, n_items: int) -> int:
-        """One per core, but in-process for small folders: a spawned worker costs ~2-3 s of start-up
-        (imports, MediaPipe graphs), ~100 photos' worth, so it pays off from a few hundred photos."""
+        """One per core, but in-process for small folders: a spawned worker's start-up (imports,
+        MediaPipe graphs) costs as much as preparing many photos, so a worker pays off only with
+        ``PHOTOS_PER_WORKER`` photos or more (README, Benchmarks, ``benchmarks/prepare.py``)."""
         return max(1, min(default_workers(), n_items // PHOTOS_PER_WORKER))
 
     def framing(self, config: PrepareConfig) -> str:

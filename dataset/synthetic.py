@@ -6,9 +6,10 @@ light and is baked into the albedo, so a surface point has the same colour from 
 model's colour does not depend on the view direction either). Nothing here uses ``renderer/``, so
 these images, depths and exact cameras can check the renderer.
 
-Conventions (DESIGN.md): OpenCV cameras, world y down, objects centred at the origin inside radius 1.5,
-the front facing -z, cameras on a sphere of radius ``camera_distance`` looking at the origin, focal
-length 2 x image width, principal point at the image centre, constant white background.
+Conventions (docs/ARCHITECTURE.md, Conventions): OpenCV cameras, world y down, objects centred at the
+origin inside radius 1.5, the front facing -z, cameras on a sphere of radius ``camera_distance`` looking
+at the origin, focal length 2 x image width, principal point at the image centre, constant white
+background.
 
 Depth is the **ray distance t** along the unit ray direction (what the renderer's depth output is),
 0 on the background.
@@ -266,7 +267,8 @@ class SyntheticSource:
         return {"depth": "ray distance t along the unit ray direction, 0 on the background"}
 
     def default_workers(self, n_items: int) -> int:
-        """In-process below a few million rays (1 M rays take ~1 s; a worker takes ~1-2 s to start)."""
+        """In-process below a few million rays: below that, the workers' start-up would cancel what
+        they save."""
         from dataset.sources import default_workers
 
         views = self.config.train_views + self.config.heldout_views

@@ -12,8 +12,9 @@ normalised coordinates × image size are already in this convention):
   Face Mesh) has no measured depth for them, and on frontal faces they are guesses.
 
 MediaPipe graphs are slow to build, so each process builds them once, lazily, and reuses them. MediaPipe
-is not fork-safe: a process forked after its parent built a graph crashes or hangs inside MediaPipe (measured
-with 0.10.21), so `_graph` raises a clear error there instead. Start workers with the `spawn` context.
+is not fork-safe: a process forked after its parent built a graph crashes or hangs inside MediaPipe (observed
+with 0.10.21; docs/MEDIAPIPE.md), so `_graph` raises a clear error there instead. Start workers with the
+`spawn` context.
 """
 
 from __future__ import annotations

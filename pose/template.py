@@ -1,7 +1,7 @@
 """The canonical 3D landmark template and the project's scale, stated once.
 
-World convention (DESIGN.md): OpenCV axes (x right, y down), the face looks towards −z, and the
-origin is the approximate head centre. The template is in *head units*:
+World convention (docs/ARCHITECTURE.md, Conventions): OpenCV axes (x right, y down), the face looks
+towards −z, and the origin is the approximate head centre. The template is in *head units*:
 
 - the outer eye corners are `EYE_DISTANCE` = 1.2 units apart;
 - the origin lies `NOSE_DEPTH` = 1.4 units behind the nose tip (half a typical nose-tip-to-back-of-head

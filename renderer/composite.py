@@ -13,10 +13,10 @@ loss is locally ``sum_i g_i w_i`` with ``g_i = gC . (c_i - bg) + gA + gD t_i + g
     dL/dc_k = w_k gC,   dL/dbg = (1 - opacity) gC
 
 Each kernel makes two passes per ray: one with no loop-carried dependency (forward: the exps;
-backward: g_i and the colour gradients), then the sequential scan. On x64 that split measured
-3.2 ms against 4.3 ms fused (forward) and 4.5 against 6.5 ms (backward) for 4,096 x 192 samples on
-one core. ``ti.exp`` is used as is: an inlined polynomial exp was slower (3.5 against 2.0 ms),
-since Taichi's x64 backend vectorises neither.
+backward: g_i and the colour gradients), then the sequential scan, so the independent work is not
+serialised behind the scan's dependency chain; on x64 this beat one fused loop, both ways. ``ti.exp`` is
+used as is: in these scalar kernels an inlined polynomial exp was slower, since Taichi's x64 backend
+vectorises neither (the 8-lane kernels of ``composite_lanes`` do use a polynomial).
 No exp is recomputed in the backward pass: the scan starts from the saved final transmittance and rebuilds
 ``T_k = T_{k+1} + w_k`` from the saved weights. That recursion only adds non-negative numbers, so
 it stays accurate where T is tiny (saturated rays), unlike ``T_{k+1} = 1 - sum_{i<=k} w_i``.
@@ -35,7 +35,8 @@ f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
 
 # Per-sample arrays are flat (row-major) views: sample (ray, s) is ray * S + s, its colour channel
-# c is 3 * (ray * S + s) + c. On x64 this ran 7-14% faster than 2-D/3-D ndarray indexing.
+# c is 3 * (ray * S + s) + c: fewer index computations per access than 2-D/3-D ndarray indexing,
+# which was slower on x64.
 # Per-ray values travel packed, to keep launches short (and Vulkan's per-argument copies few):
 # forward writes (R, 6) = colour (3), opacity, depth, final transmittance; backward reads (R, 5) =
 # upstream gradients of colour (3), opacity, depth.
@@ -57,7 +58,7 @@ def composite_forward_kernel(
     for ray in range(background.shape[0]):
         first = ray * n_samples
         # Pass 1 has no loop-carried dependency, so it runs at full speed; the exps are parked in
-        # `weights`, which pass 2 (the scan) overwrites. Measured 3.2 ms against 4.3 ms fused on x64.
+        # `weights`, which pass 2 (the scan) overwrites.
         for i in range(first, first + n_samples):
             weights[i] = ti.exp(-sigmas[i] * deltas[i])
         transmittance = 1.0
@@ -106,7 +107,7 @@ def composite_backward_kernel(
         g_depth = grad_per_ray[ray, 4]
         first = ray * n_samples
         # Pass 1 (no loop-carried dependency): colour gradients, and each sample's g_i parked in
-        # grad_sigmas. Pass 2 is the reverse scan. Measured 4.5 ms against 6.5 ms fused on x64.
+        # grad_sigmas. Pass 2 is the reverse scan.
         for i in range(first, first + n_samples):
             w = weights[i]
             g = g_const + g_depth * t[i] + g_r * rgbs[3 * i] + g_g * rgbs[3 * i + 1] + g_b * rgbs[3 * i + 2]

@@ -11,8 +11,9 @@ the incoming T is carried from chunk to chunk, so the sequential dependency is o
 Backward, per chunk from the last to the first: the same formulas as ``composite_backward_kernel``,
 ``dL/dsigma_k = delta_k (g_k T_{k+1} - sum_{i>k} g_i w_i)`` with ``T_{k+1} = T_final + sum_{i>k} w_i``:
 both suffix sums are in-chunk scans plus a carry. The rays are also visited from last to first, so the
-whole sweep walks memory downwards: walking each ray backwards but the rays forwards was 3.2x slower
-on a streaming kernel on the development machine (its prefetcher follows one direction, not a sawtooth).
+whole sweep walks memory downwards. Walking each ray backwards but the rays forwards would visit memory
+in a sawtooth, which the CPU's prefetcher does not follow (it follows one direction), and was much
+slower (README, Benchmarks).
 """
 
 import taichi as ti

@@ -1,7 +1,7 @@
 """Camera rays clipped to the bounding sphere, as one Taichi kernel.
 
-Conventions (DESIGN.md): OpenCV cameras, world-to-camera [R|t], pixel (u, v) has its centre at
-(u + 0.5, v + 0.5). The ray starts at the camera centre ``-R^T t`` and its unit direction is
+Conventions (docs/ARCHITECTURE.md, Conventions): OpenCV cameras, world-to-camera [R|t], pixel (u, v)
+has its centre at (u + 0.5, v + 0.5). The ray starts at the camera centre ``-R^T t`` and its unit direction is
 ``R^T K^-1 (u + 0.5, v + 0.5, 1)``. near/far solve ``|o + t d| = radius`` exactly (near clamped at
 0 inside the sphere); a ray that misses gets near == far == 0, which renders pure background.
 No gradient flows to the cameras.

@@ -6,8 +6,8 @@ same sampling conventions, so both give the same samples at bin centres (no gene
 jittered samples when the reference is handed the kernels' uniforms (``jitter=hashed_uniforms(...)``):
 
 - uniforms: the reference draws them with ``torch.rand`` from the caller's generator. The Taichi kernels
-  hash them inside the kernel instead (``torch.rand`` on the CPU is a sequential Mersenne Twister:
-  1.5 ms for 4,096 x 128 uniforms, more than the stratified kernel): one call draws one 31-bit key from
+  hash them inside the kernel instead (``torch.rand`` on the CPU is a sequential Mersenne Twister, which
+  costs more than the whole stratified kernel; README, Benchmarks): one call draws one 31-bit key from
   the generator (``draw_key``), and sample ``n = ray * S + s`` gets ``hash_uniform(n, key)``, the top 24
   bits of a PCG hash of ``n + pcg(key)`` (Jarzynski & Olano, "Hash Functions for GPU Rendering", JCGT
   2020). Same distribution, different numbers; ``hashed_uniforms`` computes the kernels' numbers in torch

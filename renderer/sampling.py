@@ -42,8 +42,9 @@ def stratified_kernel(
     near: f32_1d, far: f32_1d, mixed_key: ti.u32, use_jitter: ti.i32, t: f32_1d, n_samples: ti.i32
 ):
     """near, far (R,), hashed jitter (unless use_jitter is 0: bin centres) -> flat t (R*S)."""
-    # Rays in parallel, samples in an inner serial loop over flat indices: on x64 this ran 10x
-    # faster than a 2-D ndrange, and flat indexing beat 2-D indexing by a further third.
+    # Rays in parallel, samples in an inner serial loop over flat indices: each thread streams through
+    # one ray's contiguous samples and does the per-ray work once; on x64 a 2-D ndrange over
+    # (ray, sample) was much slower, and 2-D indexing slower than flat.
     for ray in range(near.shape[0]):
         lo = near[ray]
         bin_width = (far[ray] - lo) / n_samples  # one division per ray, not per sample
@@ -60,8 +61,8 @@ def stratified_lanes(
     near: f32_1d, far: f32_1d, mixed_key: ti.u32, use_jitter: ti.template(), t: lanes_1d, chunks: ti.i32
 ):
     """``stratified_kernel`` 8 samples at a time, for x64 (``renderer.lanes``): near, far (R,) -> lanes of
-    t (R*S/8), bit for bit. The jitter is ``hash_uniform`` lane by lane: as fast, measured, as a copy
-    of the hash written in 8-wide vector operations."""
+    t (R*S/8), bit for bit. The jitter is ``hash_uniform`` lane by lane: a copy of the hash written in
+    8-wide vector operations was no faster, so both kernels share the scalar hash."""
     for ray in range(near.shape[0]):
         # Built inside the parallel loop: a vector local shared across Taichi's offloaded tasks
         # crashed the x64 build.
@@ -115,8 +116,8 @@ def importance_kernel(
     bin i that is ``>= t_i``, both without a data-dependent branch (``place``); a loop catches the ties
     of degenerate rays (equal coarse samples), so the result is the stable merge exactly. The interval
     lengths follow in a last pass over the row, 8 at a time on x64 (``lane_deltas``; the *_lanes
-    arguments are lane views of t_all and deltas). For 4,096 rays of 128 + 64 samples this kernel took
-    6.8 ms against 7.8 ms for this walk then ``merge_kernel`` on one core (4.0 against 5.1 ms on two).
+    arguments are lane views of t_all and deltas). Merging inside the walk saves ``merge_kernel``'s
+    separate launch and its second sweep over the samples (README, Benchmarks, has the comparison).
     """
     n_bins = t.shape[1]
     n_fine = t_fine.shape[1]
@@ -234,7 +235,7 @@ def merge_kernel(
     same pass: one launch and one sweep instead of two.
 
     Each merge is a chain of dependent steps (compare, then load the next head), so one thread
-    interleaves two rays' merges to overlap their latencies: 30% faster than one ray at a time on x64.
+    interleaves two rays' merges, so that one ray's steps fill the other's wait for its loads.
     Ray p pairs with ray p + half, half = ceil(R / 2), passed in because Taichi's Vulkan (SPIR-V)
     codegen rejects integer floor division of an ndarray shape.
     """
