@@ -39,7 +39,6 @@ from export.cameras import (
     yaw_cameras,
 )
 from export.inference import (
-    DEFAULT_CAMERA_DISTANCE,
     latent_mesh,
     load_model,
     random_latents,
@@ -55,6 +54,7 @@ from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_pn
 from export.mesh import preview_mesh, write_ply
 from export.outputs import OutputExistsError, claim_dir, inside, output_name, save_npy
 from models.checkpoint import CheckpointError, LoadedCheckpoint
+from pose.conventions import CAMERA_DISTANCE
 from renderer.backend import BackendUnavailableError
 
 OUTPUT_KINDS = ("frames", "grid", "mp4", "gif", "depth", "mesh", "latent")
@@ -184,7 +184,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     cams.add_argument("--camera-file", type=Path, help="with --camera file")
     cams.add_argument(
-        "--distance", type=positive_float, default=DEFAULT_CAMERA_DISTANCE, help="camera distance"
+        "--distance", type=positive_float, default=CAMERA_DISTANCE, help="camera distance"
     )
     cams.add_argument("--size", type=at_least(1), help="square output side (default: training resolution)")
     cams.add_argument("--height", type=at_least(1), help="output height (overrides --size)")

@@ -25,7 +25,8 @@ import numpy as np
 
 from dataset.config import PrepareConfig
 from dataset.sources import ItemResult, default_workers, skip, walk
-from dataset.synthetic import SyntheticConfig, intrinsics, orbit_camera, render_identity
+from dataset.synthetic import SyntheticConfig, render_identity
+from pose.conventions import default_intrinsics, orbit_camera
 
 
 def parse_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
@@ -152,7 +153,7 @@ def write_srn_layout(root: str | Path, config: SyntheticConfig, world_scale: flo
     synthetic cameras exactly. Returns ``root``.
     """
     root = Path(root)
-    K = intrinsics(config.resolution)
+    K = default_intrinsics(config.resolution, config.resolution)
     for identity in range(config.n_identities):
         instance = root / f"instance_{identity:04d}"
         (instance / "rgb").mkdir(parents=True, exist_ok=True)

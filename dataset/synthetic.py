@@ -6,10 +6,9 @@ light and is baked into the albedo, so a surface point has the same colour from 
 model's colour does not depend on the view direction either). Nothing here uses ``renderer/``, so
 these images, depths and exact cameras can check the renderer.
 
-Conventions (docs/ARCHITECTURE.md, Conventions): OpenCV cameras, world y down, objects centred at the
-origin inside radius 1.5, the front facing -z, cameras on a sphere of radius ``camera_distance`` looking
-at the origin, focal length 2 x image width, principal point at the image centre, constant white
-background.
+Cameras, K and angles follow ``pose.conventions`` (``orbit_camera``, ``default_intrinsics``): cameras on
+a sphere of radius ``camera_distance`` looking at the origin. Objects are centred at the origin inside
+radius 1.5, the front facing -z, on a constant white background.
 
 Depth is the **ray distance t** along the unit ray direction (what the renderer's depth output is),
 0 on the background.
@@ -21,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pose.conventions import CAMERA_DISTANCE, default_intrinsics, orbit_camera
 
 # Bump when the generator changes what it draws, so caches built by an older generator are rebuilt.
 GENERATOR_VERSION = 2
@@ -40,7 +41,7 @@ class SyntheticConfig:
     train_views: int = 1
     heldout_views: int = 3
     resolution: int = 64
-    camera_distance: float = 7.0
+    camera_distance: float = CAMERA_DISTANCE
     max_yaw_deg: float = 35.0
     max_pitch_deg: float = 15.0
     seed: int = 0
@@ -65,35 +66,6 @@ class HeadParams:
     wave_vectors: np.ndarray  # (3, 3) spatial frequencies of the skin texture, per unit length
     wave_phases: np.ndarray  # (3,)
     texture_strength: float
-
-
-def intrinsics(resolution: int) -> np.ndarray:
-    """K (3, 3) float64 with focal length 2 x width and the principal point at the centre.
-
-    >>> intrinsics(64)[0, 0], intrinsics(64)[0, 2]
-    (128.0, 32.0)
-    """
-    f = 2.0 * resolution
-    c = resolution / 2.0
-    return np.array([[f, 0.0, c], [0.0, f, c], [0.0, 0.0, 1.0]])
-
-
-def orbit_camera(yaw_deg: float, pitch_deg: float, distance: float) -> np.ndarray:
-    """World-to-camera [R|t] (3, 4) of a camera on a sphere looking at the origin.
-
-    The world-to-camera rotation is Ry(-yaw) @ Rx(-pitch), the same angles as ``pose.yaw_pitch_roll``
-    (roll 0), and the camera sits at -R^T (0, 0, distance) on the sphere, so t is always (0, 0, distance)
-    and yaw = pitch = 0 gives R = I (the frontal camera at (0, 0, -distance)).
-
-    >>> orbit_camera(0.0, 0.0, 7.0)[:, 3]
-    array([0., 0., 7.])
-    """
-    yaw, pitch = np.deg2rad(yaw_deg), np.deg2rad(pitch_deg)
-    cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
-    rot_y = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
-    rot_x = np.array([[1.0, 0.0, 0.0], [0.0, cp, -sp], [0.0, sp, cp]])
-    camera_to_world = rot_x @ rot_y
-    return np.concatenate([camera_to_world.T, [[0.0], [0.0], [distance]]], axis=1)
 
 
 def camera_rays(K: np.ndarray, world_to_camera: np.ndarray, height: int, width: int):
@@ -221,7 +193,7 @@ def render_identity(config: SyntheticConfig, identity: int) -> list[dict]:
     K (3, 3), world_to_camera (3, 4), source (str), reprojection_error_px (0: the camera is exact).
     """
     head = sample_head(np.random.default_rng([config.seed, identity]))
-    K = intrinsics(config.resolution)
+    K = default_intrinsics(config.resolution, config.resolution)
     records = []
     for view, (yaw, pitch) in enumerate(identity_views(config, identity)):
         world_to_camera = orbit_camera(yaw, pitch, config.camera_distance)

@@ -1,8 +1,8 @@
 """Camera paths for rendering: yaw sweeps and orbits about the world origin, look-at cameras, K files.
 
-Conventions (docs/ARCHITECTURE.md): OpenCV cameras (x right, y down, z forward), world-to-camera
-[R|t] (3, 4), K (3, 3) in pixels, the object centred at the world origin, world y pointing down.
-The frontal camera is R = I, t = (0, 0, d): it sits at (0, 0, -d) and looks along +z.
+Conventions: ``pose.conventions`` (OpenCV cameras, world-to-camera [R|t] (3, 4), K (3, 3) in pixels,
+the object at the world origin, world y down, the frontal camera R = I, t = (0, 0, d), and the
+yaw/pitch/roll angles).
 
 Moving a camera on a sphere about the origin by a world rotation Q keeps it looking at the same point
 and keeps its distance: the camera centre C becomes Q C and its axes turn with it, so
@@ -15,6 +15,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from pose import conventions
+from pose.conventions import CAMERA_DISTANCE, orbit_camera
 
 
 def rotation_y(angle_deg: float) -> np.ndarray:
@@ -90,28 +93,27 @@ def orbit_cameras(
     pitches = pitch_amplitude_deg * np.sin(2.0 * phase)
     return np.stack(
         [
-            rotate_camera(world_to_camera, rotation_y(y) @ rotation_x(p))
+            # Q = Rx(p) Ry(y), so that from the frontal camera frame k is orbit_camera(yaw_k, pitch_k).
+            rotate_camera(world_to_camera, rotation_x(p) @ rotation_y(y))
             for y, p in zip(yaws, pitches, strict=True)
         ]
     )
 
 
-def look_at_origin(distance: float = 7.0, yaw_deg: float = 0.0, pitch_deg: float = 0.0) -> np.ndarray:
-    """The canonical frontal camera (R = I, t = (0, 0, distance)) turned by yaw then pitch about the origin.
-
-    Returns (3, 4) float32.
+def look_at_origin(distance: float = CAMERA_DISTANCE, yaw_deg: float = 0.0,
+                   pitch_deg: float = 0.0) -> np.ndarray:
+    """A camera ``distance`` from the origin looking at it, at yaw and pitch (``pose.conventions``), as
+    (3, 4) float32: the same camera as ``pose.conventions.orbit_camera`` and the synthetic data.
 
     >>> look_at_origin(7.0)[:, 3].tolist()
     [0.0, 0.0, 7.0]
     """
-    frontal = np.hstack([np.eye(3), [[0.0], [0.0], [float(distance)]]])
-    return rotate_camera(frontal, rotation_y(yaw_deg) @ rotation_x(pitch_deg))
+    return orbit_camera(yaw_deg, pitch_deg, distance).astype(np.float32)
 
 
 def default_intrinsics(height: int, width: int) -> np.ndarray:
-    """The project's default pinhole K: focal 2 x width, principal point at the image centre. (3, 3)."""
-    f = 2.0 * width
-    return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    """``pose.conventions.default_intrinsics`` as float32 (3, 3), for rendering."""
+    return conventions.default_intrinsics(height, width).astype(np.float32)
 
 
 def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:

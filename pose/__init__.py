@@ -4,15 +4,16 @@
     photo = prepare_photo(load_image("face.png"), resolution=64, framing="aligned")
 """
 
-from .camera import (
-    CameraFit,
+from .camera import CameraFit, project, solve_camera
+from .config import PoseConfig
+from .conventions import (
+    CAMERA_DISTANCE,
+    FOCAL_FACTOR,
     default_intrinsics,
-    project,
+    orbit_camera,
     rotation_from_yaw_pitch_roll,
-    solve_camera,
     yaw_pitch_roll,
 )
-from .config import PoseConfig
 from .errors import ImageError, NoFaceError, PoseRejectedError
 from .framing import CropBox, aligned_box, crop_and_resize, crop_intrinsics, landmark_box
 from .image_io import decode_image, load_image
@@ -21,9 +22,7 @@ from .masks import segment_foreground
 from .prepare import PreparedPhoto, prepare_photo
 from .refine import TemplateRefinement, refine_template
 from .template import (
-    CAMERA_DISTANCE,
     EYE_DISTANCE,
-    FOCAL_FACTOR,
     load_template,
     save_template,
     template_metadata,
@@ -51,6 +50,7 @@ __all__ = [
     "landmark_box",
     "load_image",
     "load_template",
+    "orbit_camera",
     "prepare_photo",
     "project",
     "refine_template",

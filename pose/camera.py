@@ -7,10 +7,10 @@ centre (W/2, H/2) and the default focal length `focal_factor` × W.
 Error: `reprojection_error_px` is the RMS over points of the pixel distance between projected template
 points and landmarks; a fit is `accepted` when it is at most `max_error_fraction` × W.
 
-Angles (`yaw_pitch_roll_deg`), from R = Ry(−yaw) · Rx(−pitch) · Rz(roll) (world-to-camera rotation):
-yaw > 0 when the face turns towards image right (the subject's left), pitch > 0 when the face looks up,
-roll > 0 when the head tilts clockwise in the image. A frontal face has R = I and all three are 0;
-mirroring the photo negates yaw and roll.
+Angles (`yaw_pitch_roll_deg`) follow `pose.conventions`: R = Ry(−yaw) · Rx(−pitch) · Rz(roll); yaw > 0
+when the face turns towards image right (the subject's left), pitch > 0 when the face looks up, roll > 0
+when the head tilts clockwise in the image. A frontal face has R = I and all three are 0; mirroring
+the photo negates yaw and roll.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from scipy.optimize import least_squares
 from scipy.spatial.transform import Rotation
 
 from .config import PoseConfig
+from .conventions import default_intrinsics, rotation_from_yaw_pitch_roll, yaw_pitch_roll
 
 
 @dataclass
@@ -64,18 +65,6 @@ class CameraFit:
                 "roll_deg": roll, "focal_px": round(float(self.K[0, 0]), 3)}
 
 
-def default_intrinsics(image_size: tuple[int, int], focal: float | None = None,
-                       focal_factor: float = 2.0) -> np.ndarray:
-    """(3, 3) K with focal `focal` (default `focal_factor` × W) and the principal point at the centre.
-
-    >>> default_intrinsics((256, 256)).tolist()
-    [[512.0, 0.0, 128.0], [0.0, 512.0, 128.0], [0.0, 0.0, 1.0]]
-    """
-    height, width = image_size
-    f = float(focal) if focal is not None else focal_factor * width
-    return np.array([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]])
-
-
 def project(points: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray) -> np.ndarray:
     """Project world points to continuous pixel coordinates.
 
@@ -86,27 +75,12 @@ def project(points: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray) -> n
     Returns:
         (P, 2), or (N, P, 2) for batched cameras.
 
-    >>> project(np.zeros((1, 3)), default_intrinsics((64, 64)), np.c_[np.eye(3), [0, 0, 7]]).tolist()
+    >>> project(np.zeros((1, 3)), default_intrinsics(64, 64), np.c_[np.eye(3), [0, 0, 7]]).tolist()
     [[32.0, 32.0]]
     """
     camera = points @ np.swapaxes(world_to_camera[..., :3], -1, -2) + world_to_camera[..., None, :, 3]
     pixels = camera @ np.swapaxes(K, -1, -2)
     return pixels[..., :2] / pixels[..., 2:3]
-
-
-def yaw_pitch_roll(rotation: np.ndarray) -> np.ndarray:
-    """(3,) yaw, pitch, roll in degrees of a (3, 3) world-to-camera rotation (signs: module docstring).
-
-    >>> np.round(yaw_pitch_roll(rotation_from_yaw_pitch_roll(20, -10, 5)), 6).tolist()
-    [20.0, -10.0, 5.0]
-    """
-    a, b, c = Rotation.from_matrix(rotation).as_euler("YXZ", degrees=True)
-    return np.array([-a, -b, c])
-
-
-def rotation_from_yaw_pitch_roll(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    """(3, 3) world-to-camera rotation for angles in degrees (inverse of `yaw_pitch_roll`)."""
-    return Rotation.from_euler("YXZ", [-yaw, -pitch, roll], degrees=True).as_matrix()
 
 
 def _projection(params: np.ndarray, template: np.ndarray, K: np.ndarray, optimise_focal: bool
@@ -193,7 +167,8 @@ def solve_camera(points: np.ndarray, template: np.ndarray, image_size: tuple[int
         raise ValueError(f"solve_camera needs at least 4 points, got {len(points)}.")
     if not (np.all(np.isfinite(points)) and np.all(np.isfinite(template))):
         raise ValueError("solve_camera got non-finite landmark or template coordinates.")
-    K = default_intrinsics(image_size, focal, config.focal_factor)
+    height, width = image_size
+    K = default_intrinsics(height, width, focal if focal is not None else config.focal_factor * width)
     best = None
     for name, start in _starts(points, template, K).items():
         x0 = np.r_[start, 0.0] if optimise_focal else start

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dataset import PreparedDataset, SyntheticConfig, generate_synthetic
-from dataset.synthetic import camera_rays, intrinsics, orbit_camera, render_identity
+from dataset.synthetic import camera_rays, render_identity
+from pose.conventions import default_intrinsics, orbit_camera
 
 SMALL = SyntheticConfig(n_identities=6, train_views=1, heldout_views=2, resolution=32, seed=3)
 
@@ -76,7 +77,7 @@ def test_cameras_look_at_origin_on_sphere(cache):
         assert np.allclose(np.linalg.norm(centres, axis=1), 7.0, atol=1e-4)
         # The origin projects to the principal point.
         assert np.allclose(t[:, :2], 0.0, atol=1e-5)
-        assert np.allclose(ds.K, intrinsics(32), atol=1e-5)
+        assert np.allclose(ds.K, default_intrinsics(32, 32), atol=1e-5)
 
 
 def test_frontal_camera_convention():

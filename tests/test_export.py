@@ -229,3 +229,20 @@ def test_lpips_status_never_claims_what_is_missing():
     assert isinstance(available, bool) and note
     if not available:
         assert "skipped" in note
+
+
+def test_every_camera_builder_follows_one_convention():
+    """look_at_origin, orbit paths, the synthetic data and the pose solver agree (pose.conventions)."""
+    from export.cameras import orbit_cameras
+    from pose.conventions import orbit_camera, yaw_pitch_roll
+
+    for yaw, pitch in ((30.0, 15.0), (-20.0, 10.0), (0.0, -12.0)):
+        truth = orbit_camera(yaw, pitch, 7.0)
+        assert np.allclose(look_at_origin(7.0, yaw_deg=yaw, pitch_deg=pitch), truth, atol=1e-6)
+        assert np.allclose(yaw_pitch_roll(truth[:, :3]), [yaw, pitch, 0.0], atol=1e-6)
+    # An orbit from the frontal camera passes through the convention's cameras at its frames' angles:
+    # frame 2 of 8 has yaw A_yaw sin(pi/2) = 35 and pitch A_pitch sin(pi) = 0; frame 1 both non-zero.
+    frames = orbit_cameras(look_at_origin(7.0), n_frames=8)
+    angle = 2 * np.pi / 8
+    assert np.allclose(frames[1], orbit_camera(35 * np.sin(angle), 10 * np.sin(2 * angle), 7.0), atol=1e-5)
+    assert np.allclose(frames[2], orbit_camera(35.0, 0.0, 7.0), atol=1e-5)

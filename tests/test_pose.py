@@ -35,7 +35,8 @@ from pose import (
     solve_camera,
 )
 from pose import landmarks as landmarks_module
-from pose.template import CAMERA_DISTANCE, HEAD_RADIUS, TEMPLATE_PATH
+from pose.conventions import CAMERA_DISTANCE
+from pose.template import HEAD_RADIUS, TEMPLATE_PATH
 
 GRACE_HOPPER = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
 
@@ -153,7 +154,7 @@ def test_template_convention():
 
 def test_frontal_camera_is_identity():
     template = load_template()
-    K = default_intrinsics((256, 256))
+    K = default_intrinsics(256, 256)
     truth = np.c_[np.eye(3), [0.0, 0.0, CAMERA_DISTANCE]]
     fit = solve_camera(project(template, K, truth), template, (256, 256))
     assert np.allclose(fit.world_to_camera, truth, atol=1e-6)
@@ -165,7 +166,7 @@ def test_frontal_camera_is_identity():
 def test_yaw_pitch_roll_signs():
     """Positive yaw turns the face towards image right, pitch > 0 looks up, roll > 0 is clockwise."""
     template = load_template()
-    K = default_intrinsics((256, 256))
+    K = default_intrinsics(256, 256)
 
     def view(yaw=0.0, pitch=0.0, roll=0.0):
         return project(template, K, np.c_[rotation_from_yaw_pitch_roll(yaw, pitch, roll), [0, 0, 7.0]])
@@ -209,7 +210,7 @@ def test_solver_recovers_synthetic_cameras():
     template = load_template()
     for size in (512, 256):
         rng = np.random.default_rng(0)
-        K = default_intrinsics((size, size))
+        K = default_intrinsics(size, size)
         clean, noisy = [], []
         for truth in _random_cameras(rng, 24):
             pixels = project(template, K, truth)
@@ -228,7 +229,7 @@ def test_solver_recovers_synthetic_cameras():
 def test_solver_optimises_focal():
     template = load_template()
     truth = np.c_[rotation_from_yaw_pitch_roll(25, 10, 0), [0.2, -0.1, 9.0]]
-    pixels = project(template, default_intrinsics((256, 256), focal=700.0), truth)
+    pixels = project(template, default_intrinsics(256, 256, focal=700.0), truth)
     fit = solve_camera(pixels, template, (256, 256), optimise_focal=True)
     assert abs(fit.K[0, 0] - 700.0) < 1.0 and fit.reprojection_error_px < 1e-6
 
@@ -245,7 +246,7 @@ def test_solver_rejects_bad_fit_and_bad_input():
 def test_refine_template_lowers_error():
     rng = np.random.default_rng(1)
     truth = load_template()
-    K = default_intrinsics((256, 256))
+    K = default_intrinsics(256, 256)
     views = np.stack([project(truth, K, camera) + rng.normal(0, 0.3, (5, 2))
                       for camera in _random_cameras(rng, 16)])
     start = truth + rng.normal(0, 0.08, truth.shape)
@@ -265,7 +266,7 @@ def test_refine_template_lowers_error():
 
 
 def test_crop_intrinsics_match_pixel_map():
-    K = default_intrinsics((300, 400))
+    K = default_intrinsics(300, 400)
     camera = np.c_[rotation_from_yaw_pitch_roll(10, 5, 0), [0.1, 0.2, 7.0]]
     box = CropBox(-20, 35, 240)
     expected = (project(load_template(), K, camera) - [box.x0, box.y0]) * (64 / box.side)
