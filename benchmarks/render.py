@@ -25,25 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import renderer
 from export.cameras import default_intrinsics, look_at_origin
-from models import ConditionedField, FieldConfig, RenderConfig, render_image, render_rays
+from models import ConditionedField, FieldConfig, RenderConfig, render_image
 from models.background import ConstantBackground
-from models.render import pixel_grid
 from renderer import reference
-
-
-@torch.no_grad()
-def render_with_reference(
-    field, background, latent, K, w2c, size: int, cfg: RenderConfig, chunk: int
-) -> None:
-    """The baseline: the same chunked full-image render with every renderer op from renderer.reference.
-
-    (models.render_image has no ``ops`` switch, so this is its loop with ``ops=renderer.reference``.)
-    """
-    pixels = pixel_grid(size, size)
-    for start in range(0, pixels.shape[0], chunk):
-        rays = reference.generate_rays(pixels[start : start + chunk], K, w2c, radius=cfg.radius)
-        codes = latent[None].expand(rays.origins.shape[0], -1)
-        render_rays(field, background, rays, codes, cfg, generator=None, ops=reference)
 
 
 def build_model(args: argparse.Namespace):
@@ -99,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - start
 
     def baseline() -> None:
-        render_with_reference(field, background, latent, K, w2c, args.size, cfg, args.chunk)
+        render_image(field, background, latent, K, w2c, args.size, args.size, cfg, chunk=args.chunk,
+                     ops=reference)
 
     baseline()  # warm-up (allocator, first-call overheads)
     base_times: list[float] = []

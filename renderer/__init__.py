@@ -8,7 +8,6 @@ in plain torch, and ``renderer.profiling`` the switch for the kernel profiler.
 from renderer.backend import Backend, BackendUnavailableError, init_backend
 from renderer.composite import composite
 from renderer.rays import generate_rays
-from renderer.reference import Composited, Rays
 from renderer.sampling import (
     merge_samples,
     merge_samples_with_deltas,
@@ -17,6 +16,7 @@ from renderer.sampling import (
     sample_importance_and_merge,
     sample_stratified,
 )
+from renderer.specs import Composited, Rays
 
 __all__ = [
     "Backend",

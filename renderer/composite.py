@@ -29,7 +29,7 @@ import torch
 from renderer.backend import kernel_device, launch, to_kernel
 from renderer.composite_lanes import composite_backward_lanes, composite_forward_lanes
 from renderer.lanes import LANES, aligned, as_lanes, lane_ready, lanes_active
-from renderer.reference import Composited, expand_background
+from renderer.specs import Composited, expand_background
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)

@@ -11,7 +11,7 @@ import taichi as ti
 import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
-from renderer.reference import Rays, broadcast_cameras
+from renderer.specs import Rays, broadcast_cameras
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)

@@ -12,7 +12,7 @@ import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
 from renderer.lanes import LANES, aligned, as_lanes, lanes_1d, lanes_active, shift_down
-from renderer.reference import (
+from renderer.specs import (
     IMPORTANCE_EPS,
     PCG_INCREMENT,
     PCG_MULTIPLIER,

@@ -1,0 +1,93 @@
+"""The renderer's shared types and constants: what the Taichi kernels and the torch reference agree on.
+
+    rays = Rays(origins, directions, near, far)          # (R, 3), (R, 3), (R,), (R,)
+    out = Composited(color, opacity, depth, weights)     # (R, 3), (R,), (R,), (R, S)
+
+Sampling conventions (stratified bins, the importance PDF with ``IMPORTANCE_EPS``, the stable merge) are
+described in ``renderer.reference``; the hashed uniforms both sides use are defined here: sample
+``n = ray * S + s`` of a call gets the top 24 bits of ``pcg_hash(n + mix_key(key))`` with one 31-bit
+``key`` per call drawn from the caller's generator (``draw_key``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Mass added to each importance bin in proportion to its width (as a fraction of the ray's interval).
+IMPORTANCE_EPS = 1e-5
+# PCG hash constants (Jarzynski & Olano 2020) and the 32-bit mask the torch version works under.
+PCG_MULTIPLIER, PCG_INCREMENT, PCG_OUTPUT = 747796405, 2891336453, 277803737
+U32 = 0xFFFFFFFF
+
+
+class Rays(NamedTuple):
+    """A batch of rays: origins (R, 3), unit directions (R, 3), near (R,), far (R,).
+
+    A ray that misses the bounding sphere has near == far.
+    """
+
+    origins: torch.Tensor
+    directions: torch.Tensor
+    near: torch.Tensor
+    far: torch.Tensor
+
+
+class Composited(NamedTuple):
+    """Compositing output: color (R, 3), opacity (R,), depth (R,), weights (R, S)."""
+
+    color: torch.Tensor
+    opacity: torch.Tensor
+    depth: torch.Tensor
+    weights: torch.Tensor
+
+
+def broadcast_cameras(
+    K: torch.Tensor, world_to_camera: torch.Tensor, n_rays: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand shared cameras to one per ray (broadcast views, no copy).
+
+    K (3, 3) | (R, 3, 3), world_to_camera (3, 4) | (R, 3, 4) -> (R, 3, 3), (R, 3, 4).
+    """
+    if K.shape[-2:] != (3, 3) or K.dim() not in (2, 3):
+        raise ValueError(f"K must have shape (3, 3) or (R, 3, 3), got {tuple(K.shape)}.")
+    if world_to_camera.shape[-2:] != (3, 4) or world_to_camera.dim() not in (2, 3):
+        raise ValueError(
+            f"world_to_camera must have shape (3, 4) or (R, 3, 4), got {tuple(world_to_camera.shape)}."
+        )
+    return K.expand(n_rays, 3, 3), world_to_camera.expand(n_rays, 3, 4)
+
+
+def draw_key(generator: torch.Generator) -> int:
+    """One 31-bit key for a call's hashed uniforms, from (and advancing) the caller's generator.
+
+    With a CUDA generator the ``.item()`` waits for the device: one small sync per sampling call.
+    """
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+
+
+def pcg_hash(x: torch.Tensor) -> torch.Tensor:
+    """The PCG output hash of int64 values holding unsigned 32-bit integers (a bijection on 32 bits)."""
+    state = (x * PCG_MULTIPLIER + PCG_INCREMENT) & U32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * PCG_OUTPUT) & U32
+    return (word >> 22) ^ word
+
+
+def mix_key(key: int) -> int:
+    """``pcg_hash(key)``: the offset that key adds to every sample index (the kernels take it as is)."""
+    return int(pcg_hash(torch.tensor(key, dtype=torch.int64)))
+
+
+def expand_background(background: torch.Tensor | float, n_rays: int, like: torch.Tensor) -> torch.Tensor:
+    """A background given as (R, 3), (3,) or a float, as an (R, 3) tensor (a broadcast view)."""
+    if not torch.is_tensor(background):
+        background = torch.tensor(float(background), dtype=like.dtype, device=like.device)
+    if background.dim() == 0:
+        background = background.expand(3)
+    if background.shape not in ((3,), (n_rays, 3)):
+        raise ValueError(
+            f"background must be a float, a (3,) or an ({n_rays}, 3) tensor, "
+            f"got shape {tuple(background.shape)}."
+        )
+    return background.expand(n_rays, 3)
