@@ -20,8 +20,8 @@ from export.mesh import Mesh, density_grid, extract_mesh, vertex_colors
 from models import render_image
 from models.background import ConstantBackground
 from models.checkpoint import LoadedCheckpoint, load_checkpoint
+from pose.conventions import CAMERA_DISTANCE
 
-DEFAULT_CAMERA_DISTANCE = 7.0
 DEFAULT_MESH_LEVEL = 10.0
 
 
@@ -44,11 +44,13 @@ def start_renderer(arch: str = "cpu", verbose: bool = False) -> str:
 
 def use_field_backend(model: LoadedCheckpoint, requested: str, arch: str) -> str:
     """Evaluate ``model``'s field with torch or Taichi kernels (``models.field_backend``: "auto" | "torch" |
-    "taichi", ``arch`` the running Taichi arch); swaps ``model.field`` in place and returns why."""
-    from models.field_backend import as_backend, choose_field_backend
+    "taichi", ``arch`` the running Taichi arch); swaps ``model.field`` (and a background network) in place
+    and returns why."""
+    from models.field_backend import as_backend, background_as_backend, choose_field_backend
 
     name, why = choose_field_backend(requested, arch, torch.device("cpu"))
     model.field = as_backend(model.field, name)
+    model.background = background_as_backend(model.background, name)
     return f"field MLP: {name} ({why})"
 
 
@@ -118,7 +120,7 @@ def training_framing(model: LoadedCheckpoint) -> str:
 
 
 def default_camera(
-    height: int, width: int, distance: float = DEFAULT_CAMERA_DISTANCE, yaw_deg: float = 0.0
+    height: int, width: int, distance: float = CAMERA_DISTANCE, yaw_deg: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """The project's standard frontal view at any size: K (3, 3) with focal 2 x width, [R|t] (3, 4)."""
     from export.cameras import default_intrinsics, look_at_origin

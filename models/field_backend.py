@@ -9,13 +9,22 @@ when the renderer runs on a Vulkan or Metal GPU and torch has no device there (t
 run on the CPU beside it); otherwise torch, which is faster on the CPU at the paper preset and is what
 a CUDA GPU runs best (README, ``benchmarks/field.py``). A software Vulkan driver (Mesa's lavapipe) is
 the CPU in disguise, so ``auto`` keeps torch there.
+
+The background network (``BackgroundField``, for datasets whose manifest asks for ``"network"``) follows
+the field's backend (``TaichiBackground``; same parameters and ``state_dict``); a
+``ConstantBackground`` has no network and is the same on both::
+
+    background = make_background_for("network", 64, BackgroundConfig.cpu(), backend=name)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from models.background import BackgroundConfig, BackgroundField, make_background
 from models.field import ConditionedField, FieldConfig
 
 FIELD_BACKENDS = ("auto", "torch", "taichi")
@@ -67,6 +76,37 @@ def as_backend(field: nn.Module, backend: str) -> nn.Module:
         return field
     converted = wanted(field.cfg, field.latent_dim)
     converted.load_state_dict(field.state_dict())
-    first = next(field.parameters())
-    converted.to(first.device).train(field.training).requires_grad_(first.requires_grad)
-    return converted
+    return _same_placement(converted, field)
+
+
+def _same_placement(converted: nn.Module, original: nn.Module) -> nn.Module:
+    """``converted`` on ``original``'s device, train/eval mode and ``requires_grad``."""
+    first = next(original.parameters())
+    return converted.to(first.device).train(original.training).requires_grad_(first.requires_grad)
+
+
+def background_as_backend(background: nn.Module | None, backend: str) -> nn.Module | None:
+    """The same background on another implementation: a ``BackgroundField`` (torch) or ``TaichiBackground``
+    (Taichi kernels) with the same weights, ``requires_grad``, train/eval mode and device.
+
+    Anything that is not a background network (a ``ConstantBackground``, or None) is returned unchanged.
+    """
+    from models.taichi_background import TaichiBackground
+
+    if backend not in ("torch", "taichi"):
+        raise ValueError(f"background backend must be 'torch' or 'taichi', not {backend!r}.")
+    if not isinstance(background, BackgroundField):
+        return background
+    if isinstance(background, TaichiBackground) == (backend == "taichi"):
+        return background
+    wanted = TaichiBackground if backend == "taichi" else BackgroundField
+    converted = wanted(background.cfg, background.latent_dim)
+    converted.load_state_dict(background.state_dict())
+    return _same_placement(converted, background)
+
+
+def make_background_for(spec: str | Sequence[float], latent_dim: int, cfg: BackgroundConfig | None,
+                        backend: str) -> nn.Module:
+    """``models.background.make_background`` on ``backend`` ("torch" or "taichi"): the torch network is
+    built first and converted, so a seed gives the same initial weights on both."""
+    return background_as_backend(make_background(spec, latent_dim, cfg), backend)

@@ -26,7 +26,7 @@ from models.background import BackgroundConfig, make_background
 from models.checkpoint import CheckpointKeeper, checkpoint_payload
 from models.distributed import all_agree, gather_owned_rows, owned_identities, world
 from models.field import FieldConfig
-from models.field_backend import make_field
+from models.field_backend import background_as_backend, make_field
 from models.latents import LatentConfig, LatentTable, make_latent_optimizer
 from models.losses import LossConfig, compute_losses, psnr
 from models.render import RenderConfig, render_rays
@@ -111,8 +111,8 @@ class Trainer:
         latent_dim = config["latent"]["dim"]
         # "torch" or "taichi" (models.field_backend): same parameters and initial weights either way.
         self.field = make_field(FieldConfig(**config["field"]), latent_dim, field_backend)
-        self.background = make_background(self.dataset.background, latent_dim,
-                                          BackgroundConfig(**config["background"]))
+        self.background = background_as_backend(make_background(
+            self.dataset.background, latent_dim, BackgroundConfig(**config["background"])), field_backend)
         init_gen = torch.Generator().manual_seed(run["seed"] + 1)
         self.latents = LatentTable(n_ids, latent_dim, config["latent"]["init_std"], init_gen)
         for module in (self.field, self.background, self.latents):

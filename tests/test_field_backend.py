@@ -59,7 +59,7 @@ def test_training_with_the_taichi_field_learns_and_its_checkpoint_loads_in_torch
     original = TaichiField.forward
     monkeypatch.setattr(TaichiField, "forward", lambda self, *a: calls.append(1) or original(self, *a))
     run_dir = _train(tmp_path / "run", cache, "--steps", "60", "--optim-lr-init", "5e-3",
-                     "--field-backend", "taichi", arch=arch)
+                     "--optim-decay-steps", "1000", "--field-backend", "taichi", arch=arch)
     assert "[train] field MLP: taichi (asked for taichi)" in capsys.readouterr().out
     assert len(calls) >= 2 * 60  # coarse and fine samples of every step went through the kernels
     rows = [r for r in metrics(run_dir) if "psnr" in r]
@@ -80,7 +80,7 @@ def test_training_with_the_taichi_field_learns_and_its_checkpoint_loads_in_torch
 def test_resume_with_the_taichi_field_is_exact(cache, tmp_path):
     """2N steps == N + resumed N with --field-backend taichi (x64), to 1e-5."""
     previous = started_arch()
-    flags = ("--field-backend", "taichi")
+    flags = ("--field-backend", "taichi", "--optim-decay-steps", "10")  # one schedule for both runs
     try:
         whole = _train(tmp_path / "whole", cache, "--steps", "10", *flags)
         half = _train(tmp_path / "half", cache, "--steps", "5", *flags)
