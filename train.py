@@ -208,8 +208,10 @@ def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, field_
     if rank == 0:
         atomic_write_json(run_dir / "config.json", config)
 
+    from export.preview import write_preview
+
     trainer = Trainer(config, run_dir, backend, resume_payload, parse_nan_steps(args.debug_nan_steps),
-                      field_backend)
+                      field_backend, write_preview)
     if args.profile > 0:
         profile_training(trainer, args.profile, run_dir)
         return run_dir

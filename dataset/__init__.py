@@ -18,7 +18,7 @@ _EXPORTS = {
     "BuildInterrupted": "dataset.build",
     "DataRootError": "dataset.sources",
     "SyntheticConfig": "dataset.synthetic",
-    "generate_synthetic": "dataset.synthetic",
+    "generate_synthetic": "dataset.prepare",
     "write_srn_layout": "dataset.srn",
 }
 

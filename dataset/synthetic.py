@@ -17,7 +17,6 @@ Depth is the **ray distance t** along the unit ray direction (what the renderer'
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -250,25 +249,3 @@ class SyntheticSource:
         from dataset.sources import ItemResult
 
         return ItemResult(item=item, records=render_identity(self.config, int(item.split("_")[-1])))
-
-
-def generate_synthetic(out_dir: str | Path, config: SyntheticConfig | None = None, workers: int | None = None,
-                       progress: bool = False) -> Path:
-    """Render every identity into a prepared cache (with ``depths.npy`` and ``heldout/``).
-
-    Idempotent (an up-to-date cache is left alone) and resumable, through the same build as every
-    other source. Returns the cache directory.
-
-    >>> cache = generate_synthetic("/tmp/synthetic64", SyntheticConfig(n_identities=8))  # doctest: +SKIP
-    """
-    from dataset.config import PrepareConfig
-    from dataset.prepare import prepare_source
-
-    config = config or SyntheticConfig()
-    if config.n_identities < 1 or config.train_views < 1 or config.heldout_views < 0:
-        raise ValueError("SyntheticConfig needs n_identities >= 1, train_views >= 1 and heldout_views >= 0.")
-    prepare = PrepareConfig(resolution=config.resolution, views_per_identity=config.train_views,
-                            heldout_views=config.heldout_views, synthetic_identities=config.n_identities,
-                            seed=config.seed)
-    return prepare_source(SyntheticSource(config), None, out_dir, prepare, workers, progress=progress,
-                          verbose=False)

@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,8 +87,10 @@ class Trainer:
     """One training run: builds everything from a config dict, then ``run()``s the loop."""
 
     def __init__(self, config: dict, run_dir: Path, backend, resume_payload: dict | None,
-                 nan_steps: set[int], field_backend: str = "torch"):
+                 nan_steps: set[int], field_backend: str = "torch",
+                 write_preview: Callable[[Trainer], Path] | None = None):
         self.config, self.run_dir, self.backend = config, run_dir, backend
+        self.preview_writer = write_preview  # a callback: previews are images, made outside models/
         self.device = backend.device
         self.rank, self.world_size = world()
         self.is_main = self.rank == 0
@@ -237,14 +240,10 @@ class Trainer:
         return metrics
 
     # ----- outputs -----------------------------------------------------------------------------------
-    def write_preview(self) -> Path:
-        """Preview grid PNG for the fixed identities (rank 0)."""
-        from export.media import save_png
-        from models.preview import preview_grid
-
-        grid = preview_grid(self.field, self.background, self.latents, self.dataset, self.preview_ids,
-                            self.module.render_config)
-        return save_png(self.run_dir / "previews" / f"step_{self.step:08d}.png", grid)
+    def write_preview(self) -> Path | None:
+        """The preview for the fixed identities (rank 0), by the ``write_preview`` the trainer was given
+        (``export.preview.write_preview`` in train.py); None without one."""
+        return self.preview_writer(self) if self.preview_writer is not None else None
 
     def run(self, stop: StopRequest) -> str:
         """The training loop; returns why it ended: 'done', 'signal' or 'diverged'."""

@@ -4,18 +4,20 @@ Columns: ground truth | reconstruction | two novel yaw views | depth of the reco
 
     grid = preview_grid(field, background, latents, dataset, identities=[0, 1, 2], render_config=cfg)
     export.save_png(run_dir / "previews" / "step_001000.png", grid)
+    trainer = Trainer(..., write_preview=write_preview)  # as train.py does; models/ never imports export
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from export.cameras import yaw_cameras
-from export.media import colorize_depth, image_grid
+from export.media import colorize_depth, image_grid, save_png
 from models.latents import LatentTable
 from models.render import RenderConfig, render_image
 
@@ -56,3 +58,12 @@ def preview_grid(field: nn.Module, background: nn.Module, latents: LatentTable, 
                                 dataset.K[index], dataset.world_to_camera[index], render_config, yaw_deg))
         labels.append([c.format(yaw=int(yaw_deg)) if i == 0 else "" for c in COLUMNS])
     return image_grid(rows, labels=labels)
+
+
+def write_preview(trainer) -> Path:
+    """The preview grid of a ``models.trainer.Trainer``'s fixed identities, saved as
+    ``RUN/previews/step_<step>.png``; the trainer calls it (rank 0) every ``preview_every`` steps."""
+    grid = preview_grid(trainer.field, trainer.background, trainer.latents, trainer.dataset,
+                        trainer.preview_ids, trainer.module.render_config)
+    return save_png(trainer.run_dir / "previews" / f"step_{trainer.step:08d}.png", grid)
+
