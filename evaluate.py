@@ -112,12 +112,13 @@ def cache_views(ds, indices: np.ndarray):
 
 
 def read_srn_instance(
-    folder: Path, world_scale: float = 1.0
+    folder: Path, world_scale: float = 1.0, white_threshold: int = 250
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """One SRN instance folder -> [(image uint8 (H, W, 3), mask uint8 (H, W), K (3, 3), w2c (3, 4))].
 
     Read with the dataset's own SRN readers (dataset.srn), including the uniform ``world_scale`` the
-    training cache applied to camera positions, so held-out cameras live in the training world.
+    training cache applied to camera positions, so held-out cameras live in the training world, and its
+    ``white_threshold`` for the masks.
     Views are rendered at the size of their files.
     """
     import cv2
@@ -137,7 +138,7 @@ def read_srn_instance(
         h, w = image.shape[:2]
         K = (np.diag([w / file_width, h / file_height, 1.0]) @ K_file).astype(np.float32)
         w2c = read_camera(pose_path, world_scale).astype(np.float32)
-        mask = (mask_from_white(image, 250) * 255).astype(np.uint8)
+        mask = (mask_from_white(image, white_threshold) * 255).astype(np.uint8)
         views.append((image, mask, K, w2c))
     return views
 
@@ -147,6 +148,7 @@ def srn_views(folder: Path, train_ds):
     (an instance matches when its folder name is one of the path parts of a training source)."""
     sources = [Path(source_name(s)).parts for s in train_ds.sources]
     world_scale = float(train_ds.manifest.get("world_scale", 1.0))
+    white_threshold = int(train_ds.manifest.get("settings", {}).get("white_threshold", 250))
     instances = sorted(p for p in Path(folder).iterdir() if (p / "rgb").is_dir())
     if not instances:
         raise ValueError(f"{folder} has no SRN instance folders (<instance>/rgb, pose, intrinsics.txt).")
@@ -157,7 +159,7 @@ def srn_views(folder: Path, train_ds):
             continue
         matched += 1
         identity = next(iter(hits))
-        for image, mask, K, w2c in read_srn_instance(instance, world_scale):
+        for image, mask, K, w2c in read_srn_instance(instance, world_scale, white_threshold):
             yield identity, image, mask, K, w2c, None
     if matched == 0:
         raise ValueError(f"no instance folder in {folder} matches a training identity's source name.")

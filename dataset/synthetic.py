@@ -28,7 +28,6 @@ BACKGROUND = (1.0, 1.0, 1.0)
 # Direction towards the light: above (-y), left and in front (-z) of the face.
 LIGHT_DIRECTION = np.array([-0.4, -0.6, -0.7]) / np.linalg.norm([-0.4, -0.6, -0.7])
 AMBIENT = 0.35
-PART_NAMES = ("head", "hair", "nose", "ear_left", "ear_right", "eye_left", "eye_right")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 from models.background import BackgroundConfig, BackgroundField, ConstantBackground, make_background
 from models.field import ConditionedField, FieldConfig, positional_encoding
 from models.latents import LatentConfig, LatentTable, make_latent_optimizer
-from models.losses import LossConfig, compute_losses, hard_loss, mask_loss, psnr, rgb_loss
+from models.losses import LossConfig, compute_losses, hard_loss, mask_loss, psnr_from_mse, rgb_loss
 from models.render import RayOutput, RenderConfig, render_image, render_rays
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
     "make_latent_optimizer",
     "mask_loss",
     "positional_encoding",
-    "psnr",
+    "psnr_from_mse",
     "render_image",
     "render_rays",
     "rgb_loss",

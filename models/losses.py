@@ -55,8 +55,9 @@ def hard_loss(weights: torch.Tensor) -> torch.Tensor:
     return torch.mean(-torch.log(torch.exp(-weights.abs()) + torch.exp(-(1.0 - weights).abs())))
 
 
-def psnr(mse: torch.Tensor | float) -> float:
-    """PSNR in dB of an MSE on [0, 1] images. Example: ``psnr(0.01) == 20.0``."""
+def psnr_from_mse(mse: torch.Tensor | float) -> float:
+    """PSNR in dB of an MSE on [0, 1] images (the training loss); images are scored by
+    ``export.metrics.psnr``. Example: ``psnr_from_mse(0.01) == 20.0``."""
     value = float(mse)
     return float("inf") if value <= 0 else -10.0 * torch.log10(torch.tensor(value)).item()
 

@@ -29,7 +29,7 @@ from models.distributed import all_agree, gather_owned_rows, owned_identities, w
 from models.field import FieldConfig
 from models.field_backend import background_as_backend, make_field
 from models.latents import LatentConfig, LatentTable, make_latent_optimizer
-from models.losses import LossConfig, compute_losses, psnr
+from models.losses import LossConfig, compute_losses, psnr_from_mse
 from models.render import RenderConfig, render_rays
 
 
@@ -235,7 +235,7 @@ class Trainer:
                 sch.step()
         timer.steps += 1
         metrics = {k: float(v.detach()) for k, v in terms.items()}
-        metrics["psnr"] = psnr(metrics["rgb"])
+        metrics["psnr"] = psnr_from_mse(metrics["rgb"])
         metrics["rays"] = int(batch["rgb"].shape[0])
         return metrics
 

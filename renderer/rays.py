@@ -11,7 +11,7 @@ import taichi as ti
 import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
-from renderer.specs import Rays, broadcast_cameras
+from renderer.specs import Rays, validate_cameras
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
@@ -78,14 +78,9 @@ def generate_rays(
     if radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}.")
     n_rays = pixels.shape[0]
-    broadcast_cameras(K, world_to_camera, n_rays)  # validates the shapes
+    validate_cameras(K, world_to_camera, n_rays)
     K_k = to_kernel(K.reshape(-1, 3, 3))
     w2c_k = to_kernel(world_to_camera.reshape(-1, 3, 4))
-    if K_k.shape[0] not in (1, n_rays) or w2c_k.shape[0] not in (1, n_rays):
-        raise ValueError(
-            f"K and world_to_camera must be shared or one per ray ({n_rays}); got {tuple(K.shape)} and "
-            f"{tuple(world_to_camera.shape)}."
-        )
     device = kernel_device()
     origins = torch.empty((n_rays, 3), device=device)
     directions = torch.empty((n_rays, 3), device=device)

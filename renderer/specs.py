@@ -43,19 +43,28 @@ class Composited(NamedTuple):
     weights: torch.Tensor
 
 
-def broadcast_cameras(
-    K: torch.Tensor, world_to_camera: torch.Tensor, n_rays: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expand shared cameras to one per ray (broadcast views, no copy).
-
-    K (3, 3) | (R, 3, 3), world_to_camera (3, 4) | (R, 3, 4) -> (R, 3, 3), (R, 3, 4).
-    """
+def validate_cameras(K: torch.Tensor, world_to_camera: torch.Tensor, n_rays: int) -> None:
+    """ValueError unless K is (3, 3) or (R, 3, 3) and world_to_camera (3, 4) or (R, 3, 4), R = ``n_rays``
+    (a leading 1 counts as shared)."""
     if K.shape[-2:] != (3, 3) or K.dim() not in (2, 3):
         raise ValueError(f"K must have shape (3, 3) or (R, 3, 3), got {tuple(K.shape)}.")
     if world_to_camera.shape[-2:] != (3, 4) or world_to_camera.dim() not in (2, 3):
         raise ValueError(
             f"world_to_camera must have shape (3, 4) or (R, 3, 4), got {tuple(world_to_camera.shape)}."
         )
+    for name, tensor in (("K", K), ("world_to_camera", world_to_camera)):
+        if tensor.dim() == 3 and tensor.shape[0] not in (1, n_rays):
+            raise ValueError(f"{name} must be shared or one per ray ({n_rays}); got {tuple(tensor.shape)}.")
+
+
+def broadcast_cameras(
+    K: torch.Tensor, world_to_camera: torch.Tensor, n_rays: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand shared cameras to one per ray (broadcast views, no copy), after ``validate_cameras``.
+
+    K (3, 3) | (R, 3, 3), world_to_camera (3, 4) | (R, 3, 4) -> (R, 3, 3), (R, 3, 4).
+    """
+    validate_cameras(K, world_to_camera, n_rays)
     return K.expand(n_rays, 3, 3), world_to_camera.expand(n_rays, 3, 4)
 
 
