@@ -21,8 +21,9 @@ class PrepareConfig:
         views_per_identity: training views per identity (srn, synthetic); photos always have one.
         heldout_views: held-out views per identity (srn, synthetic); -1 means all remaining (srn).
         synthetic_identities: number of identities the synthetic generator draws.
-        srn_world_scale: SRN scenes are multiplied by this: objects of radius ~0.5 become radius ~1.5, like
-            a head, inside the renderer's radius-2 sphere (recorded in the manifest as world_scale).
+        srn_world_scale: SRN scenes are multiplied by this so the objects sit at radius ~1.5, like a head,
+            inside the renderer's radius-2 sphere; None estimates it from the silhouettes and cameras
+            (``dataset.srn.fit_scene``). Recorded in the manifest as world_scale, with the scene_fit.
         srn_white_threshold: an SRN pixel is background when all its channels are at least this.
         seed: seeds every random choice (synthetic shapes and views, SRN view split).
         pose: landmark, camera-solve and mask settings (``pose.PoseConfig``).
@@ -41,8 +42,9 @@ class PrepareConfig:
         "help": "held-out views per identity (srn, synthetic); -1: all remaining (srn)"})
     synthetic_identities: int = field(default=64, metadata={
         "help": "identities the synthetic generator draws"})
-    srn_world_scale: float = field(default=3.0, metadata={
-        "help": "multiply SRN scenes by this (radius-0.5 objects become radius 1.5)"})
+    srn_world_scale: float | None = field(default=None, metadata={
+        "help": "multiply SRN scenes by this; none: from the data, so the objects fit at radius 1.5 "
+                "(SRN cars: about 3)"})
     srn_white_threshold: int = field(default=250, metadata={
         "help": "an SRN pixel with every channel >= this is background"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
@@ -59,7 +61,7 @@ class PrepareConfig:
             problems.append(f"heldout_views must be -1 (all) or at least 0 (got {self.heldout_views})")
         if self.framing not in (None, "aligned", "landmarks"):
             problems.append(f"framing must be 'aligned', 'landmarks' or None (got {self.framing!r})")
-        if self.srn_world_scale <= 0:
+        if self.srn_world_scale is not None and not 0 < self.srn_world_scale < float("inf"):
             problems.append(f"srn_world_scale must be positive (got {self.srn_world_scale})")
         if problems:
             raise ValueError("Invalid PrepareConfig: " + "; ".join(problems) + ".")

@@ -68,6 +68,14 @@ def format_summary(cache_dir: Path, up_to_date: bool = False) -> str:
             lines.append(f"  ... and {len(skipped) - SUMMARY_SKIP_LINES} more, listed in {skipped_path}")
     else:
         lines.append("Skipped 0.")
+    fit = manifest.get("scene_fit")
+    if fit:  # SRN: how the scenes were placed in the render sphere
+        how = "from the data" if fit["scale_from_data"] else "as given"
+        scaled = fit["estimated_radius"] * fit["world_scale"]
+        lines.append(f"World scale {fit['world_scale']:.4g} ({how}): objects of radius about "
+                     f"{fit['estimated_radius']:.3g} become {scaled:.3g} (render sphere 2); "
+                     f"{fit['views_outside_render_sphere']} of {fit['views_sampled']} sampled views reach "
+                     "beyond it.")
     if manifest.get("template"):  # photo datasets: the landmark fit's quality
         size = manifest.get("image_size", ["?"])[-1]
         lines.append(f"Median reprojection error: {manifest['median_reprojection_error_px']:.3f} px "
@@ -118,16 +126,19 @@ def prepare_source(source, data_root: str | Path | None, out_dir: str | Path, co
                                 f"{source.layout}.")
         data_root = Path(data_root).expanduser().absolute()
     items, unlisted = list_source_items(source, data_root, config.limit)
+    extra = {}
+    if hasattr(source, "resolve"):  # settings that come from the data (the SRN world scale)
+        config, extra = source.resolve(data_root, items, config)
     claim_cache_dir(out_dir, data_root)  # refuses a user's folder before anything is written
     # A second process (another rank, a second shell) waits, then finds the cache done.
     with directory_lock(out_dir, wait=True, what="--out"):
         return _prepare_locked(source, data_root, out_dir, config, items, unlisted, workers, say, progress,
-                               stop_after_chunks)
+                               stop_after_chunks, extra)
 
 
 def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, items: list[str],
                     unlisted: list[dict], workers: int | None, say, progress: bool,
-                    stop_after_chunks: int | None) -> Path:
+                    stop_after_chunks: int | None, extra: dict) -> Path:
     """Under the lock: return an up-to-date cache as it is, or (re)build it and print the summary."""
     settings = {**source.settings(config), "limit": config.limit}
     source_fp, cache_fp = fingerprint(source, data_root, items, settings)
@@ -144,6 +155,7 @@ def _prepare_locked(source, data_root, out_dir: Path, config: PrepareConfig, ite
         "template": None,
         "background": background if isinstance(background, str) else list(background),
         **source.manifest_extra(config),
+        **extra,
     }
     workers = workers or source.default_workers(len(items))
     build_cache(source, data_root, out_dir, config, workers, manifest, items, cache_fp,
@@ -265,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--identities" if f.name == "synthetic_identities" else "--" + f.name.replace("_", "-")
         value, paper_value = getattr(cpu, f.name), getattr(paper, f.name)
-        kind = {"framing": str, "limit": int}.get(f.name, type(value))
+        kind = {"framing": str, "limit": int, "srn_world_scale": float}.get(f.name, type(value))
         extra = f"; paper preset: {paper_value}" if paper_value != value else ""
         parser.add_argument(flag, dest=f.name, type=kind, default=None,
                             choices=("aligned", "landmarks") if f.name == "framing" else None,

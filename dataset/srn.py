@@ -8,10 +8,15 @@ SRN files, as SRN and pixelNeRF read them:
 - ``rgb/<view>.png``: the images on a white background.
 
 The given cameras are used as they are, except for one uniform scale: every camera position is
-multiplied by ``srn_world_scale`` (default 3) so that an object of radius ~0.5 (SRN cars: cameras at
-distance 1.3) becomes radius ~1.5 like a head inside the renderer's radius-2 sphere. The manifest records
-it as ``world_scale``. Each instance is one identity; ``views_per_identity`` seeded-random views train and
-``heldout_views`` others go to ``heldout/``. Masks come from the white background.
+multiplied by ``world_scale`` so that the objects fit at radius ``FIT_RADIUS`` (1.5, like a head) inside
+the renderer's radius-2 sphere. By default the scale comes from the data (``fit_scene``): a view's
+silhouette, seen from a camera at distance d, bounds the object's radius by d · sin(its largest angle
+from the ray to the origin); the largest bound over a seeded sample of views is the object radius.
+``srn_world_scale`` overrides it (SRN cars: 3). Either way, when more than ``MAX_OUTSIDE_FRACTION`` of
+the sampled views show the silhouette beyond the render sphere's outline, the build stops with one
+sentence. The manifest records ``world_scale`` and the ``scene_fit``. Each instance is one identity;
+``views_per_identity`` seeded-random views train and ``heldout_views`` others go to ``heldout/``.
+Masks come from the white background.
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ import cv2
 import numpy as np
 
 from dataset.config import PrepareConfig
-from dataset.sources import ItemResult, default_workers, skip, walk
+from dataset.sources import DataRootError, ItemResult, default_workers, skip, walk
 from dataset.synthetic import SyntheticConfig, render_identity
 from pose.conventions import default_intrinsics, orbit_camera
+
+FIT_RADIUS = 1.5  # objects are scaled to this radius (pose.template.HEAD_RADIUS: a head's)
+RENDER_RADIUS = 2.0  # the renderer's bounding sphere (models.render.RenderConfig.radius)
+MAX_OUTSIDE_FRACTION = 0.05  # views whose silhouette may reach beyond the render sphere's outline
+FIT_SAMPLE_VIEWS = 600  # views read to fit the scene (seeded; at most 3 per instance)
 
 
 def parse_intrinsics(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
@@ -54,6 +64,97 @@ def read_camera(path: Path, world_scale: float) -> np.ndarray:
 def mask_from_white(image: np.ndarray, threshold: int) -> np.ndarray:
     """(H, W) float32 1 where any channel of uint8 (H, W, 3) is below ``threshold`` (not background)."""
     return (image.min(axis=2) < threshold).astype(np.float32)
+
+
+def silhouette_angle(mask: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray) -> float:
+    """Largest angle (radians) between a foreground pixel's ray and the ray to the world origin.
+
+    mask (H, W) (non-zero = object), K (3, 3) for that size, world_to_camera (3, 4); 0 for an empty
+    mask. An object inside a sphere of radius r about the origin seen from distance d stays within
+    asin(r / d) of the origin's ray, so d * sin(angle) bounds r.
+
+    >>> K = np.array([[100.0, 0, 50], [0, 100, 50], [0, 0, 1]])
+    >>> mask = np.zeros((100, 100)); mask[50, 50] = mask[50, 99] = 1
+    >>> round(float(np.degrees(silhouette_angle(mask, K, np.c_[np.eye(3), [0, 0, 4]]))), 2)
+    26.34
+    """
+    v, u = np.nonzero(mask)
+    if u.size == 0:
+        return 0.0
+    rays = np.linalg.solve(K, np.stack([u + 0.5, v + 0.5, np.ones_like(u, dtype=np.float64)]))  # camera frame
+    rays /= np.linalg.norm(rays, axis=0, keepdims=True)
+    to_origin = world_to_camera[:, 3] / np.linalg.norm(world_to_camera[:, 3])  # the origin, camera frame
+    return float(np.arccos(np.clip(to_origin @ rays, -1.0, 1.0)).max())
+
+
+@dataclass(frozen=True)
+class SceneFit:
+    """How the SRN scenes sit in the render sphere: the object radius estimated from silhouettes (in the
+    files' units), the scale applied (from the data, or given), and the views whose silhouette reaches
+    beyond the render sphere's outline after scaling."""
+
+    radius: float
+    world_scale: float
+    scale_from_data: bool
+    views: int
+    views_outside: int
+
+    def record(self) -> dict:
+        """JSON-ready, for the manifest."""
+        return {"estimated_radius": round(self.radius, 5), "world_scale": round(self.world_scale, 6),
+                "scale_from_data": self.scale_from_data, "views_sampled": self.views,
+                "views_outside_render_sphere": self.views_outside}
+
+
+def fit_scene(data_root: Path, items: list[str], config: PrepareConfig) -> SceneFit:
+    """Estimate the object radius from a seeded sample of views and choose (or check) the world scale.
+
+    Raises DataRootError when the silhouettes are all empty (nothing to fit) or when, after scaling,
+    more than MAX_OUTSIDE_FRACTION of the sampled views reach beyond the render sphere.
+    """
+    rng = np.random.default_rng(config.seed)
+    per_instance = max(1, min(3, FIT_SAMPLE_VIEWS // max(len(items), 1)))
+    chosen = rng.permutation(len(items))[: max(1, FIT_SAMPLE_VIEWS // per_instance)]
+    views = []  # (distance to the origin in file units, largest silhouette angle)
+    for index in sorted(chosen):
+        instance = Path(data_root) / items[index]
+        try:
+            K_file, (file_height, file_width) = parse_intrinsics(instance / "intrinsics.txt")
+        except (OSError, ValueError):
+            continue  # process() reports the instance
+        names = sorted(p.stem for p in (instance / "rgb").glob("*.png")
+                       if (instance / "pose" / f"{p.stem}.txt").exists())
+        for name in (names[i] for i in rng.permutation(len(names))[:per_instance]):
+            image = cv2.imread(str(instance / "rgb" / f"{name}.png"), cv2.IMREAD_COLOR)
+            try:
+                world_to_camera = read_camera(instance / "pose" / f"{name}.txt", 1.0)
+            except (OSError, ValueError):
+                continue
+            if image is None:
+                continue
+            height, width = image.shape[:2]
+            K = np.diag([width / file_width, height / file_height, 1.0]) @ K_file
+            mask = mask_from_white(image[..., ::-1], config.srn_white_threshold)
+            distance = float(np.linalg.norm(world_to_camera[:, 3]))
+            views.append((distance, silhouette_angle(mask, K, world_to_camera)))
+    bounds = [d * np.sin(min(a, np.pi / 2)) for d, a in views]
+    if not bounds or max(bounds) <= 0:
+        raise DataRootError(f"Cannot fit the SRN scenes in {data_root} into the render sphere: no sampled "
+                            "view shows an object on the white background; check --srn-white-threshold, or "
+                            "give --srn-world-scale.")
+    radius = float(max(bounds))
+    scale = config.srn_world_scale if config.srn_world_scale is not None else FIT_RADIUS / radius
+    outside = sum(1 for d, a in views if a > np.arcsin(min(1.0, RENDER_RADIUS / (scale * d))))
+    fit = SceneFit(radius, float(scale), config.srn_world_scale is None, len(views), outside)
+    if outside > MAX_OUTSIDE_FRACTION * len(views):
+        hint = ("leave --srn-world-scale out to scale from the data" if config.srn_world_scale is not None
+                else "the cameras are too close to the objects to fit them; give --srn-world-scale")
+        raise DataRootError(
+            f"The SRN objects do not fit the render sphere at world scale {scale:.3g}: in {outside} of "
+            f"{len(views)} sampled views the silhouette reaches beyond the radius-{RENDER_RADIUS:g} sphere "
+            f"(object radius about {radius:.3g} in the files' units, {radius * scale:.3g} after scaling); "
+            f"{hint} (about {FIT_RADIUS / radius:.3g} fits them at radius {FIT_RADIUS}).")
+    return fit
 
 
 def list_instances(root: Path) -> tuple[list[str], list[dict]]:
@@ -85,6 +186,11 @@ class SrnSource:
         root = Path(data_root)
         return [Path(d, f).relative_to(root).as_posix()
                 for d, _s, files in walk(root / item, []) for f in files]  # bad files: process says
+
+    def resolve(self, data_root: Path, items: list[str], config: PrepareConfig) -> tuple[PrepareConfig, dict]:
+        """The config with the world scale the data needs (``fit_scene``), and the fit for the manifest."""
+        fit = fit_scene(data_root, items, config)
+        return config.with_(srn_world_scale=fit.world_scale), {"scene_fit": fit.record()}
 
     def settings(self, config: PrepareConfig) -> dict:
         return {"resolution": config.resolution, "views_per_identity": config.views_per_identity,

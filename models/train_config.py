@@ -142,7 +142,9 @@ WHOLE_OR_NONE = {("optim", "decay_steps")}  # None by default; a given value is 
 FLAG_HELP = {
     ("data", "dataset"): " | ".join(DATASETS),
     ("data", "data_root"): "folder with the source photos (not needed for synthetic)",
-    ("data", "cache"): "prepared-cache directory (default: data/prepared/<source>-...)",
+    ("data", "cache"): "prepared-cache directory (default: data/prepared/<source>-...). Other preparation "
+                       "settings (--srn-world-scale, --heldout-views, --template, --framing, ...) are "
+                       "python -m dataset.prepare flags: prepare with them, then train with --cache DIR",
     ("data", "synthetic_identities"): "identities of the built-in synthetic dataset",
     ("run", "steps"): "train until this step (extend a run with --resume --steps N)",
     ("run", "max_bad_steps"): "stop after this many NaN/inf losses in a row",
