@@ -13,7 +13,13 @@ interleaved in each repeat (so load from other processes hits both alike) with t
 stage is timed alone and the whole chain end to end. Prints medians and the reference / Taichi ratio;
 ``--json`` writes them. Each implementation draws its jitter its own way (the reference with
 ``torch.rand``, the kernels by hashing in-kernel; see ``renderer.reference``), so the agreement check
-runs one extra pass at bin centres.
+runs one extra pass at bin centres. It fails the run (exit status 1, after printing and writing the
+JSON) when the largest colour difference exceeds ``--max-color-diff`` or the largest dσ difference
+exceeds ``--max-dsigma-diff``. The defaults are about four times the largest differences measured on
+the default inputs (x64: colour 3.9e-6, dσ 2.1e-5; Vulkan on lavapipe: 4.5e-6, 3.5e-5; the same with
+``--threads 1``): margin for other CPUs and drivers, while a colour scaled by 1 + 1e-4 (1.0e-4 off)
+or a dσ scaled by 1 + 1e-3 (1.9e-4 off) already fails. Other ``--side/--coarse/--fine`` may need
+other limits.
 
 On a machine shared with other jobs, wall times mislead: torch's OpenMP threads wait for each other
 when another process holds a core, which inflates the reference far more than Taichi (we saw the
@@ -49,6 +55,10 @@ from dataset.cache import atomic_write_json
 from renderer import reference
 
 STAGES = ("stratified", "importance_merge", "composite_forward", "composite_backward")
+# Agreement thresholds (max |Taichi - reference| at bin centres): ~4x the largest differences
+# measured on the default inputs, x64 3.9e-6 / 2.1e-5, Vulkan (lavapipe) 4.5e-6 / 3.5e-5.
+MAX_COLOR_DIFF = 2e-5
+MAX_DSIGMA_DIFF = 1.5e-4
 
 
 def make_inputs(n_side: int, n_coarse: int, n_fine: int) -> dict:
@@ -125,7 +135,8 @@ def synced_cpu_clock() -> float:
     return time.process_time()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns 0, or 1 when the outputs disagree with the reference past the limits."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -142,8 +153,20 @@ def main() -> None:
         default="wall",
         help="wall: elapsed time; cpu: this process's CPU time (robust on a shared machine)",
     )
+    parser.add_argument(
+        "--max-color-diff",
+        type=float,
+        default=MAX_COLOR_DIFF,
+        help="fail (exit 1) when max |colour - reference| at bin centres exceeds this",
+    )
+    parser.add_argument(
+        "--max-dsigma-diff",
+        type=float,
+        default=MAX_DSIGMA_DIFF,
+        help="fail (exit 1) when max |dsigma - reference| at bin centres exceeds this",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +184,15 @@ def main() -> None:
     results = {name: run_pipeline(impl, x, seed=None, clock=clock)[1] for name, impl in impls.items()}
     color_diff = (results["taichi"][0] - results["reference"][0]).abs().max().item()
     grad_diff = (results["taichi"][1] - results["reference"][1]).abs().max().item()
+    # ``not <=`` so that a NaN difference fails too.
+    failures = [
+        f"max |{what} diff| {diff:.2e} exceeds {limit:.2e} (--max-{flag}-diff)"
+        for what, flag, diff, limit in (
+            ("colour", "color", color_diff, args.max_color_diff),
+            ("dsigma", "dsigma", grad_diff, args.max_dsigma_diff),
+        )
+        if not diff <= limit
+    ]
 
     medians = {name: {s: statistics.median(v) for s, v in stages.items()} for name, stages in samples.items()}
     n_rays = args.side * args.side
@@ -196,6 +228,11 @@ def main() -> None:
             },
             "max_abs_color_diff": color_diff,
             "max_abs_dsigma_diff": grad_diff,
+            "agreement": {
+                "max_color_diff": args.max_color_diff,
+                "max_dsigma_diff": args.max_dsigma_diff,
+                "ok": not failures,
+            },
             "machine": {
                 "platform": platform.platform(),
                 "processor": platform.processor() or platform.machine(),
@@ -209,7 +246,10 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.json, report)
         print(f"wrote {args.json}")
+    for failure in failures:
+        print(f"agreement check FAILED: {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,7 @@ import pytest
 from dataset import BuildInterrupted, DataRootError, PrepareConfig, PreparedDataset, prepare_dataset
 from dataset.prepare import synthetic_config
 from dataset.srn import SrnSource, parse_intrinsics, write_srn_layout
-from dataset.synthetic import SyntheticConfig, render_identity
+from dataset.synthetic import SyntheticConfig, SyntheticSource, render_identity
 
 SYNTH = SyntheticConfig(n_identities=5, train_views=2, heldout_views=2, resolution=32, seed=7)
 CONFIG = PrepareConfig(resolution=32, views_per_identity=1, heldout_views=2, chunk_size=2,
@@ -178,31 +178,68 @@ def test_invalid_settings_are_one_clear_error():
     assert PrepareConfig.preset("paper").resolution == 256
 
 
-def test_killed_build_resumes(tmp_path):
+# The CLI build of test_killed_build_resumes (dataset.prepare.main) with one hook: identity number
+# ``hold_after`` touches the file ``held`` and then never finishes, so the SIGKILL always lands
+# mid-build, after exactly ``hold_after`` finished shards (one identity per chunk), however fast or
+# loaded the machine is.
+HELD_BUILD = """
+import sys, time
+from pathlib import Path
+from dataset import prepare
+from dataset.synthetic import SyntheticSource
+
+held, hold_after, argv = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+process = SyntheticSource.process
+
+def held_process(self, data_root, item, config):
+    if int(item.split("_")[-1]) == hold_after:
+        held.touch()
+        time.sleep(600)  # killed here
+    return process(self, data_root, item, config)
+
+SyntheticSource.process = held_process
+sys.exit(prepare.main(argv))
+"""
+
+
+def test_killed_build_resumes(tmp_path, monkeypatch):
     """SIGKILL a real CLI build mid-way; the rerun keeps its finished shards and completes the cache."""
-    out = tmp_path / "cache"
+    out, held, identities, hold_after = tmp_path / "cache", tmp_path / "held", 12, 3
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "dataset.prepare", "--dataset", "synthetic", "--out", str(out),
-               "--identities", "48", "--resolution", "96", "--heldout-views", "1", "--chunk-size", "1",
-               "--workers", "1", "--no-progress"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-c", HELD_BUILD, str(held), str(hold_after), "--dataset", "synthetic",
+               "--out", str(out), "--identities", str(identities), "--resolution", "32",
+               "--heldout-views", "1", "--chunk-size", "1", "--workers", "1", "--no-progress"]
+    log = tmp_path / "stderr.txt"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 60
-        while len(list((out / "partial").glob("chunk_*.json"))) < 3 and process.poll() is None:
-            assert time.monotonic() < deadline, "the build never started writing shards"
+        while not held.exists():
+            assert process.poll() is None, f"the build ended before the held item: {log.read_text()}"
+            assert time.monotonic() < deadline, "the build never reached the held item"
             time.sleep(0.02)
     finally:
         process.kill()
         process.wait()
-    if (out / "manifest.json").exists():
-        pytest.skip("the build finished before it could be killed (machine much faster than expected)")
-    finished = len(list((out / "partial").glob("chunk_*.json")))
-    assert finished >= 3
-    config = PrepareConfig(resolution=96, heldout_views=1, synthetic_identities=48, chunk_size=1)
+    assert not (out / "manifest.json").exists()
+    assert len(list((out / "partial").glob("chunk_*.json"))) == hold_after
+    processed = []
+    original = SyntheticSource.process
+
+    def counting(self, data_root, item, config):
+        processed.append(item)
+        return original(self, data_root, item, config)
+
+    monkeypatch.setattr(SyntheticSource, "process", counting)
+    config = PrepareConfig(resolution=32, heldout_views=1, synthetic_identities=identities, chunk_size=1)
     prepare_dataset("synthetic", None, out, config, workers=1, progress=False, verbose=False)
+    monkeypatch.undo()
+    # Only the unfinished chunks ran again, and the resumed cache is the one a single build makes.
+    assert processed == [f"identity_{i:06d}" for i in range(hold_after, identities)]
     ds = PreparedDataset(out)
-    assert ds.manifest["build"]["chunks_reused"] >= finished and len(ds) == 48
-    for identity in (0, 47):
+    assert ds.manifest["build"]["chunks_reused"] == hold_after and len(ds) == identities
+    assert ds.manifest["build"]["chunks_processed"] == identities - hold_after
+    for identity in (0, hold_after - 1, hold_after, identities - 1):
         expected = render_identity(synthetic_config(config), identity)[0]
         assert np.array_equal(ds.images[identity], expected["image"])
 

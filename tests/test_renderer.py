@@ -160,8 +160,18 @@ def test_importance_matches_reference(arch):
 
 
 @pytest.mark.parametrize("n_coarse, n_fine", [(32, 24), (13, 5)])  # x64: deltas 8 at a time, or not
-def test_importance_and_merge_equals_importance_then_merge(arch, n_coarse, n_fine):
+def test_importance_and_merge_equals_importance_then_merge(arch, n_coarse, n_fine, monkeypatch):
     """The fused kernel is exactly sample_importance + merge_samples_with_deltas, ties and misses included."""
+    sampling_module = importlib.import_module("renderer.sampling")
+    launch = sampling_module.launch
+    lane_flags = []  # the compile-time ``lane_deltas`` flag of every fused launch
+
+    def recording(name, kernel, *args):
+        if name == "sample_importance_and_merge":
+            lane_flags.append(args[11])  # after t, weights, near, far, key, jitter, t_fine, merged, 3 outputs
+        return launch(name, kernel, *args)
+
+    monkeypatch.setattr(sampling_module, "launch", recording)
     rays = 40
     g = torch.Generator().manual_seed(4)
     near = 4 + torch.rand(rays, generator=g)
@@ -187,6 +197,10 @@ def test_importance_and_merge_equals_importance_then_merge(arch, n_coarse, n_fin
         assert_close(fused[1], expected[1], atol=1e-4)
         assert_close(fused[3], expected[3], atol=2e-4)
         assert torch.equal(fused[1].gather(1, fused[2].argsort(1))[:, :n_coarse], t)
+    # 56 merged samples take the 8-at-a-time delta pass on x64 (the only arch with lanes), 18 never do:
+    # both passes give the same numbers, so only this count shows which one the checks above ran.
+    lanes_expected = arch == "cpu" and (n_coarse + n_fine) % 8 == 0
+    assert lane_flags == [lanes_expected] * 2, (arch, n_coarse, n_fine, lane_flags)
 
 
 def test_hashed_uniforms_are_uniform_seeded_and_fresh_per_call(arch):
