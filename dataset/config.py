@@ -67,16 +67,18 @@ class PrepareConfig:
             raise ValueError("Invalid PrepareConfig: " + "; ".join(problems) + ".")
 
     @classmethod
-    def preset(cls, name: str) -> PrepareConfig:
-        """``cpu``: 64² images, 64 synthetic identities; ``paper``: 256² images, 1,024 synthetic identities.
+    def paper(cls) -> PrepareConfig:
+        """256² images, 1,024 synthetic identities.
 
-        >>> PrepareConfig.preset("paper").resolution
+        >>> PrepareConfig.paper().resolution
         256
         """
-        presets = {"cpu": cls(), "paper": cls(resolution=256, synthetic_identities=1024)}
-        if name not in presets:
-            raise ValueError(f"Unknown prepare preset {name!r}; choose one of {sorted(presets)}.")
-        return presets[name]
+        return cls(resolution=256, synthetic_identities=1024)
+
+    @classmethod
+    def cpu(cls) -> PrepareConfig:
+        """64² images, 64 synthetic identities."""
+        return cls()
 
     def with_(self, **changes) -> PrepareConfig:
         """A copy with some fields changed."""

@@ -258,7 +258,7 @@ def generate_synthetic(out_dir: str | Path, config: SyntheticConfig | None = Non
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; every flag's help shows its default (the cpu preset's, unless --preset says otherwise)."""
-    cpu, paper = PrepareConfig.preset("cpu"), PrepareConfig.preset("paper")
+    cpu, paper = PrepareConfig.cpu(), PrepareConfig.paper()
     parser = argparse.ArgumentParser(
         prog="python -m dataset.prepare", usage=argparse.SUPPRESS,  # a mistake is one line
         description="Prepare a dataset cache for LOLNeRF training: "
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     """The preset with every given flag applied."""
-    config = PrepareConfig.preset(args.preset)
+    config = PrepareConfig.paper() if args.preset == "paper" else PrepareConfig.cpu()
     changes = {f.name: getattr(args, f.name) for f in fields(PrepareConfig)
                if f.name != "pose" and getattr(args, f.name, None) is not None}
     pose_changes = {name: value for name, value in (("max_error_fraction", args.max_error_fraction),

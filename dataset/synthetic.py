@@ -45,13 +45,14 @@ class SyntheticConfig:
     seed: int = 0
 
     @classmethod
-    def preset(cls, name: str) -> SyntheticConfig:
-        """``cpu``: 64 identities at 64² (a few seconds); ``paper``: 1,024 identities at 256²."""
-        presets = {"cpu": cls(), "paper": cls(n_identities=1024, resolution=256)}
-        if name not in presets:
-            raise ValueError(f"Unknown synthetic preset {name!r}; choose one of {sorted(presets)}.")
-        return presets[name]
+    def paper(cls) -> SyntheticConfig:
+        """1,024 identities at 256²."""
+        return cls(n_identities=1024, resolution=256)
 
+    @classmethod
+    def cpu(cls) -> SyntheticConfig:
+        """64 identities at 64² (a few seconds)."""
+        return cls()
 
 
 @dataclass(frozen=True)

@@ -41,16 +41,18 @@ class PoseConfig:
     template_path: str | None = None
 
     @classmethod
-    def preset(cls, name: str) -> PoseConfig:
-        """Named presets: `paper` (defaults) and `cpu` (same pose settings; pose work is CPU-bound anyway).
+    def paper(cls) -> PoseConfig:
+        """The defaults."""
+        return cls()
 
-        >>> PoseConfig.preset("cpu").focal_factor
+    @classmethod
+    def cpu(cls) -> PoseConfig:
+        """The same pose settings (pose work is CPU-bound anyway).
+
+        >>> PoseConfig.cpu().focal_factor
         2.0
         """
-        presets = {"paper": cls(), "cpu": cls()}
-        if name not in presets:
-            raise ValueError(f"Unknown pose preset {name!r}; choose one of {sorted(presets)}.")
-        return presets[name]
+        return cls()
 
     def with_(self, **changes) -> PoseConfig:
         """A copy with some fields changed."""

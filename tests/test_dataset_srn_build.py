@@ -175,7 +175,7 @@ def test_invalid_settings_are_one_clear_error():
         PrepareConfig(framing="centre")
     with pytest.raises(ValueError, match="Unknown dataset 'imagenet'"):
         prepare_dataset("imagenet", None, "/nonexistent", verbose=False)
-    assert PrepareConfig.preset("paper").resolution == 256
+    assert PrepareConfig.paper().resolution == 256 and PrepareConfig.cpu() == PrepareConfig()
 
 
 # The CLI build of test_killed_build_resumes (dataset.prepare.main) with one hook: identity number

@@ -314,9 +314,7 @@ def test_prepare_photo_rejects_and_reads_paths(tmp_path):
 
 
 def test_config_presets():
-    assert PoseConfig.preset("paper") == PoseConfig() and PoseConfig.preset("cpu").focal_factor == 2.0
-    with pytest.raises(ValueError, match="Unknown pose preset"):
-        PoseConfig.preset("gpu-fast")
+    assert PoseConfig.paper() == PoseConfig() and PoseConfig.cpu().focal_factor == 2.0
 
 
 # ---------------------------------------------------------------- load_image
