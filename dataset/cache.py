@@ -168,18 +168,6 @@ def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tup
     atomic_write_json(directory / "sources.json", sources)
 
 
-def records_to_chunk(records: list[dict]) -> dict:
-    """Stack per-image records (image, mask, [depth], K, world_to_camera, identity, source, ...) into a
-    chunk for ``write_split``; keys other than the arrays go into that image's sources.json entry."""
-    array_keys = ("image", "mask", "depth", "K", "world_to_camera", "identity")
-    chunk = {key: np.stack([r[key] for r in records]) for key in array_keys if records and key in records[0]}
-    chunk["identity"] = np.array([r["identity"] for r in records], np.int64)
-    chunk["sources"] = [{"file": r["source"], "identity": int(r["identity"]),
-                         **{k: v for k, v in r.items() if k not in (*array_keys, "source", "split")}}
-                        for r in records]
-    return chunk
-
-
 MARKER = ".lolnerf-cache"  # written into a cache directory before anything in it is created or removed
 BUILD_FILES = (*SPLIT_FILES, "depths.npy", "partial", "heldout", ".lock", MARKER)
 
@@ -259,35 +247,6 @@ def complete_manifest(manifest: dict, counts: dict[str, int], skipped: list[dict
         "counts": {"kept": counts.get("train", 0), "heldout": counts.get("heldout", 0),
                    "skipped": len(skipped), "skipped_by_reason": dict(sorted(by_reason.items()))},
     }
-
-
-def write_cache(out_dir: str | Path, records_by_split: dict[str, list[dict]], manifest: dict,
-                skipped: list[dict]) -> Path:
-    """Write a whole cache from in-memory records (small datasets, e.g. synthetic). Returns out_dir.
-
-    ``records_by_split`` maps "train"/"heldout" to lists of records as in ``records_to_chunk``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    invalidate(out_dir)
-    train = records_by_split.get("train", [])
-    if not train:
-        raise ValueError("A cache needs at least one training image.")
-    image_size = tuple(train[0]["image"].shape[:2])
-    with_depth = "depth" in train[0]
-    counts = {split: len(records_by_split.get(split, [])) for split in SPLITS}
-    manifest = complete_manifest(manifest, counts, skipped, image_size)
-    for split in reversed(SPLITS):  # heldout first: the top-level manifest comes last
-        records = records_by_split.get(split, [])
-        directory = split_dir(out_dir, split)
-        if not records:
-            if split == "heldout":  # a stale heldout/ from an earlier build must not survive
-                remove_split(directory)
-            continue
-        write_split(directory, [records_to_chunk(records)], len(records), image_size, with_depth)
-        atomic_write_json(directory / "skipped.json", skipped if split == "train" else [])
-        atomic_write_json(directory / "manifest.json", {**manifest, "split": split})
-    return out_dir
 
 
 def read_manifest(cache_dir: str | Path) -> dict | None:

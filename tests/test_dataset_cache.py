@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dataset import CacheError, PixelBatchSampler, PreparedDataset, SyntheticConfig, generate_synthetic
-from dataset.cache import FORMAT_VERSION, write_cache
+from dataset.cache import FORMAT_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -21,30 +21,70 @@ def cache(tmp_path_factory):
 
 def _records(n: int, size: int = 8):
     rng = np.random.default_rng(0)
-    return [{"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+    return [{"split": "train", "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
              "mask": rng.integers(0, 256, (size, size), dtype=np.uint8),
              "K": np.eye(3, dtype=np.float32) * (i + 1), "world_to_camera": np.full((3, 4), i, np.float32),
-             "identity": i, "source": f"img{i}.png", "reprojection_error_px": 0.5 * i} for i in range(n)]
+             "source": f"img{i}.png", "reprojection_error_px": 0.5 * i} for i in range(n)]
+
+
+class RecordSource:
+    """Known records through the real build path (one item per record, the last item skipped)."""
+
+    name = "folder"
+    layout = "no files"
+    background = "network"
+    has_template = False
+    needs_data_root = False
+
+    def __init__(self, records):
+        self.records = records
+
+    def list_items(self, data_root):
+        return [f"item{i}" for i in range(len(self.records) + 1)], []
+
+    def item_files(self, data_root, item):
+        return []
+
+    def settings(self, config):
+        return {"records": len(self.records)}
+
+    def manifest_extra(self, config):
+        return {}
+
+    def default_workers(self, n_items):
+        return 1
+
+    def process(self, data_root, item, config):
+        from dataset.sources import ItemResult, skip
+
+        index = int(item[4:])
+        if index == len(self.records):
+            return skip("bad.txt", "not_an_image", "x")
+        return ItemResult(item=item, records=[self.records[index]])
 
 
 def test_round_trip(tmp_path):
+    from dataset.config import PrepareConfig
+    from dataset.prepare import prepare_source
+
     records = _records(3)
-    skipped = [{"file": "bad.txt", "reason": "not_an_image", "detail": "x"}]
-    write_cache(tmp_path, {"train": records}, {"source": {"name": "folder"}, "fingerprint": "abc",
-                                                "background": "network", "n_identities": 3}, skipped)
-    ds = PreparedDataset(tmp_path)
-    assert ds.fingerprint == "abc" and ds.background == "network" and ds.depths is None
+    prepare_source(RecordSource(records), None, tmp_path / "cache", PrepareConfig(resolution=8),
+                   workers=1, progress=False, verbose=False)
+    ds = PreparedDataset(tmp_path / "cache")
+    assert ds.background == "network" and ds.depths is None
     assert ds.manifest["format_version"] == FORMAT_VERSION
     assert ds.manifest["counts"] == {"kept": 3, "heldout": 0, "skipped": 1,
                                      "skipped_by_reason": {"not_an_image": 1}}
     for i, r in enumerate(records):
         assert np.array_equal(ds.images[i], r["image"]) and np.array_equal(ds.masks[i], r["mask"])
         assert np.array_equal(ds.K[i], r["K"]) and np.array_equal(ds.world_to_camera[i], r["world_to_camera"])
+        assert ds.identities[i] == i
     assert ds.sources[2] == {"file": "img2.png", "identity": 2, "reprojection_error_px": 1.0}
-    assert json.loads((tmp_path / "skipped.json").read_text()) == skipped
-    assert not (tmp_path / "heldout").exists()
+    assert json.loads((tmp_path / "cache" / "skipped.json").read_text()) == [
+        {"file": "bad.txt", "reason": "not_an_image", "detail": "x"}]
+    assert not (tmp_path / "cache" / "heldout").exists()
     with pytest.raises(CacheError, match="no held-out split"):
-        PreparedDataset(tmp_path, split="heldout")
+        PreparedDataset(tmp_path / "cache", split="heldout")
 
 
 def test_missing_cache_and_missing_manifest(tmp_path):
