@@ -28,77 +28,31 @@ from dataset.cache import CacheError, LockedError, atomic_write_json, directory_
 from models.checkpoint import CheckpointError, read_checkpoint, read_newest_checkpoint
 from models.distributed import launched_by_torchrun, world
 from models.field_backend import choose_field_backend
+from models.step_timing import profile_steps
 from models.train_config import (
     RESUMABLE,
     build_parser,
     check_resume_compatible,
-    flag_name,
-    preset_config,
     resolve_config,
 )
-from models.trainer import NullTimer, StopRequest, Trainer
-
-# The pieces tests and benchmarks drive directly (``train.main`` is the entry point).
-__all__ = ["NullTimer", "Trainer", "flag_name", "main", "prepare_cache", "preset_config"]
+from models.trainer import StopRequest, Trainer
 
 
 def prepare_cache(data: dict, given: set[str] = frozenset(), rebuild: bool = False,
                   verbose: bool = True) -> Path:
-    """Open the prepared cache ``data`` names (or prepare it) and update ``data`` to what it holds.
-
-    An existing complete cache is trained on as prepared; a flag in ``given`` that contradicts it is one
-    sentence (see ``dataset.prepare.cache_for_training``).
-    """
-    from dataset.prepare import CacheMismatch, cache_for_training
+    """``dataset.prepare.training_cache``, with its refusals as one sentence and exit status 1."""
+    from dataset.prepare import CacheMismatch, training_cache
     from dataset.sources import DataRootError
 
     try:
-        cache, prepared = cache_for_training(data["cache"], data, given, rebuild, verbose)
+        return training_cache(data, given, rebuild, verbose)
     except (CacheMismatch, DataRootError, CacheError) as err:
         raise SystemExit(str(err)) from None
-    data.update(prepared, cache=str(cache.resolve()))
-    return cache
 
 
 def parse_nan_steps(text: str) -> set[int]:
     """'3,4,5' -> {3, 4, 5} (debug fault injection)."""
     return {int(s) for s in text.replace(" ", "").split(",") if s}
-
-
-def profile_training(trainer: Trainer, n_steps: int, run_dir: Path) -> dict[str, float]:
-    """``--profile N``: N steps under the Taichi kernel profiler and torch.profiler; print one table."""
-    from models.step_timing import PhaseTimer, TimedField, breakdown_table
-    from renderer.profiling import profile
-
-    warmup = 2  # compiles the Taichi kernels and warms torch's allocator outside the measurement
-    for _ in range(warmup):
-        trainer.train_step()
-    timer = PhaseTimer(trainer.device)
-    trainer.timer = timer
-    timed = TimedField(trainer.module.field, timer)
-    trainer.module.field = timed
-    trace = run_dir / "profile_trace.json"
-    rays = 0
-    try:
-        with profile(trace_path=trace, print_table=False) as prof:
-            for _ in range(n_steps):
-                with timer.phase("step"):
-                    metrics = trainer.train_step()
-                timed.collect_backward()
-                rays = metrics["rays"] if metrics else rays
-    finally:
-        trainer.module.field = timed.field
-        trainer.timer = NullTimer()
-    per_step = timer.per_step()
-    per_step["renderer forward"] = per_step.pop("forward") - per_step.get("field forward", 0.0)
-    per_step["renderer backward"] = per_step.pop("backward") - per_step.get("field backward", 0.0)
-    print(f"[profile] {n_steps} steps after {warmup} warm-up steps; Taichi arch {trainer.backend.arch}, "
-          f"torch device {trainer.device}")
-    print(breakdown_table(per_step, rays))
-    print("\nrenderer kernels (Taichi kernel profiler) and top torch operators (torch.profiler), all steps:")
-    print(prof.table())
-    print(f"[profile] Chrome trace: {trace}")
-    return per_step
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -213,7 +167,7 @@ def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, field_
     trainer = Trainer(config, run_dir, backend, resume_payload, parse_nan_steps(args.debug_nan_steps),
                       field_backend, write_preview)
     if args.profile > 0:
-        profile_training(trainer, args.profile, run_dir)
+        profile_steps(trainer, args.profile, run_dir / "profile_trace.json")
         return run_dir
     with StopRequest() as stop:
         reason = trainer.run(stop)

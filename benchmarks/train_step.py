@@ -24,26 +24,14 @@ import torch
 
 import renderer
 import renderer.reference
-import train
 from dataset.cache import atomic_write_json
-from models.step_timing import PhaseTimer, TimedField, breakdown_table
+from dataset.prepare import training_cache
+from models.step_timing import PhaseTimer, TimedField, breakdown_table, timed_step
+from models.train_config import preset_config
+from models.trainer import NullTimer, Trainer
 
 
-def timed_step(trainer: train.Trainer, timed: TimedField) -> tuple[dict[str, float], int]:
-    """One step with every phase timed: ({phase: seconds}, rays)."""
-    timer = PhaseTimer(trainer.device)
-    timed.timer = timer
-    trainer.timer = timer
-    with timer.phase("step"):
-        metrics = trainer.train_step()
-    timed.collect_backward()
-    per = timer.per_step()
-    per["renderer forward"] = per.pop("forward") - per.get("field forward", 0.0)
-    per["renderer backward"] = per.pop("backward") - per.get("field backward", 0.0)
-    return per, metrics["rays"]
-
-
-def measure(trainer: train.Trainer, variants: dict, steps: int, warmup: int) -> dict[str, list[dict]]:
+def measure(trainer: Trainer, variants: dict, steps: int, warmup: int) -> dict[str, list[dict]]:
     """Per-step phase times for each renderer variant, alternating variants step by step so that a
     change in machine load (a shared machine) hits both alike."""
     samples: dict[str, list[dict]] = {name: [] for name in variants}
@@ -59,7 +47,7 @@ def measure(trainer: train.Trainer, variants: dict, steps: int, warmup: int) -> 
     finally:
         trainer.module.field = timed.field
         trainer.module.ops = renderer
-        trainer.timer = train.NullTimer()
+        trainer.timer = NullTimer()
     return samples
 
 
@@ -84,11 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     backend = renderer.init_backend(args.arch, "cpu")
-    config = train.preset_config("cpu")
+    config = preset_config("cpu")
     config["data"]["cache"] = args.cache
-    config["data"]["cache"] = str(train.prepare_cache(config["data"]))
+    config["optim"]["decay_steps"] = config["run"]["steps"]  # as train.py resolves it
+    training_cache(config["data"])
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = train.Trainer(config, Path(run_dir), backend, None, set())
+        trainer = Trainer(config, Path(run_dir), backend, None, set())
         variants = {"taichi": renderer, "reference": renderer.reference}
         measured = measure(trainer, variants, args.steps, args.warmup)
     results = {}

@@ -256,6 +256,19 @@ def generate_synthetic(out_dir: str | Path, config: SyntheticConfig | None = Non
                           verbose=False)
 
 
+def training_cache(data: dict, given: set[str] = frozenset(), rebuild: bool = False,
+                   verbose: bool = True) -> Path:
+    """Open the prepared cache a training config's ``data`` section names (or prepare it), and update
+    ``data`` to what it holds (dataset, data root, resolution, identities; ``cache`` resolved).
+
+    An existing complete cache is trained on as prepared; a flag in ``given`` that contradicts it raises
+    CacheMismatch (see ``cache_for_training``). Returns the cache directory.
+    """
+    cache, prepared = cache_for_training(data["cache"], data, given, rebuild, verbose)
+    data.update(prepared, cache=str(cache.resolve()))
+    return cache
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; every flag's help shows its default (the cpu preset's, unless --preset says otherwise)."""
     cpu, paper = PrepareConfig.cpu(), PrepareConfig.paper()

@@ -1,7 +1,7 @@
 """Where a training step's time goes: data, field forward/backward, renderer, loss, optimiser.
 
-Used by ``train.py --profile N`` (with the renderer's Taichi kernel profiler and torch.profiler) and by
-``benchmarks/train_step.py``.
+``profile_steps`` is ``train.py --profile N`` (with the renderer's Taichi kernel profiler and
+torch.profiler); ``timed_step`` is one measured step, which ``benchmarks/train_step.py`` repeats.
 
 Field forward time is measured around each call of the field. Field backward time is measured with two
 identity autograd functions placed around the field's outputs and inputs: the backward pass reaches the
@@ -119,3 +119,52 @@ def breakdown_table(per_step: dict[str, float], rays_per_step: int,
     lines.append(f"rays/s: {rays_per_step / total:,.0f}   share of the step outside the field MLP: "
                  f"{1 - mlp:.1%}")
     return "\n".join(lines)
+
+
+def timed_step(trainer, timed: TimedField) -> tuple[dict[str, float], int]:
+    """One ``trainer.train_step()`` with every phase timed: ({phase: seconds}, rays).
+
+    ``timed`` wraps ``trainer.module.field``; the renderer's share is the forward/backward time left
+    after the field's own.
+    """
+    timer = PhaseTimer(trainer.device)
+    timed.timer = timer
+    trainer.timer = timer
+    with timer.phase("step"):
+        metrics = trainer.train_step()
+    timed.collect_backward()
+    per = timer.per_step()
+    per["renderer forward"] = per.pop("forward") - per.get("field forward", 0.0)
+    per["renderer backward"] = per.pop("backward") - per.get("field backward", 0.0)
+    return per, metrics["rays"]
+
+
+def profile_steps(trainer, n_steps: int, trace_path, warmup: int = 2) -> dict[str, float]:
+    """``n_steps`` timed steps under the Taichi kernel profiler and torch.profiler, after ``warmup``
+    steps that compile the kernels; prints the phase table and the kernel table, writes a Chrome trace
+    to ``trace_path``, and returns the mean seconds per phase."""
+    from models.trainer import NullTimer
+    from renderer.profiling import profile
+
+    for _ in range(warmup):
+        trainer.train_step()
+    timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
+    trainer.module.field = timed
+    steps, rays = [], 0
+    try:
+        with profile(trace_path=trace_path, print_table=False) as prof:
+            for _ in range(n_steps):
+                per, rays = timed_step(trainer, timed)
+                steps.append(per)
+    finally:
+        trainer.module.field = timed.field
+        trainer.timer = NullTimer()
+    per_step = {name: sum(s.get(name, 0.0) for s in steps) / len(steps) for name in steps[0]}
+    print(f"[profile] {n_steps} steps after {warmup} warm-up steps; Taichi arch {trainer.backend.arch}, "
+          f"torch device {trainer.device}")
+    print(breakdown_table(per_step, rays))
+    print("\nrenderer kernels (Taichi kernel profiler) and top torch operators (torch.profiler), all steps:")
+    print(prof.table())
+    print(f"[profile] Chrome trace: {trace_path}")
+    return per_step
+

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 from test_train import TINY, metrics, params
-from tiny_run import restore_arch, train_in_process
+from tiny_run import train_in_process
 
 from models.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint
 from models.field_backend import as_backend, choose_field_backend
 from models.taichi_field import TaichiField
 from renderer.backend import started_arch
 from renderer.vulkan_probe import VulkanDevice
+
+pytestmark = pytest.mark.usefixtures("keep_taichi_arch")  # every test leaves the arch it found
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +81,10 @@ def test_training_with_the_taichi_field_learns_and_its_checkpoint_loads_in_torch
 
 def test_resume_with_the_taichi_field_is_exact(cache, tmp_path):
     """2N steps == N + resumed N with --field-backend taichi (x64), to 1e-5."""
-    previous = started_arch()
     flags = ("--field-backend", "taichi", "--optim-decay-steps", "10")  # one schedule for both runs
-    try:
-        whole = _train(tmp_path / "whole", cache, "--steps", "10", *flags)
-        half = _train(tmp_path / "half", cache, "--steps", "5", *flags)
-        resumed = train_in_process(["--out", str(half), "--resume", "--steps", "10", "--arch", "cpu", *flags])
-    finally:
-        restore_arch(previous)
+    whole = _train(tmp_path / "whole", cache, "--steps", "10", *flags)
+    half = _train(tmp_path / "half", cache, "--steps", "5", *flags)
+    resumed = train_in_process(["--out", str(half), "--resume", "--steps", "10", "--arch", "cpu", *flags])
     a, b = params(whole), params(resumed)
     assert a.keys() == b.keys()
     for key in a:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import restore_arch, train_in_process
+from tiny_run import train_in_process
 
 from models.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint
 from renderer.backend import started_arch
 
+pytestmark = pytest.mark.usefixtures("keep_taichi_arch")  # every test leaves the arch it found
 ROOT = Path(__file__).resolve().parents[1]
 # 8 identities at 32 px, 2 × 32 field, 16 + 16 samples, 8 × 2 × 32 = 512 rays per step.
 TINY = ["--device", "cpu", "--preset", "cpu", "--synthetic-identities", "8", "--resolution", "32",
@@ -75,14 +76,10 @@ def params(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_resume_is_exact(cache, tmp_path):
     """2N steps in one go == N steps, then --resume for N more (x64, CPU). The learning rate decays over
     the run's --steps unless told otherwise, so the N-step run is given the 2N-step run's schedule."""
-    previous = started_arch()
-    try:
-        whole = train(tmp_path / "whole", cache, "--steps", "12")
-        half = train(tmp_path / "half", cache, "--steps", "6", "--optim-decay-steps", "12")
-        assert read_checkpoint(latest_checkpoint(half))["step"] == 6
-        resumed = train_in_process(["--out", str(half), "--resume", "--steps", "12", "--arch", "cpu"])
-    finally:
-        restore_arch(previous)
+    whole = train(tmp_path / "whole", cache, "--steps", "12")
+    half = train(tmp_path / "half", cache, "--steps", "6", "--optim-decay-steps", "12")
+    assert read_checkpoint(latest_checkpoint(half))["step"] == 6
+    resumed = train_in_process(["--out", str(half), "--resume", "--steps", "12", "--arch", "cpu"])
     a, b = params(whole), params(resumed)
     assert a.keys() == b.keys()
     for key in a:
@@ -93,43 +90,35 @@ def test_resume_is_exact(cache, tmp_path):
 
 
 def test_incompatible_resume_is_refused(cache, tmp_path):
-    previous = started_arch()
-    try:
-        run_dir = train(tmp_path / "run", cache, "--steps", "2")
-        with pytest.raises(SystemExit, match=r"--field-depth 3 differs from the run's 2"):
-            train_in_process(["--out", str(run_dir), "--resume", "--field-depth", "3", "--arch", "cpu"])
-        other = tmp_path / "other_cache"
-        shutil.copytree(cache, other)
-        manifest = json.loads((other / "manifest.json").read_text())
-        manifest["fingerprint"] = "0" * 64
-        (other / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(SystemExit, match="different dataset"):
-            train_in_process(["--out", str(run_dir), "--resume", "--cache", str(other), "--arch", "cpu"])
-        with pytest.raises(SystemExit, match="already holds checkpoints"):
-            train(run_dir, cache, "--steps", "2")
-    finally:
-        restore_arch(previous)
+    run_dir = train(tmp_path / "run", cache, "--steps", "2")
+    with pytest.raises(SystemExit, match=r"--field-depth 3 differs from the run's 2"):
+        train_in_process(["--out", str(run_dir), "--resume", "--field-depth", "3", "--arch", "cpu"])
+    other = tmp_path / "other_cache"
+    shutil.copytree(cache, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["fingerprint"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="different dataset"):
+        train_in_process(["--out", str(run_dir), "--resume", "--cache", str(other), "--arch", "cpu"])
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train(run_dir, cache, "--steps", "2")
 
 
 def test_nan_steps_are_skipped_then_a_streak_stops_the_run(cache, tmp_path, capsys):
-    previous = started_arch()
-    try:
-        run_dir = train(tmp_path / "skip", cache, "--steps", "8", "--debug-nan-steps", "3,4")
-        rows = metrics(run_dir)
-        assert [r["step"] for r in rows if "skipped" in r] == [3, 4]
-        ckpt = load_checkpoint(latest_checkpoint(run_dir))
-        assert ckpt.step == 8
-        assert all(torch.isfinite(p).all() for p in ckpt.field.parameters())
-        assert "loss is NaN/inf, step skipped" in capsys.readouterr().err
+    run_dir = train(tmp_path / "skip", cache, "--steps", "8", "--debug-nan-steps", "3,4")
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows if "skipped" in r] == [3, 4]
+    ckpt = load_checkpoint(latest_checkpoint(run_dir))
+    assert ckpt.step == 8
+    assert all(torch.isfinite(p).all() for p in ckpt.field.parameters())
+    assert "loss is NaN/inf, step skipped" in capsys.readouterr().err
 
-        stop_dir = tmp_path / "stop"
-        with pytest.raises(SystemExit, match="NaN/inf for 3 steps in a row"):
-            train(stop_dir, cache, "--steps", "20", "--checkpoint-every", "2", "--max-bad-steps", "3",
-                  "--debug-nan-steps", ",".join(str(s) for s in range(5, 21)))
-        # The last checkpoint predates the failure and is intact.
-        assert load_checkpoint(latest_checkpoint(stop_dir)).step == 4
-    finally:
-        restore_arch(previous)
+    stop_dir = tmp_path / "stop"
+    with pytest.raises(SystemExit, match="NaN/inf for 3 steps in a row"):
+        train(stop_dir, cache, "--steps", "20", "--checkpoint-every", "2", "--max-bad-steps", "3",
+              "--debug-nan-steps", ",".join(str(s) for s in range(5, 21)))
+    # The last checkpoint predates the failure and is intact.
+    assert load_checkpoint(latest_checkpoint(stop_dir)).step == 4
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(cache, tmp_path, capsys):
@@ -179,20 +168,18 @@ def test_help_lists_every_config_flag(capsys):
         train.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for section, values in train.preset_config("cpu").items():
+    from models.train_config import flag_name, preset_config
+
+    for section, values in preset_config("cpu").items():
         for key in values:
-            assert train.flag_name(section, key) in text
+            assert flag_name(section, key) in text
     for flag in ("--out", "--preset", "--arch", "--device", "--resume", "--profile"):
         assert flag in text
     assert "--debug-nan-steps" not in text  # a test hook, not a user feature
 
 
 def test_profile_prints_breakdown_and_writes_trace(cache, tmp_path, capsys):
-    previous = started_arch()
-    try:
-        run_dir = train(tmp_path / "prof", cache, "--profile", "2")
-    finally:
-        restore_arch(previous)
+    run_dir = train(tmp_path / "prof", cache, "--profile", "2")
     out = capsys.readouterr().out
     for phase in ("data", "field forward", "renderer forward", "field backward", "renderer backward",
                   "optimiser", "composite_forward_lanes", "share of the step outside the field MLP"):
@@ -208,11 +195,8 @@ def test_learning_rate_decays_over_the_run_and_resume_keeps_the_schedule(cache, 
     assert optim["decay_steps"] == 4  # the run's --steps (the cpu preset used to decay over 1,000)
     lrs = {r["step"]: r["lr"] for r in metrics(run_dir)}  # logged after the step: the next step's rate
     assert lrs[4] == pytest.approx(optim["lr_final"], rel=1e-6) and lrs[1] > lrs[2] > lrs[3] > lrs[4]
-    previous = started_arch()
-    try:  # a longer --steps on resume keeps the 4-step schedule the run started with
-        train_in_process(["--out", str(run_dir), "--resume", "--steps", "6", "--arch", "cpu"])
-    finally:
-        restore_arch(previous)
+    # a longer --steps on resume keeps the 4-step schedule the run started with
+    train_in_process(["--out", str(run_dir), "--resume", "--steps", "6", "--arch", "cpu"])
     assert json.loads((run_dir / "config.json").read_text())["optim"]["decay_steps"] == 4
     lrs = {r["step"]: r["lr"] for r in metrics(run_dir)}
     assert lrs[5] == pytest.approx(optim["lr_final"], rel=1e-6) == lrs[6]
