@@ -27,7 +27,7 @@ import torch
 from dataset.cache import CacheError, LockedError, atomic_write_json, directory_lock
 from models.checkpoint import CheckpointError, read_checkpoint, read_newest_checkpoint
 from models.distributed import launched_by_torchrun, world
-from models.field_backend import choose_field_backend
+from models.field_backend import choose_device_step, choose_field_backend
 from models.step_timing import profile_steps
 from models.train_config import (
     RESUMABLE,
@@ -90,6 +90,13 @@ def main(argv: list[str] | None = None) -> Path:
     field_backend, why = choose_field_backend(args.field_backend, backend.arch, backend.device)
     if rank == 0:
         print(f"[train] field MLP: {field_backend} ({why}).")
+    try:
+        device_step, why = choose_device_step(args.device_step, field_backend, backend.arch, backend.device,
+                                              world()[1])
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if rank == 0:
+        print(f"[train] training step: {'on the Taichi device' if device_step else 'torch tensors'} ({why}).")
     config, overrides, preset = resolve_config(args, backend.device.type)
     resume_payload, resume_source = None, None
     if args.resume:
@@ -136,8 +143,8 @@ def main(argv: list[str] | None = None) -> Path:
             prepare_cache(config["data"], given, verbose=False)
     try:
         with directory_lock(run_dir, wait=False, what="--out") if rank == 0 else contextlib.nullcontext():
-            return train_in(run_dir, config, overrides, args, backend, field_backend, resume_payload,
-                            resume_source)
+            return train_in(run_dir, config, overrides, args, backend, (field_backend, device_step),
+                            resume_payload, resume_source)
     except LockedError as err:
         raise SystemExit(str(err)) from None
     except PermissionError as err:
@@ -145,9 +152,12 @@ def main(argv: list[str] | None = None) -> Path:
                          "may write to.") from None
 
 
-def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, field_backend: str, resume_payload,
-             resume_source) -> Path:
-    """Everything after the run directory is locked: config.json, the loop, the report."""
+def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, implementation: tuple[str, bool],
+             resume_payload, resume_source) -> Path:
+    """Everything after the run directory is locked: config.json, the loop, the report.
+
+    ``implementation``: (field backend, whether the step stays on the Taichi device)."""
+    field_backend, device_step = implementation
     rank, _ = world()
     distributed = launched_by_torchrun()
     if resume_payload is not None:
@@ -165,7 +175,7 @@ def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, field_
     from export.preview import write_preview
 
     trainer = Trainer(config, run_dir, backend, resume_payload, parse_nan_steps(args.debug_nan_steps),
-                      field_backend, write_preview)
+                      field_backend, write_preview, device_step=device_step)
     if args.profile > 0:
         profile_steps(trainer, args.profile, run_dir / "profile_trace.json")
         return run_dir

@@ -21,7 +21,7 @@ from pathlib import Path
 from dataset.prepare import DATASETS
 from models.background import BackgroundConfig
 from models.field import FieldConfig
-from models.field_backend import FIELD_BACKENDS
+from models.field_backend import DEVICE_STEPS, FIELD_BACKENDS
 from models.latents import LatentConfig
 from models.losses import LossConfig
 from models.render import RenderConfig
@@ -254,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what evaluates the field MLP: torch, or Taichi kernels on the renderer's arch "
                              "(default auto: taichi on a Vulkan/Metal GPU that torch cannot use, else "
                              "torch; the start-up line says which and why; checkpoints load in either)")
+    parser.add_argument("--device-step", default="auto", choices=DEVICE_STEPS,
+                        help="keep the whole training step on the Taichi device (ti.ndarrays, Adam as a "
+                             "kernel; only the batch goes in and the loss comes out): on, off, or auto "
+                             "(default: on when the Taichi field runs on Vulkan/Metal with torch on the "
+                             "CPU, in one process); needs --field-backend taichi")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue from the latest checkpoint in --out, or from the given checkpoint "
                              "file or run directory")

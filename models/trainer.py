@@ -88,7 +88,7 @@ class Trainer:
 
     def __init__(self, config: dict, run_dir: Path, backend, resume_payload: dict | None,
                  nan_steps: set[int], field_backend: str = "torch",
-                 write_preview: Callable[[Trainer], Path] | None = None):
+                 write_preview: Callable[[Trainer], Path] | None = None, device_step: bool = False):
         self.config, self.run_dir, self.backend = config, run_dir, backend
         self.preview_writer = write_preview  # a callback: previews are images, made outside models/
         self.device = backend.device
@@ -144,6 +144,22 @@ class Trainer:
             self.restore(resume_payload)
         n_ids_preview = min(run["preview_identities"], len(self.owned))
         self.preview_ids = self.owned[:n_ids_preview]
+        # models.device_step: the step on ti.ndarrays; the torch modules are then synced only for
+        # checkpoints and previews (sync_to_torch).
+        self.device_step = None
+        if device_step:
+            from models.device_step import DeviceTrainStep
+
+            if self.world_size > 1:
+                raise ValueError("the device-resident step runs in one process only.")
+            self.device_step = DeviceTrainStep(self.field, self.background, self.latents, self.optimizers,
+                                               self.module.render_config, LossConfig(**config["loss"]))
+
+    def sync_to_torch(self) -> None:
+        """Bring the device-resident step's parameters and optimiser state into the torch modules (a
+        no-op on the torch path, where they live there already)."""
+        if self.device_step is not None:
+            self.device_step.to_torch()
 
     # ----- state -------------------------------------------------------------------------------------
     def restore(self, payload: dict) -> None:
@@ -170,6 +186,7 @@ class Trainer:
 
     def payload(self) -> dict | None:
         """Checkpoint payload on rank 0 (None elsewhere); collective: every rank must call it."""
+        self.sync_to_torch()
         table = gather_owned_rows(self.latents.codes)
         latent_opt = self.optimizers["latents"].state_dict()
         # state_dict() shares the live per-parameter dicts: build new ones, or the gathered rows of other
@@ -209,6 +226,8 @@ class Trainer:
     def train_step(self) -> dict | None:
         """Sample a batch, render it, take an optimiser step. Returns metrics, or None for a skipped step."""
         timer = self.timer
+        if self.device_step is not None:
+            return self.device_train_step()
         with timer.phase("data"):
             batch = {k: v.to(self.device) for k, v in self.sampler.sample().items()}
         with timer.phase("forward"):
@@ -239,11 +258,33 @@ class Trainer:
         metrics["rays"] = int(batch["rgb"].shape[0])
         return metrics
 
+    def device_train_step(self) -> dict | None:
+        """``train_step`` on the device-resident path: the batch goes in, the loss terms come out."""
+        with self.timer.phase("data"):
+            batch = self.sampler.sample()
+        self.device_step.timer = self.timer
+        self.device_step.transfers.reset()
+        terms = self.device_step.run(batch, self.ray_generator, poison=self.step + 1 in self.nan_steps)
+        if terms is None:
+            return None
+        for sch in self.schedulers.values():
+            sch.step()
+        self.timer.steps += 1
+        metrics = dict(terms)
+        metrics["psnr"] = psnr_from_mse(metrics["rgb"])
+        metrics["rays"] = int(batch["rgb"].shape[0])
+        metrics["bytes_to_device"] = self.device_step.transfers.uploaded
+        metrics["bytes_from_device"] = self.device_step.transfers.downloaded
+        return metrics
+
     # ----- outputs -----------------------------------------------------------------------------------
     def write_preview(self) -> Path | None:
         """The preview for the fixed identities (rank 0), by the ``write_preview`` the trainer was given
         (``export.preview.write_preview`` in train.py); None without one."""
-        return self.preview_writer(self) if self.preview_writer is not None else None
+        if self.preview_writer is None:
+            return None
+        self.sync_to_torch()
+        return self.preview_writer(self)
 
     def run(self, stop: StopRequest) -> str:
         """The training loop; returns why it ended: 'done', 'signal' or 'diverged'."""

@@ -62,10 +62,19 @@ def started_arch() -> str | None:
     return "cpu"
 
 
+_GENERATION = [0]  # bumped at every (re)start: arrays made by an earlier Taichi runtime are invalid
+
+
+def runtime_generation() -> int:
+    """How many times Taichi has been (re)started by this module; caches of ``ti.ndarray``s key on it."""
+    return _GENERATION[0]
+
+
 def _start(
     arch: str, kernel_profiler: bool = False, random_seed: int = 0, cpu_threads: int | None = None
 ) -> bool:
     """Start Taichi on ``arch``; True when it really runs there (not on Taichi's silent x64 fallback)."""
+    _GENERATION[0] += 1
     ti.reset()
     options = {"cpu_max_num_threads": cpu_threads} if cpu_threads else {}
     if arch == "cpu":
