@@ -4,7 +4,7 @@ On such a machine torch runs on the CPU, and every Taichi launch that takes a to
 to the device and back (docs/TAICHI.md, Torch interop). This step keeps everything in ``ti.ndarray``s
 from kernel to kernel: rays, samples, field inputs, activations and outputs, compositing weights, every
 gradient, the network parameters, the latent table and the optimisers' moments. Per step only the
-batch goes in (pixels, cameras, colours, masks, identity rows: 112 bytes a ray) and the three loss sums
+batch goes in (pixels, cameras, colours, masks, identity rows: 116 bytes a ray) and the three loss sums
 come out (12 bytes); ``transfers`` counts both.
 
     step = DeviceTrainStep(field, background, latents, optimizers, RenderConfig.cpu(), LossConfig())

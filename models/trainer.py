@@ -346,6 +346,9 @@ class Trainer:
                   "hard": metrics["hard"], "psnr": metrics["psnr"], "rays_per_s": metrics["rays_per_s"],
                   "step_s": seconds, "lr": self.optimizers["networks"].param_groups[0]["lr"],
                   "time": time.time()}
+        for key in ("bytes_to_device", "bytes_from_device"):  # the device-resident step's transfers
+            if key in metrics:
+                record[key] = metrics[key]
         log.write(json.dumps(record) + "\n")
         log.flush()
         if tb:

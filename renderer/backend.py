@@ -240,7 +240,24 @@ def to_kernel(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return tensor.detach().to(device=device, dtype=dtype).contiguous()
 
 
+class CopyCounter:
+    """Bytes of torch tensors that kernel launches hand to an arch that cannot read them in place (Vulkan,
+    Metal): Taichi copies each such argument to the device before the launch and back after it
+    (docs/TAICHI.md, Torch interop), so every byte counted here crossed the bus twice."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def reset(self) -> None:
+        self.bytes = 0
+
+
+TORCH_COPIES = CopyCounter()
+
+
 def launch(name: str, kernel, *args) -> None:
     """Run a Taichi kernel inside a ``renderer.<name>`` torch.profiler range (shows in Chrome traces)."""
+    if started_arch() in ("vulkan", "metal"):
+        TORCH_COPIES.bytes += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
     with torch.profiler.record_function(f"renderer.{name}"):
         kernel(*args)
