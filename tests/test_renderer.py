@@ -676,3 +676,48 @@ def test_sampling_kernels_take_taichi_ndarrays(arch):
     sampling.merge_kernel(t_2d, t_fine, merged, merged_order, (n_rays + 1) // 2)
     assert torch.equal(torch.from_numpy(merged.to_numpy()), expected[1])
     assert torch.equal(torch.from_numpy(merged_order.to_numpy()), expected[2])
+
+
+def test_composite_kernels_take_taichi_ndarrays(arch):
+    """The scalar compositing kernels run with every array argument a ``ti.ndarray`` and give, bit for
+    bit, the numbers of ``composite`` (which launches the same kernels here on every arch: 7 samples per
+    ray are no whole number of lanes)."""
+    import taichi as ti
+
+    from renderer.specs import GRAD_PER_RAY, PER_RAY
+
+    composite_module = importlib.import_module("renderer.composite")  # renderer.composite is the function
+
+    def nd(x: torch.Tensor):
+        array = ti.ndarray(ti.f32, tuple(x.shape))
+        array.from_numpy(x.contiguous().numpy())
+        return array
+
+    def back(array, shape):
+        return torch.from_numpy(array.to_numpy()).view(shape)
+
+    b = random_batch(13, 7, seed=3)
+    n_rays, n_samples = b["sigmas"].shape
+    flat = [nd(b[k].reshape(-1)) for k in ("sigmas", "rgbs", "t", "deltas")]
+    background = nd(b["background"])
+    weights, per_ray = ti.ndarray(ti.f32, (n_rays * n_samples,)), ti.ndarray(ti.f32, (n_rays, PER_RAY))
+    composite_module.composite_forward_kernel(*flat, background, weights, per_ray, n_samples)
+    upstream = upstream_for(n_rays, n_samples, seed=4)
+    grad_per_ray = nd(torch.cat([upstream[0], upstream[1][:, None], upstream[2][:, None]], 1))
+    assert grad_per_ray.shape == (n_rays, GRAD_PER_RAY)
+    grad_sigmas = ti.ndarray(ti.f32, (n_rays * n_samples,))
+    grad_rgbs = ti.ndarray(ti.f32, (n_rays * n_samples * 3,))
+    grad_background = ti.ndarray(ti.f32, (n_rays, 3))
+    composite_module.composite_backward_kernel(
+        flat[1], flat[2], flat[3], background, weights, per_ray, grad_per_ray, nd(upstream[3].reshape(-1)),
+        1, grad_sigmas, grad_rgbs, grad_background, n_samples,
+    )  # fmt: skip
+    out, grads = composite_with_grads(
+        renderer.composite, b["sigmas"], b["rgbs"], b["t"], b["deltas"], b["background"], upstream
+    )
+    per_ray_t = back(per_ray, (n_rays, PER_RAY))
+    got = [per_ray_t[:, :3], per_ray_t[:, 3], per_ray_t[:, 4], back(weights, (n_rays, n_samples)),
+           back(grad_sigmas, (n_rays, n_samples)), back(grad_rgbs, (n_rays, n_samples, 3)),
+           back(grad_background, (n_rays, 3))]  # fmt: skip
+    for g_, e in zip(got, (*out, *grads), strict=True):
+        assert torch.equal(g_, e)
