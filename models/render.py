@@ -8,7 +8,7 @@
 Each sample is evaluated by the network exactly once:
 1. coarse stratified samples -> field (with gradients);
 2. compositing of the detached coarse outputs gives the weights for importance sampling (no gradient);
-3. importance samples -> field (with gradients), the fine samples only. The same kernel pass
+3. importance samples -> field (with gradients), the fine samples only. The same call
    (``sample_importance_and_merge``) merges coarse + fine depths and gives the interval lengths; its
    ``order`` gathers the already computed sigma/rgb;
 4. ``renderer.composite`` over all samples, with gradients. The coarse pass has no loss of its own.
