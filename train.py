@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> Path:
             print("[train] --arch auto: torch has no CUDA, so the renderer runs on Taichi x64 beside the "
                   "CPU MLP; --arch vulkan uses a Vulkan GPU.")
     try:
-        backend = init_backend(arch, args.device, kernel_profiler=args.profile > 0,
-                                        random_seed=0, verbose=rank == 0)
+        from renderer.profiling import uses_kernel_profiler
+
+        backend = init_backend(arch, args.device,
+                               kernel_profiler=args.profile > 0 and uses_kernel_profiler(arch),
+                               random_seed=0, verbose=rank == 0)
     except (BackendUnavailableError, ValueError) as err:
         raise SystemExit(str(err)) from None
     if backend.device.type == "cuda" and distributed:

@@ -38,7 +38,7 @@ from models.losses import LossConfig
 from models.render import RenderConfig
 from models.taichi_background import TaichiBackground, background_backward, background_forward
 from models.taichi_field import FieldActivations, TaichiField, field_backward, field_forward
-from renderer.backend import launch, runtime_generation
+from renderer.backend import launch
 from renderer.composite import PER_RAY, composite_backward_kernel, composite_forward_kernel
 from renderer.device import (
     TransferLog,
@@ -52,10 +52,9 @@ from renderer.device import (
     scatter_add_rows_kernel,
     split_grads_kernel,
 )
-from renderer.lanes import LANES
 from renderer.optimizers import adam_update, sgd_update
 from renderer.rays import rays_kernel
-from renderer.sampling import deltas_kernel, importance_kernel, stratified_kernel
+from renderer.sampling import deltas_kernel, inverse_cdf_kernel, merge_binned_kernel, stratified_kernel
 from renderer.specs import draw_key, mix_key
 
 
@@ -80,7 +79,7 @@ class _Rendered(NamedTuple):
     width: int  # samples per ray after the merge
     coarse: _Evaluation
     fine: _Evaluation | None
-    order: ti.lang._ndarray.Ndarray | None  # (R, width): merged slot -> coarse index or n_coarse + fine
+    order: ti.lang._ndarray.Ndarray | None  # flat (R * width): slot -> coarse index, or n_coarse + fine
     rgb: ti.lang._ndarray.Ndarray  # flat merged per-sample colours
     t_all: ti.lang._ndarray.Ndarray
     deltas: ti.lang._ndarray.Ndarray
@@ -233,7 +232,6 @@ class DeviceTrainStep:
             )
         if len(self.table.params) != 1:
             raise ValueError("the latent optimiser must hold exactly the latent table.")
-        self._lanes, self._lanes_generation = None, None
         self.from_torch()
 
     # ----- state -------------------------------------------------------------------------------------
@@ -354,19 +352,16 @@ class DeviceTrainStep:
             weights_c_rows = ws.get("c.weights_rows", (n_rays, n_coarse))
             launch("layout", flat_to_rows_kernel, weights_c, weights_c_rows)
             t_fine = ws.get("t_fine", (n_rays, n_fine))
-            t_all_rows = ws.get("t_all_rows", (n_rays, width))
-            deltas_rows = ws.get("deltas_rows", (n_rays, width))
-            order = ws.get("order", (n_rays, width), ti.i64)
-            no_lanes = self._no_lanes()
-            launch("sample_importance_and_merge", importance_kernel, t_coarse_rows, weights_c_rows, near, far,
-                   mix_key(draw_key(generator)), 1, t_fine, True, t_all_rows, order, deltas_rows, False,
-                   no_lanes, no_lanes)  # fmt: skip
+            bins = ws.get("bins", (n_rays, n_fine), ti.i32)
+            launch("sample_importance", inverse_cdf_kernel, t_coarse_rows, weights_c_rows, near, far,
+                   mix_key(draw_key(generator)), 1, t_fine, bins)  # fmt: skip
+            t_all, deltas = ws.get("t_all", (n_rays * width,)), ws.get("deltas", (n_rays * width,))
+            order = ws.get("order", (n_rays * width,), ti.i64)
+            launch("sample_importance_and_merge", merge_binned_kernel, t_coarse_rows, t_fine, bins, far,
+                   t_all, order, deltas)  # fmt: skip
             fine = self._evaluate("f.", origins, directions, t_fine, identity, n_rays, n_fine)
             launch("merge_outputs", merge_outputs_kernel, order, coarse.acts.sigma, coarse.acts.rgb,
                    fine.acts.sigma, fine.acts.rgb, n_coarse, sigma, rgb)  # fmt: skip
-            t_all, deltas = ws.get("t_all", (n_rays * width,)), ws.get("deltas", (n_rays * width,))
-            launch("layout", rows_to_flat_kernel, t_all_rows, t_all)
-            launch("layout", rows_to_flat_kernel, deltas_rows, deltas)
         else:
             launch("layout", rows_to_flat_kernel, coarse.acts.sigma, sigma)
             launch("layout", rows_to_flat_kernel, coarse.acts.rgb, rgb)
@@ -438,10 +433,3 @@ class DeviceTrainStep:
             background_backward([p.value for p in self.bg_params], acts, codes, grad_bg, self._buffers("bg."),
                                 grads=[p.grad for p in self.bg_params], grad_latents=grad_codes)  # fmt: skip
             launch("scatter_codes", scatter_add_rows_kernel, grad_codes, identity, 1, table_grad)
-
-    def _no_lanes(self):
-        """Placeholder lane views for ``importance_kernel``'s x64-only lane pass (off here)."""
-        if self._lanes is None or self._lanes_generation != runtime_generation():
-            self._lanes = ti.Vector.ndarray(LANES, ti.f32, (1,))
-            self._lanes_generation = runtime_generation()
-        return self._lanes

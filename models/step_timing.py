@@ -176,13 +176,14 @@ def profile_steps(trainer, n_steps: int, trace_path, warmup: int = 2) -> dict[st
     print(f"[profile] {n_steps} steps after {warmup} warm-up steps; Taichi arch {trainer.backend.arch}, "
           f"torch device {trainer.device}")
     print(breakdown_table(per_step, rays))
-    print("\nrenderer kernels (Taichi kernel profiler) and top torch operators (torch.profiler), all steps:")
+    print("\nkernels (source taichi: Taichi's kernel profiler; sync: each launch timed between ti.sync() "
+          "calls, on Vulkan/Metal) and top torch operators (torch.profiler), all steps:")
     print(prof.table())
     path = "the device-resident step" if trainer.device_step is not None else "torch tensors"
     print(f"\nhost <-> device bytes per step ({path}, Taichi {trainer.backend.arch}; 0 where the arch "
           "reads torch tensors in place):")
     for what, total in copied.items():
-        print(f"  {what:<44} {total / n_steps / 1e6:>10.3f} MB")
+        print(f"  {what:<44} {total / n_steps:>14,.0f} bytes")
     print(f"[profile] Chrome trace: {trace_path}")
     return per_step
 

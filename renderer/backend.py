@@ -19,6 +19,7 @@ for each kernel and the results copied back; the chosen backend's ``reason`` say
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import taichi as ti
@@ -255,9 +256,33 @@ class CopyCounter:
 TORCH_COPIES = CopyCounter()
 
 
+class SyncTimes:
+    """Per-kernel wall time of launches bracketed by ``ti.sync()`` (``enabled`` while profiling on an arch
+    whose Taichi kernel profiler is not used, see ``renderer.profiling``): {name: [calls, seconds]}."""
+
+    def __init__(self):
+        self.enabled = False
+        self.totals: dict[str, list] = {}
+
+    def clear(self) -> None:
+        self.totals = {}
+
+
+SYNC_TIMES = SyncTimes()
+
+
 def launch(name: str, kernel, *args) -> None:
     """Run a Taichi kernel inside a ``renderer.<name>`` torch.profiler range (shows in Chrome traces)."""
     if started_arch() in ("vulkan", "metal"):
         TORCH_COPIES.bytes += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
     with torch.profiler.record_function(f"renderer.{name}"):
+        if not SYNC_TIMES.enabled:
+            kernel(*args)
+            return
+        ti.sync()
+        start = time.perf_counter()
         kernel(*args)
+        ti.sync()
+        entry = SYNC_TIMES.totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - start

@@ -38,7 +38,6 @@ Array = torch.Tensor | ti.lang._ndarray.Ndarray  # what the generic kernels' wra
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
 i64_1d = ti.types.ndarray(dtype=ti.i64, ndim=1)
-i64_2d = ti.types.ndarray(dtype=ti.i64, ndim=2)
 
 _TI_DTYPES = {np.dtype(np.float32): ti.f32, np.dtype(np.int64): ti.i64, np.dtype(np.int32): ti.i32}
 
@@ -165,16 +164,18 @@ def scatter_add_rows_kernel(rows: f32_2d, index: i64_1d, repeat: ti.i32, table: 
 
 @ti.kernel
 def merge_outputs_kernel(
-    order: i64_2d, sigma_a: f32_2d, rgb_a: f32_2d, sigma_b: f32_2d, rgb_b: f32_2d, n_a: ti.i32,
+    order: i64_1d, sigma_a: f32_2d, rgb_a: f32_2d, sigma_b: f32_2d, rgb_b: f32_2d, n_a: ti.i32,
     sigma: f32_1d, rgb: f32_1d,
 ):  # fmt: skip
-    """Merged slot (ray, k) takes source order[ray, k] of [a (R * n_a rows), b (R * n_b rows)]:
-    sigma_* (R * n, 1), rgb_* (R * n, 3) -> flat sigma (R * S), rgb (R * S * 3), S = n_a + n_b."""
-    width = order.shape[1]
+    """Merged slot i = ray * S + k takes source order[i] of [a (R * n_a rows), b (R * n_b rows)]:
+    order flat (R * S), sigma_* (R * n, 1), rgb_* (R * n, 3) -> flat sigma (R * S), rgb (R * S * 3),
+    S = n_a + n_b."""
+    n_rays = sigma_a.shape[0] // n_a
+    width = order.shape[0] // n_rays
     n_b = width - n_a
-    for ray, k in ti.ndrange(order.shape[0], width):
-        source = ti.cast(order[ray, k], ti.i32)
+    for ray, k in ti.ndrange(n_rays, width):
         i = ray * width + k
+        source = ti.cast(order[i], ti.i32)
         if source < n_a:
             row = ray * n_a + source
             sigma[i] = sigma_a[row, 0]
@@ -189,15 +190,16 @@ def merge_outputs_kernel(
 
 @ti.kernel
 def split_grads_kernel(
-    order: i64_2d, grad_sigma: f32_1d, grad_rgb: f32_1d, n_a: ti.i32,
+    order: i64_1d, grad_sigma: f32_1d, grad_rgb: f32_1d, n_a: ti.i32,
     grad_sigma_a: f32_2d, grad_rgb_a: f32_2d, grad_sigma_b: f32_2d, grad_rgb_b: f32_2d,
 ):  # fmt: skip
     """The inverse of ``merge_outputs_kernel`` for gradients (each source appears once in ``order``)."""
-    width = order.shape[1]
+    n_rays = grad_sigma_a.shape[0] // n_a
+    width = order.shape[0] // n_rays
     n_b = width - n_a
-    for ray, k in ti.ndrange(order.shape[0], width):
-        source = ti.cast(order[ray, k], ti.i32)
+    for ray, k in ti.ndrange(n_rays, width):
         i = ray * width + k
+        source = ti.cast(order[i], ti.i32)
         if source < n_a:
             row = ray * n_a + source
             grad_sigma_a[row, 0] = grad_sigma[i]
