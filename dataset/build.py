@@ -37,7 +37,7 @@ from dataset.cache import (
     write_split,
 )
 from dataset.config import PrepareConfig
-from dataset.sources import REASONS, DataRootError, ItemResult, skip
+from dataset.sources import REASONS, DataRootError, ItemResult, check_head_fit, head_fit_summary, skip
 
 ARRAY_KEYS = ("image", "mask", "depth", "K", "world_to_camera", *TRUTH_KEYS)
 
@@ -242,8 +242,11 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
         with_depth = "train_depth" in shard
         with_truth = "train_true_world_to_camera" in shard
     errors = [r["reprojection_error_px"] for m in metas for r in m["records"]["train"]]
+    fit = head_fit_summary([r["head_fit"] for m in metas for r in m["records"]["train"] if "head_fit" in r])
+    check_head_fit(fit)  # photos whose faces do not fit the render sphere: refused before anything is written
     manifest = complete_manifest({**manifest, "n_identities": len(identity),
-                                  "median_reprojection_error_px": float(np.median(errors))},
+                                  "median_reprojection_error_px": float(np.median(errors)),
+                                  **({"head_fit": fit} if fit else {})},
                                  counts, skipped, image_size)
     for split in reversed(SPLITS):  # heldout first: the top-level manifest comes last
         directory = split_dir(out_dir, split)

@@ -10,15 +10,18 @@ triangles with barycentric texture lookup; nothing here uses ``renderer/``):
 - **Shape.** Face Mesh's 468 3D landmarks of each base face (the model inside the pinned wheel), aligned
   by 3D similarity to their mean and put in head units by the same frame as the landmark template
   (``pose.make_template``: outer eye corners 1.2 apart, origin 1.4 behind the nose tip, face towards
-  -z, y down). An identity blends the six shapes with Dirichlet weights, scales each axis by a few per
-  cent and adds smooth random bumps.
+  -z, y down). An identity blends the shapes of the four calibration faces (astronaut, grace_hopper,
+  mirrored or not) with Dirichlet weights, scales each axis by a few per cent and adds smooth random
+  bumps. The cameraman lends only its texture: its Face Mesh (a 70-px face turned aside) disagrees with
+  the others' eye-nose-mouth geometry by about 10° of head rotation, which would make its truth frame
+  ambiguous.
 - **Triangles** (``face_triangles``): the 3-cliques of mediapipe's ``FACEMESH_TESSELATION`` edge list
-  (the few that are not faces of the surface, i.e. contain another vertex, are dropped); the eye and
-  mouth openings it leaves are closed by a fan around one added vertex each.
-- **Texture and colour.** One base face's photo, mapped through its own landmarks (vertex i takes the
-  photo's colour at its landmark i), times a per-identity skin tone; Lambertian shading under a
-  per-identity world light is baked per vertex, so a point has the same colour from every view. The
-  background is a random colour gradient with low-frequency noise.
+  (less the two separating 3-cycles that are not faces of the surface); the eye and mouth openings it
+  leaves are closed by a fan around one added vertex each.
+- **Texture and colour.** One of the six base faces' photos, drawn uniformly, mapped through its own
+  landmarks (vertex i takes the photo's colour at its landmark i), times a per-identity skin tone;
+  Lambertian shading under a per-identity world light is baked per vertex, so a point has the same
+  colour from every view. The background is a random colour gradient with low-frequency noise.
 - **Cameras** follow ``pose.conventions``: ``orbit_camera(yaw, pitch, CAMERA_DISTANCE)``, yaw in
   ±``max_yaw_deg`` (35°) and pitch in ±``max_pitch_deg`` (15°), ``default_intrinsics`` (focal
   2 × width, principal point at the centre).
@@ -48,6 +51,8 @@ from pose.conventions import CAMERA_DISTANCE, default_intrinsics, orbit_camera
 # Bump when the generator changes what it draws, so caches built by an older generator are rebuilt.
 GENERATOR_VERSION = 1
 N_MESH = 468  # Face Mesh landmarks (without the iris refinement)
+# The portraits the landmark template was derived from (pose.make_template.calibration_photos).
+CALIBRATION_PORTRAITS = ("astronaut", "grace_hopper")
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class BaseFace:
 class FaceIdentity:
     """One identity: vertices (V, 3) head units (468 Face Mesh points, then the hole-fill points),
     uv (V, 2) texture pixels, the texture photo (H, W, 3) float32, per-vertex shading (V,), skin tone
-    (3,), background parameters, and the base faces' blend weights (6,)."""
+    (3,), background parameters, and the base faces' shape weights (6,; the cameraman's are 0)."""
 
     vertices: np.ndarray
     uv: np.ndarray
@@ -152,14 +157,17 @@ def measure_mesh(image: np.ndarray) -> np.ndarray:
 def base_faces() -> tuple[BaseFace, ...]:
     """The six base faces (three portraits and their mirrors), in head units, measured once per process.
 
-    The meshes are aligned to their running mean by 3D similarity (generalised Procrustes, as
-    ``pose.make_template`` does), and the mean's canonical frame (``pose.make_template.canonical_frame``)
-    takes them all to head units, so the world frame is the landmark template's.
+    The world frame is the landmark template's: the portraits the template was derived from
+    (``pose.make_template.calibration_photos``: astronaut, grace_hopper and their mirrors) are aligned to
+    their running mean by 3D similarity (generalised Procrustes) exactly as ``pose.make_template`` does,
+    the mean's canonical frame takes it to head units, and every base face (the cameraman too) is
+    aligned by similarity to that mean.
     """
     from pose.make_template import apply, canonical_frame, similarity
 
     names, meshes, uvs, photos = [], [], [], []
-    for name, photo in portraits().items():
+    shipped = portraits()
+    for name, photo in shipped.items():
         for mirrored in (False, True):
             image = np.ascontiguousarray(photo[:, ::-1]) if mirrored else photo
             mesh = measure_mesh(image)
@@ -167,11 +175,12 @@ def base_faces() -> tuple[BaseFace, ...]:
             meshes.append(mesh)
             uvs.append(mesh[:, :2].copy())
             photos.append(image.astype(np.float32) / 255.0)
-    mean = meshes[0]
+    used = [i for i, name in enumerate(names) if name.split(" ")[0] in CALIBRATION_PORTRAITS]
+    mean = meshes[used[0]]
     for _ in range(3):
-        alignments = [similarity(mesh, mean) for mesh in meshes]
-        mean = np.mean([apply(a, m) for a, m in zip(alignments, meshes, strict=True)], axis=0)
+        mean = np.mean([apply(similarity(meshes[i], mean), meshes[i]) for i in used], axis=0)
     frame = canonical_frame(mean)
+    alignments = [similarity(mesh, mean) for mesh in meshes]
     return tuple(BaseFace(n, apply(frame @ a, m), uv, p)
                  for n, a, m, uv, p in zip(names, alignments, meshes, uvs, photos, strict=True))
 
@@ -263,7 +272,9 @@ def sample_identity(rng: np.random.Generator, shape_noise: float = 0.03) -> Face
     """Draw one identity: blended, perturbed shape; one portrait's texture; skin tone; light; background."""
     bases = base_faces()
     triangles, _ = face_triangles()
-    weights = rng.dirichlet(np.full(len(bases), 0.7))
+    shapes = [i for i, b in enumerate(bases) if b.name.split(" ")[0] in CALIBRATION_PORTRAITS]
+    weights = np.zeros(len(bases))
+    weights[shapes] = rng.dirichlet(np.full(len(shapes), 0.7))
     shape = np.tensordot(weights, np.stack([b.vertices for b in bases]), axes=1)
     shape = shape * np.array([rng.uniform(0.94, 1.06), rng.uniform(0.94, 1.06), rng.uniform(0.9, 1.1)])
     for _ in range(4):  # smooth bumps, mostly in depth
@@ -272,7 +283,7 @@ def sample_identity(rng: np.random.Generator, shape_noise: float = 0.03) -> Face
         amplitude = rng.normal(0.0, shape_noise)
         bump = np.exp(-np.sum((shape - centre) ** 2, axis=1) / (2 * sigma**2))
         shape = shape + amplitude * bump[:, None] * np.array([0.3, 0.3, 1.0])
-    texture_index = int(rng.choice(len(bases), p=weights))
+    texture_index = int(rng.integers(len(bases)))
     base = bases[texture_index]
     vertices = close_holes(shape)
     uv = close_holes(base.uv)
@@ -517,7 +528,7 @@ class FacesSource:
         """Render and prepare every view of one identity; a view whose renders MediaPipe never finds (or
         whose solve is always rejected) in ``max_attempts`` cameras is dropped, and with it the identity
         when it is the training view."""
-        from dataset.sources import ItemResult, skip
+        from dataset.sources import ItemResult, face_points, head_fit, skip
         from pose import NoFaceError, PoseRejectedError, prepare_photo
 
         config = self.config
@@ -551,6 +562,7 @@ class FacesSource:
                     "source": f"faces/{item}/view_{view:02d}",
                     "reprojection_error_px": round(float(photo.reprojection_error_px), 4),
                     "pose": photo.info,
+                    "head_fit": head_fit(face_points(photo.landmarks), photo.K, photo.world_to_camera),
                     "true_yaw_pitch_deg": [round(yaw, 4), round(pitch, 4)],
                     "texture": identity.texture_name,
                     "render_attempts": attempt + 1,

@@ -90,6 +90,17 @@ def format_summary(cache_dir: Path, up_to_date: bool = False) -> str:
         size = manifest.get("image_size", ["?"])[-1]
         lines.append(f"Median reprojection error: {manifest['median_reprojection_error_px']:.3f} px "
                      f"(at {size} px).")
+    head = manifest.get("head_fit")
+    if head:  # photo datasets: do the faces lie inside the render sphere at their solved cameras?
+        radii = (f"face radius median {head['median_face_radius']:.3g}, largest "
+                 f"{head['max_face_radius']:.3g}; render sphere {head['render_radius']:g}")
+        if head["outside_render_sphere"]:
+            lines.append(f"Head fit: {head['outside_render_sphere']} of {head['photos']} photos put the face "
+                         f"beyond the render sphere at their solved cameras ({radii}); they are marked "
+                         "\"fits\": false under head_fit in sources.json.")
+        else:
+            lines.append(f"Head fit: every face lies inside the render sphere at its solved camera "
+                         f"({radii}).")
     lines.append(f"Cache: {Path(cache_dir).resolve()}")
     return "\n".join(lines)
 
