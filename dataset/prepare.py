@@ -127,7 +127,7 @@ def prepare_dataset(name: str, data_root: str | Path | None, out_dir: str | Path
     in parallel (default: one per core when the source is big enough to repay a worker's start-up,
     else 1; 1 runs in this process).
     ``stop_after_chunks`` stops the build (raising ``BuildInterrupted``) after that many new chunks, as
-    an interruption would: for tests. ``data_root`` is None for "synthetic".
+    an interruption would: for tests. ``data_root`` is None for "synthetic" and "faces".
 
     >>> prepare_dataset("synthetic", None, "runs/cache/synthetic64")  # doctest: +SKIP
     PosixPath('runs/cache/synthetic64')
