@@ -26,6 +26,7 @@ import numpy as np
 from dataset.cache import (
     FORMAT_VERSION,
     SPLITS,
+    TRUTH_KEYS,
     atomic_save_npz,
     atomic_write_json,
     complete_manifest,
@@ -36,9 +37,9 @@ from dataset.cache import (
     write_split,
 )
 from dataset.config import PrepareConfig
-from dataset.sources import REASONS, DataRootError, ItemResult, skip
+from dataset.sources import REASONS, DataRootError, ItemResult, check_head_fit, head_fit_summary, skip
 
-ARRAY_KEYS = ("image", "mask", "depth", "K", "world_to_camera")
+ARRAY_KEYS = ("image", "mask", "depth", "K", "world_to_camera", *TRUTH_KEYS)
 
 
 class BuildInterrupted(RuntimeError):
@@ -239,9 +240,13 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
     with np.load(partial / f"chunk_{first:06d}.npz", allow_pickle=False) as shard:
         image_size = tuple(shard["train_image"].shape[1:3])
         with_depth = "train_depth" in shard
+        with_truth = "train_true_world_to_camera" in shard
     errors = [r["reprojection_error_px"] for m in metas for r in m["records"]["train"]]
+    fit = head_fit_summary([r["head_fit"] for m in metas for r in m["records"]["train"] if "head_fit" in r])
+    check_head_fit(fit)  # photos whose faces do not fit the render sphere: refused before anything is written
     manifest = complete_manifest({**manifest, "n_identities": len(identity),
-                                  "median_reprojection_error_px": float(np.median(errors))},
+                                  "median_reprojection_error_px": float(np.median(errors)),
+                                  **({"head_fit": fit} if fit else {})},
                                  counts, skipped, image_size)
     for split in reversed(SPLITS):  # heldout first: the top-level manifest comes last
         directory = split_dir(out_dir, split)
@@ -250,7 +255,7 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
                 remove_split(directory)
             continue
         write_split(directory, _split_chunks(partial, metas, split, identity), counts[split], image_size,
-                    with_depth)
+                    with_depth, with_truth)
         atomic_write_json(directory / "skipped.json", skipped if split == "train" else [])
         atomic_write_json(directory / "manifest.json", {**manifest, "split": split})
     return manifest
