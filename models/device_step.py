@@ -67,7 +67,7 @@ class _Evaluation:
     rows: int  # R * samples per ray
     per_ray: int  # samples per ray
     acts: FieldActivations
-    codes: ti.lang._ndarray.Ndarray  # (rows, L): each sample's latent code
+    codes: ti.lang._ndarray.Ndarray  # (R, L): each ray's latent code, read by its samples
     grad_sigma: ti.lang._ndarray.Ndarray | None = None
     grad_rgb: ti.lang._ndarray.Ndarray | None = None
 
@@ -276,17 +276,16 @@ class DeviceTrainStep:
         )
         return arrays
 
-    def _evaluate(self, prefix: str, origins, directions, t_rows, identity, n_rays: int,
+    def _evaluate(self, prefix: str, origins, directions, t_rows, codes, n_rays: int,
                   n_samples: int) -> _Evaluation:
-        """The field at ``n_samples`` depths (R, S) per ray, each sample reading its ray's code."""
-        ws, rows = self.ws, n_rays * n_samples
-        points = ws.get(prefix + "points", (rows, 3))
+        """The field at ``n_samples`` depths (R, S) per ray, each sample reading its ray's code (R, L)."""
+        rows = n_rays * n_samples
+        points = self.ws.get(prefix + "points", (rows, 3))
         launch("ray_points", ray_points_kernel, origins, directions, t_rows, points)
-        codes = ws.get(prefix + "codes", (rows, self.field.latent_dim))
-        launch("gather_codes", gather_rows_kernel, self.table.params[0].value, identity, n_samples, codes)
         values = [p.value for p in self.field_params]
         with self._phase("field forward"):
-            acts = field_forward(values, points, codes, self.field.spec(), self._buffers(prefix))
+            acts = field_forward(values, points, codes, self.field.spec(), self._buffers(prefix),
+                                 repeat=n_samples)
         return _Evaluation(prefix, rows, n_samples, acts, codes)
 
     # ----- one step ----------------------------------------------------------------------------------
@@ -334,7 +333,9 @@ class DeviceTrainStep:
                n_coarse)  # fmt: skip
         t_coarse_rows = ws.get("t_coarse_rows", (n_rays, n_coarse))
         launch("layout", flat_to_rows_kernel, t_coarse, t_coarse_rows)
-        coarse = self._evaluate("c.", origins, directions, t_coarse_rows, identity, n_rays, n_coarse)
+        codes = ws.get("codes", (n_rays, self.field.latent_dim))
+        launch("gather_codes", gather_rows_kernel, self.table.params[0].value, identity, 1, codes)
+        coarse = self._evaluate("c.", origins, directions, t_coarse_rows, codes, n_rays, n_coarse)
         sigma, rgb = ws.get("sigma", (n_rays * width,)), ws.get("rgb", (n_rays * width * 3,))
         fine = order = None
         if n_fine > 0:
@@ -359,7 +360,7 @@ class DeviceTrainStep:
             order = ws.get("order", (n_rays * width,), ti.i64)
             launch("sample_importance_and_merge", merge_binned_kernel, t_coarse_rows, t_fine, bins, far,
                    t_all, order, deltas)  # fmt: skip
-            fine = self._evaluate("f.", origins, directions, t_fine, identity, n_rays, n_fine)
+            fine = self._evaluate("f.", origins, directions, t_fine, codes, n_rays, n_fine)
             launch("merge_outputs", merge_outputs_kernel, order, coarse.acts.sigma, coarse.acts.rgb,
                    fine.acts.sigma, fine.acts.rgb, n_coarse, sigma, rgb)  # fmt: skip
         else:
@@ -367,22 +368,19 @@ class DeviceTrainStep:
             launch("layout", rows_to_flat_kernel, coarse.acts.rgb, rgb)
             t_all, deltas = t_coarse, ws.get("deltas", (n_rays * width,))
             launch("sample_deltas", deltas_kernel, t_coarse, far, deltas, n_coarse)
-        background, bg = self._background(directions, identity, n_rays)
+        background, bg = self._background(directions, codes, n_rays)
         weights, per_ray = ws.get("weights", (n_rays * width,)), ws.get("per_ray", (n_rays, PER_RAY))
         launch("composite_forward", composite_forward_kernel, sigma, rgb, t_all, deltas, background, weights,
                per_ray, width)  # fmt: skip
         return _Rendered(n_rays, width, coarse, fine, order, rgb, t_all, deltas, background, bg, weights,
                          per_ray)
 
-    def _background(self, directions, identity, n_rays: int) -> tuple:
+    def _background(self, directions, codes, n_rays: int) -> tuple:
         """(R, 3) background colours, and the network's (activations, codes) or None for a constant."""
-        ws = self.ws
-        background = ws.get("background", (n_rays, 3))
+        background = self.ws.get("background", (n_rays, 3))
         if not self.bg_params:
             launch("fill_background", fill_rows_kernel, self._bg_color, background)
             return background, None
-        codes = ws.get("bg.codes", (n_rays, self.field.latent_dim))
-        launch("gather_codes", gather_rows_kernel, self.table.params[0].value, identity, 1, codes)
         cfg = self.background.cfg
         acts = background_forward([p.value for p in self.bg_params], directions, codes, cfg.n_frequencies,
                                   cfg.include_input, self._buffers("bg."))  # fmt: skip
@@ -420,13 +418,12 @@ class DeviceTrainStep:
         table_grad = self.table.params[0].grad
         values, grads = [p.value for p in self.field_params], [p.grad for p in self.field_params]
         for evaluation in passes:
-            grad_codes = ws.get(evaluation.prefix + "grad_codes", (evaluation.rows, self.field.latent_dim))
+            grad_codes = ws.get(evaluation.prefix + "grad_codes", (n_rays, self.field.latent_dim))
             with self._phase("field backward"):
                 field_backward(values, evaluation.acts, evaluation.codes, evaluation.grad_sigma,
                                evaluation.grad_rgb, self.field.spec(), self._buffers(evaluation.prefix),
-                               grads=grads, grad_latents=grad_codes)  # fmt: skip
-            launch("scatter_codes", scatter_add_rows_kernel, grad_codes, identity, evaluation.per_ray,
-                   table_grad)
+                               grads=grads, grad_latents=grad_codes, repeat=evaluation.per_ray)  # fmt: skip
+            launch("scatter_codes", scatter_add_rows_kernel, grad_codes, identity, 1, table_grad)
         if state.bg is not None:
             acts, codes = state.bg
             grad_codes = ws.get("bg.grad_codes", (n_rays, self.field.latent_dim))

@@ -51,15 +51,16 @@ def chunk_offsets(chunk_sizes: list[int], mode: str) -> list[int]:
     return offsets
 
 
-def layer_segments(hidden: Array | None, latents: Array, start: int, size: int, enc: Array) -> list[Segment]:
+def layer_segments(hidden: Array | None, latents: Array, start: int, size: int, enc: Array,
+                   repeat: int = 1) -> list[Segment]:
     """The input blocks of one layer, in ``ConditionedField``'s concatenation order.
 
-    Shapes: hidden (N, W) or None (first layer), latents (N, L), enc (N, E) -> segments of total
-    width W + size + E (or size + E). Example: layer 1 of the cpu preset reads
-    [hidden (64), latents[:, 16:32], enc (27)].
+    Shapes: hidden (N, W) or None (first layer), latents (N / repeat, L) (one code per ``repeat``
+    consecutive rows: a ray's samples), enc (N, E) -> segments of total width W + size + E (or
+    size + E). Example: layer 1 of the cpu preset reads [hidden (64), latents[:, 16:32], enc (27)].
     """
     segments = [] if hidden is None else [Segment(hidden)]
-    return [*segments, Segment(latents, start, size), Segment(enc)]
+    return [*segments, Segment(latents, start, size, repeat), Segment(enc)]
 
 
 class FieldSpec(NamedTuple):
@@ -89,11 +90,13 @@ def torch_buffers(name: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def field_forward(params: Sequence[Array], points: Array, latents: Array, spec: FieldSpec,
-                  buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers) -> FieldActivations:
+                  buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers,
+                  repeat: int = 1) -> FieldActivations:
     """The field's forward pass on torch tensors or ``ti.ndarray``s alike.
 
     Shapes: params as ``TaichiField.parameter_list`` (weight (O, K), bias (O,) per layer, then the
-    density and colour heads), points (N, 3), latents (N, L) -> ``FieldActivations``. ``buffers(name,
+    density and colour heads), points (N, 3), latents (N / repeat, L): row n of the points reads code
+    n // repeat (a ray's samples share its code, never copied) -> ``FieldActivations``. ``buffers(name,
     shape)`` provides every array written (a ``renderer.device.Workspace``'s ``get`` keeps them on the
     device between steps).
     """
@@ -104,7 +107,8 @@ def field_forward(params: Sequence[Array], points: Array, latents: Array, spec: 
     hiddens, hidden = [], None
     for i, (start, size) in enumerate(zip(spec.offsets, spec.sizes, strict=True)):
         weight, bias = params[2 * i], params[2 * i + 1]
-        hidden, _ = dense_forward(layer_segments(hidden, latents, start, size, enc), weight, bias, "relu",
+        segments = layer_segments(hidden, latents, start, size, enc, repeat)
+        hidden, _ = dense_forward(segments, weight, bias, "relu",
                                   out=buffers(f"hidden{i}", (n_rows, weight.shape[0])))
         hiddens.append(hidden)
     d = 2 * len(spec.sizes)
@@ -118,16 +122,17 @@ def field_forward(params: Sequence[Array], points: Array, latents: Array, spec: 
 def field_backward(params: Sequence[Array], acts: FieldActivations, latents: Array, grad_sigma: Array,
                    grad_rgb: Array, spec: FieldSpec,
                    buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers,
-                   grads: Sequence[Array] | None = None,
-                   grad_latents: Array | None = None) -> tuple[list[Array], Array | None]:
+                   grads: Sequence[Array] | None = None, grad_latents: Array | None = None,
+                   repeat: int = 1) -> tuple[list[Array], Array | None]:
     """Gradients of every parameter and of the latents, from grad_sigma (N, 1) and grad_rgb (N, 3).
 
     ``grads``: buffers shaped like ``params`` that the parameter gradients are ADDED to (None: new
-    zero-initialised tensors). ``grad_latents`` (N, L): a buffer the latent gradient is written to
-    (None: no latent gradient). Returns (parameter gradients, grad_latents).
+    zero-initialised tensors). ``grad_latents`` (N / repeat, L): a buffer the latent gradient is written
+    to, summed over each code's rows (None: no latent gradient). Returns (parameter gradients,
+    grad_latents).
     """
     hiddens = acts.hiddens
-    n_rows, n_hidden = latents.shape[0], len(hiddens)
+    n_rows, n_hidden = acts.enc.shape[0], len(hiddens)
     d = 2 * n_hidden
     last = hiddens[-1]
     width = last.shape[1]
@@ -148,12 +153,12 @@ def field_backward(params: Sequence[Array], acts: FieldActivations, latents: Arr
     for i in reversed(range(n_hidden)):
         hidden_in = hiddens[i - 1] if i > 0 else None
         start, size = spec.offsets[i], spec.sizes[i]
-        param_grads(2 * i, grad_pre, layer_segments(hidden_in, latents, start, size, acts.enc))
+        param_grads(2 * i, grad_pre, layer_segments(hidden_in, latents, start, size, acts.enc, repeat))
         hidden_width = 0 if hidden_in is None else width
         if grad_latents is not None:
             accumulate = spec.mode == "whole" and i != n_hidden - 1
             dense_grad_input(grad_pre, params[2 * i], hidden_width, size, out=grad_latents, out_start=start,
-                             accumulate=accumulate)
+                             accumulate=accumulate, repeat=repeat)
         if hidden_in is not None:  # two buffers in turn: the next layer's gradient never overwrites its input
             grad_pre = dense_grad_input(grad_pre, params[2 * i], 0, width, relu_gate=hidden_in,
                                         out=buffers(f"g_hidden{(n_hidden - i) % 2}", (n_rows, width)))
@@ -164,14 +169,14 @@ class TaichiFieldFunction(torch.autograd.Function):
     """Forward and hand-written backward of the field; ``params`` as ``TaichiField.parameter_list``."""
 
     @staticmethod
-    def forward(ctx, points, latents, spec, *params):
+    def forward(ctx, points, latents, spec, repeat, *params):
         out_device = latents.device
         latents_k = to_kernel(latents)
         weights = [to_kernel(p) for p in params]
-        acts = field_forward(weights, to_kernel(points), latents_k, spec)
+        acts = field_forward(weights, to_kernel(points), latents_k, spec, repeat=repeat)
         ctx.save_for_backward(latents_k, acts.enc, acts.sigma, acts.sigma_pre, acts.rgb, *acts.hiddens,
                               *weights)
-        ctx.spec = spec
+        ctx.spec, ctx.repeat = spec, repeat
         ctx.n_hidden = len(acts.hiddens)
         ctx.out_device = out_device
         ctx.latent_dtype = latents.dtype
@@ -183,18 +188,19 @@ class TaichiFieldFunction(torch.autograd.Function):
         latents, enc, sigma, sigma_pre, rgb = saved[:5]
         hiddens = saved[5 : 5 + ctx.n_hidden]
         weights = saved[5 + ctx.n_hidden :]
-        n_rows, device = latents.shape[0], kernel_device()
+        n_rows, device = enc.shape[0], kernel_device()
         grad_sigma = torch.zeros(n_rows, 1, device=device) if grad_sigma is None else to_kernel(grad_sigma)
         grad_rgb = torch.zeros(n_rows, 3, device=device) if grad_rgb is None else to_kernel(grad_rgb)
         acts = FieldActivations(sigma, rgb, sigma_pre, enc, list(hiddens))
         want_latents = ctx.needs_input_grad[1]
         grad_latents = torch.empty_like(latents) if want_latents else None
-        grads, grad_latents = field_backward(weights, acts, latents, grad_sigma.view(-1, 1), grad_rgb,
-                                             ctx.spec, grad_latents=grad_latents)
+        grads, grad_latents = field_backward(weights, acts, latents, grad_sigma.view(-1, 1),
+                                             grad_rgb.view(-1, 3), ctx.spec, grad_latents=grad_latents,
+                                             repeat=ctx.repeat)
         out = ctx.out_device
         grad_params = [g.to(out) for g in grads]
         grad_latents = grad_latents.to(out, ctx.latent_dtype) if want_latents else None
-        return None, grad_latents, None, *grad_params
+        return None, grad_latents, None, None, *grad_params
 
 
 class TaichiField(nn.Module):
@@ -229,20 +235,22 @@ class TaichiField(nn.Module):
 
         Shapes: points (N, 3), latents (N, L) -> (sigma (N,) >= 0, rgb (N, 3) in (0, 1)); or, as
         ``ConditionedField``, points (R, S, 3) with one code per ray, latents (R, L) -> (R, S), (R, S, 3)
-        (the kernels read one latent row per sample, so here the codes are expanded per sample).
+        (each sample's kernel thread reads its ray's code: ``Segment.repeat``, no per-sample copy).
         """
         if latents.shape[-1] != self.latent_dim:
             raise ValueError(f"latents have {latents.shape[-1]} values per row; this field expects "
                              f"{self.latent_dim}.")
         if points.dim() == 3 and latents.dim() == 2 and points.shape[0] == latents.shape[0]:
             n_rays, n_samples, _ = points.shape
-            codes = latents[:, None, :].expand(n_rays, n_samples, -1).reshape(n_rays * n_samples, -1)
-            sigma, rgb = self(points.reshape(-1, 3), codes)
+            if n_samples == 0:
+                return points.new_zeros(n_rays, 0), points.new_zeros(n_rays, 0, 3)
+            sigma, rgb = TaichiFieldFunction.apply(points.reshape(-1, 3), latents, self.spec(), n_samples,
+                                                   *self.parameter_list())
             return sigma.view(n_rays, n_samples), rgb.view(n_rays, n_samples, 3)
         if points.shape[:-1] != latents.shape[:-1] or points.shape[-1] != 3 or points.dim() != 2:
             raise ValueError(f"TaichiField needs points (N, 3) and latents (N, L); got "
                              f"{tuple(points.shape)} and {tuple(latents.shape)}.")
-        return TaichiFieldFunction.apply(points, latents, self.spec(), *self.parameter_list())
+        return TaichiFieldFunction.apply(points, latents, self.spec(), 1, *self.parameter_list())
 
     def spec(self) -> FieldSpec:
         """The configuration the kernels read (``field_forward`` / ``field_backward``)."""
