@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.atomic import write_json, write_text
 from export.arguments import add_arch_flag, add_field_backend_flag, at_least
 from export.inference import (
     load_model,
@@ -37,7 +38,7 @@ from export.inference import (
     use_field_backend,
 )
 from export.metrics import Lpips, depth_errors, lpips_status, psnr, ssim
-from export.outputs import OutputExistsError, claim_file, write_json, write_text
+from export.outputs import OutputExistsError, claim_file
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from renderer.backend import BackendUnavailableError
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dataset.cache import CacheError, LockedError, atomic_write_json, directory_lock
+from common.atomic import write_json
+from dataset.cache import CacheError, LockedError, directory_lock
 from models.checkpoint import CheckpointError, read_checkpoint, read_newest_checkpoint
 from models.distributed import launched_by_torchrun, world
 from models.field_backend import choose_field_backend
@@ -160,7 +161,7 @@ def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, field_
             raise SystemExit(f"The run is already at step {resume_payload['step']} of --steps "
                              f"{config['run']['steps']}; pass a larger --steps to train on.")
     if rank == 0:
-        atomic_write_json(run_dir / "config.json", config)
+        write_json(run_dir / "config.json", config)
 
     from export.preview import write_preview
 

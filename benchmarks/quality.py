@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import train
+    from common.atomic import write_json
     from evaluate import evaluate
     from export.inference import load_model, start_renderer
-    from export.outputs import write_json
     from models.checkpoint import CheckpointError, latest_checkpoint
 
     work = args.work or Path(tempfile.mkdtemp(prefix="lolnerf-quality-"))

@@ -24,7 +24,7 @@ import torch
 
 import renderer
 import renderer.reference
-from dataset.cache import atomic_write_json
+from common.atomic import write_json
 from dataset.prepare import training_cache
 from models.step_timing import PhaseTimer, TimedField, breakdown_table, timed_step
 from models.train_config import preset_config
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, summary)
+        write_json(path, summary)
         print(f"JSON: {path}")
     return summary
 

@@ -20,17 +20,15 @@ Payload (a plain dict of tensors, numbers, strings, lists and dicts):
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     ckpt.field, ckpt.background, ckpt.latents, ckpt.config, ckpt.step, ckpt.fingerprint, ckpt.render_config
 
-Writes go to a temporary file in the same directory, are fsync'ed, then ``os.replace``d over the target,
-so a write killed midway leaves every earlier checkpoint intact (the stray temp file is ignored and
-cleaned up by the next save).
+Writes go through ``common.atomic``: a temporary file with a unique name in the same directory, fsync'ed,
+then ``os.replace``d over the target (and the directory fsync'ed), so a write killed midway leaves every
+earlier checkpoint intact (the stray temp file is ignored and cleaned up by the next save).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.atomic import atomic_write, is_temp_name
 from models.background import BackgroundConfig, BackgroundField, background_spec, make_background
 from models.field import ConditionedField, FieldConfig
 from models.latents import LatentTable
@@ -49,7 +48,6 @@ FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 BEST_NAME = "best.pt"
-TEMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(Exception):
@@ -75,33 +73,8 @@ class LoadedCheckpoint:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """``torch.save`` through ``common.atomic`` (unique temp file beside ``path``, fsync, rename)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def model_description(field: ConditionedField, background: nn.Module | None, latents: LatentTable) -> dict:
@@ -268,8 +241,9 @@ class CheckpointKeeper:
     def save(self, payload: dict) -> Path:
         """Write ``step_<step>.pt`` (and ``best.pt`` when its metric improves), then prune old steps."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stray in self.directory.glob(TEMP_PREFIX + "*"):  # left by a write that was killed
-            stray.unlink(missing_ok=True)
+        for stray in self.directory.iterdir():
+            if is_temp_name(stray.name):  # left by a write that was killed
+                stray.unlink(missing_ok=True)
         path = save_checkpoint(self.directory / f"step_{payload['step']:08d}.pt", payload)
         metric = payload.get("metric")
         if metric is not None and (self.best_metric is None or metric < self.best_metric):

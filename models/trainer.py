@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.atomic import write_text
 from models.background import BackgroundConfig, make_background
 from models.checkpoint import CheckpointKeeper, checkpoint_payload
 from models.distributed import all_agree, gather_owned_rows, owned_identities, world
@@ -345,9 +345,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
         if entry.get("step", 0) <= step:
             kept.append(line)
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 class NullTimer:

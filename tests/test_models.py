@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import renderer
+from common.atomic import is_temp_name
 from models import (
     BackgroundConfig,
     BackgroundField,
@@ -325,10 +326,10 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path):
     assert latest_checkpoint(tmp_path) == first
     assert load_checkpoint(first).step == 1
     assert load_checkpoint(best).step == 1
-    strays = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    strays = [p for p in (tmp_path / "checkpoints").iterdir() if is_temp_name(p.name)]
     assert len(strays) == 2  # the half-written temp files, ignored by every reader
     keeper.save(make_payload(3, 0.4))  # the next save cleans them up
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if is_temp_name(p.name)]
 
 
 # ----- sharding ------------------------------------------------------------------------------------
