@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import train
     from common.atomic import write_json
-    from evaluate import evaluate
+    from export.evaluation import evaluate
     from export.inference import load_model, start_renderer
     from models.checkpoint import CheckpointError, latest_checkpoint
 
