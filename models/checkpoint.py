@@ -14,11 +14,13 @@ Payload (a plain dict of tensors, numbers, strings, lists and dicts):
     optimizers, schedulers             {name: state dict}
     step, metric                       int, float or None
     rng        {"torch", "python", ...}  (train.py adds the sampler's numpy state and its torch generator)
-    config     the run's full configuration as a plain dict (see train.py)
+    config     the run's full configuration, ``TrainConfig.to_json()`` (read back with ``from_json``, which
+               also reads the dicts earlier versions wrote)
     fingerprint  the dataset fingerprint (``PreparedDataset.fingerprint``)
 
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     ckpt.field, ckpt.background, ckpt.latents, ckpt.config, ckpt.step, ckpt.fingerprint, ckpt.render_config
+    ckpt.config.data.cache, ckpt.config.loss     # ckpt.config is a models.train_config.TrainConfig
 
 Writes go through ``common.atomic``: a temporary file with a unique name in the same directory, fsync'ed,
 then ``os.replace``d over the target (and the directory fsync'ed), so a write killed midway leaves every
@@ -42,6 +44,7 @@ from models.background import BackgroundConfig, BackgroundField, background_spec
 from models.field import ConditionedField, FieldConfig
 from models.latents import LatentTable
 from models.render import RenderConfig
+from models.train_config import TrainConfig
 
 CHECKPOINT_FORMAT = "lolnerf-checkpoint"
 FORMAT_VERSION = 1
@@ -58,13 +61,14 @@ class CheckpointError(Exception):
 class LoadedCheckpoint:
     """Modules rebuilt from a checkpoint (on ``map_location``, in eval mode) plus its metadata.
 
-    ``payload`` is the raw dict (optimiser/scheduler/RNG states) that ``train.py --resume`` needs.
+    ``config`` is the run's typed configuration (``render_config`` is ``config.render``); ``payload`` is
+    the raw dict (optimiser/scheduler/RNG states, the config as JSON) that ``train.py --resume`` needs.
     """
 
     field: ConditionedField
     background: nn.Module | None
     latents: LatentTable
-    config: dict
+    config: TrainConfig
     step: int
     fingerprint: str
     render_config: RenderConfig = dataclass_field(default_factory=RenderConfig)
@@ -101,7 +105,8 @@ def build_modules(model: dict) -> tuple[ConditionedField, nn.Module | None, Late
 
 def checkpoint_payload(*, field: ConditionedField, background: nn.Module | None, latents: LatentTable,
                        optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], step: int,
-                       rng: dict, config: dict, fingerprint: str, metric: float | None = None) -> dict:
+                       rng: dict, config: TrainConfig, fingerprint: str,
+                       metric: float | None = None) -> dict:
     """Assemble the checkpoint dict (tensors are moved to CPU so any device can load it)."""
     def cpu_state(module: nn.Module) -> dict:
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -118,7 +123,7 @@ def checkpoint_payload(*, field: ConditionedField, background: nn.Module | None,
         "step": int(step),
         "metric": None if metric is None else float(metric),
         "rng": rng,
-        "config": config,
+        "config": config.to_json(),
         "fingerprint": str(fingerprint),
     }
 
@@ -165,10 +170,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Loa
     modules = [m for m in (field, background, latents) if m is not None]
     for module in modules:
         module.to(map_location).eval()
-    render = payload["config"].get("render") if isinstance(payload["config"], dict) else None
-    render_config = RenderConfig(**render) if render else RenderConfig()
-    return LoadedCheckpoint(field, background, latents, payload["config"], payload["step"],
-                            payload["fingerprint"], render_config, Path(path), payload)
+    config = TrainConfig.from_json(payload["config"] if isinstance(payload["config"], dict) else {})
+    return LoadedCheckpoint(field, background, latents, config, payload["step"], payload["fingerprint"],
+                            config.render, Path(path), payload)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

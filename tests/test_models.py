@@ -41,6 +41,7 @@ from models.checkpoint import (
 )
 from models.distributed import gather_owned_rows, owned_range
 from models.field import latent_chunk_sizes
+from models.train_config import TrainConfig
 
 FOCAL, SIZE = 64.0, 32
 
@@ -234,7 +235,8 @@ def make_payload(step: int, metric: float | None = None, background=None) -> dic
     return checkpoint_payload(field=field, background=background, latents=latents,
                               optimizers={"networks": opt}, schedulers={"networks": sch}, step=step,
                               rng={"torch": torch.get_rng_state()},
-                              config={"render": {"n_coarse": 8, "n_fine": 4, "radius": 2.0}},
+                              config=TrainConfig.paper().with_values({("render", "n_coarse"): 8,
+                                                                      ("render", "n_fine"): 4}),
                               fingerprint="abc", metric=metric)
 
 
