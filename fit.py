@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import renderer
+from common.atomic import save_npy, write_json
 from export.arguments import add_arch_flag, add_field_backend_flag, at_least, positive_float
 from export.cameras import orbit_cameras, scale_intrinsics, yaw_cameras
 from export.inference import (
@@ -57,8 +58,6 @@ from export.outputs import (
     claim_dir,
     inside,
     output_name,
-    save_npy,
-    write_json,
 )
 from models import compute_losses, render_rays
 from models.checkpoint import CheckpointError, LoadedCheckpoint

@@ -24,28 +24,32 @@ from pathlib import Path
 
 import torch
 
-from dataset.cache import CacheError, LockedError, atomic_write_json, directory_lock
+from common.atomic import write_json
+from dataset.cache import CacheError, LockedError, directory_lock
 from models.checkpoint import CheckpointError, read_checkpoint, read_newest_checkpoint
 from models.distributed import launched_by_torchrun, world
 from models.field_backend import choose_device_step, choose_field_backend
 from models.step_timing import profile_steps
 from models.train_config import (
-    RESUMABLE,
+    DataConfig,
+    TrainConfig,
     build_parser,
     check_resume_compatible,
     resolve_config,
+    resume_config,
+    training_data,
 )
 from models.trainer import StopRequest, Trainer
 
 
-def prepare_cache(data: dict, given: set[str] = frozenset(), rebuild: bool = False,
-                  verbose: bool = True) -> Path:
-    """``dataset.prepare.training_cache``, with its refusals as one sentence and exit status 1."""
-    from dataset.prepare import CacheMismatch, training_cache
+def prepare_cache(data: DataConfig, given: set[str] = frozenset(), rebuild: bool = False,
+                  verbose: bool = True) -> DataConfig:
+    """``models.train_config.training_data``, with its refusals as one sentence and exit status 1."""
+    from dataset.prepare import CacheMismatch
     from dataset.sources import DataRootError
 
     try:
-        return training_cache(data, given, rebuild, verbose)
+        return training_data(data, given, rebuild, verbose)
     except (CacheMismatch, DataRootError, CacheError) as err:
         raise SystemExit(str(err)) from None
 
@@ -113,20 +117,16 @@ def main(argv: list[str] | None = None) -> Path:
                 path, resume_payload = read_newest_checkpoint(resume_source)
         except CheckpointError as err:
             raise SystemExit(f"Cannot resume: {err}") from None
-        saved = resume_payload["config"]
-        if args.preset and args.preset != saved.get("preset"):
+        saved = TrainConfig.from_json(resume_payload["config"])
+        if args.preset and args.preset != saved.preset:
             raise SystemExit(f"Cannot resume with --preset {args.preset}: the run was trained with the "
-                             f"{saved.get('preset')} preset; drop --preset to resume, or start a new run "
+                             f"{saved.preset} preset; drop --preset to resume, or start a new run "
                              "with another --out.")
-        config = {section: dict(values) if isinstance(values, dict) else values
-                  for section, values in saved.items()}
-        for (section, key), value in overrides.items():
-            if (section, key) in RESUMABLE:
-                config[section][key] = value
+        config = resume_config(saved, overrides)
         run_dir = Path(args.out) if args.out else path.parent.parent
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        default_dir = Path("runs") / f"{config['data']['dataset']}-{preset}-{stamp}"
+        default_dir = Path("runs") / f"{config.data.dataset}-{preset}-{stamp}"
         run_dir = Path(args.out) if args.out else default_dir
         if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*.pt")):
             raise SystemExit(f"{run_dir} already holds checkpoints; pass --resume to continue that run or "
@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None) -> Path:
     # The cache first (it has its own lock; preparing can take hours), so a refused data root leaves
     # no run directory behind.
     if rank == 0:
-        prepare_cache(config["data"], given, args.rebuild_cache)
+        config.data = prepare_cache(config.data, given, args.rebuild_cache)
     if distributed:
         torch.distributed.barrier()
         if rank != 0:  # the cache now exists: every other rank just opens it
-            prepare_cache(config["data"], given, verbose=False)
+            config.data = prepare_cache(config.data, given, verbose=False)
     try:
         with directory_lock(run_dir, wait=False, what="--out") if rank == 0 else contextlib.nullcontext():
             return train_in(run_dir, config, overrides, args, backend, (field_backend, device_step),
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> Path:
                          "may write to.") from None
 
 
-def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, implementation: tuple[str, bool],
-             resume_payload, resume_source) -> Path:
+def train_in(run_dir: Path, config: TrainConfig, overrides: dict, args, backend,
+             implementation: tuple[str, bool], resume_payload, resume_source) -> Path:
     """Everything after the run directory is locked: config.json, the loop, the report.
 
     ``implementation``: (field backend, whether the step stays on the Taichi device)."""
@@ -166,14 +166,14 @@ def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, implem
     if resume_payload is not None:
         from dataset import PreparedDataset
 
-        fingerprint = PreparedDataset(config["data"]["cache"]).fingerprint
-        check_resume_compatible(resume_payload["config"], overrides, fingerprint,
+        fingerprint = PreparedDataset(config.data.cache).fingerprint
+        check_resume_compatible(TrainConfig.from_json(resume_payload["config"]), overrides, fingerprint,
                                 resume_payload["fingerprint"], resume_source)
-        if config["run"]["steps"] <= resume_payload["step"] and not args.profile:
+        if config.run.steps <= resume_payload["step"] and not args.profile:
             raise SystemExit(f"The run is already at step {resume_payload['step']} of --steps "
-                             f"{config['run']['steps']}; pass a larger --steps to train on.")
+                             f"{config.run.steps}; pass a larger --steps to train on.")
     if rank == 0:
-        atomic_write_json(run_dir / "config.json", config)
+        write_json(run_dir / "config.json", config.to_json())
 
     from export.preview import write_preview
 
@@ -196,11 +196,11 @@ def train_in(run_dir: Path, config: dict, overrides: dict, args, backend, implem
 
 def diagnosis(trainer: Trainer) -> str:
     """One paragraph on why the loss went non-finite and what to try."""
-    run = trainer.config["run"]
-    return (f"Training stopped at step {trainer.step}: the loss was NaN/inf for {run['max_bad_steps']} steps "
-            f"in a row, so the weights no longer produce finite values. The last checkpoint in "
+    config = trainer.config
+    return (f"Training stopped at step {trainer.step}: the loss was NaN/inf for {config.run.max_bad_steps} "
+            f"steps in a row, so the weights no longer produce finite values. The last checkpoint in "
             f"{trainer.run_dir / 'checkpoints'} is from before the failure. Try a smaller --optim-lr-init "
-            f"(now {trainer.config['optim']['lr_init']}), check the dataset for NaN cameras or images, then "
+            f"(now {config.optim.lr_init}), check the dataset for NaN cameras or images, then "
             f"resume with --resume.")
 
 

@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import renderer
-from dataset.cache import atomic_write_json
-from dataset.prepare import training_cache
+from common.atomic import write_json
 from models.step_timing import PhaseTimer, TimedField, timed_step
-from models.train_config import preset_config
+from models.train_config import TrainConfig, training_data
 from models.trainer import NullTimer, Trainer
 from renderer.backend import TORCH_COPIES
 
@@ -76,10 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--steps must be at least 1 and --warmup at least 0.")
 
     backend = renderer.init_backend(args.arch, "cpu")
-    config = preset_config("cpu")
-    config["data"]["cache"] = args.cache
-    config["optim"]["decay_steps"] = config["run"]["steps"]  # as train.py resolves it
-    training_cache(config["data"])
+    config = TrainConfig.cpu()
+    config.data.cache = args.cache
+    config.optim.decay_steps = config.run.steps  # as train.py resolves it
+    config.data = training_data(config.data)
     with tempfile.TemporaryDirectory() as run_dir:
         trainers = {name: Trainer(config, Path(run_dir) / str(i), backend, None, set(), field_backend,
                                   device_step=device_step)
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, summary)
+        write_json(path, summary)
         print(f"JSON: {path}")
     return summary
 

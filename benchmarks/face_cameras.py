@@ -39,8 +39,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.atomic import write_json  # noqa: E402
 from dataset import faces  # noqa: E402 (after the sys.path line, so it runs from any directory)
-from dataset.cache import atomic_write_json  # noqa: E402
 from pose import NoFaceError, detect_landmarks, load_template, solve_camera, yaw_pitch_roll  # noqa: E402
 from pose.camera import project  # noqa: E402
 from pose.conventions import default_intrinsics, orbit_camera  # noqa: E402
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"|Δpitch| {r['pitch_abs_error_deg']:.2f}° |Δroll| {r['roll_abs_error_deg']:.2f}°, "
                   f"slopes yaw {r['yaw_slope']:.2f} pitch {r['pitch_slope']:.2f}, rejected {r['rejected']}")
     if args.json:
-        atomic_write_json(Path(args.json), report)
+        write_json(Path(args.json), report)
         print(f"wrote {args.json}")
     return 0
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{entry['speedup_vs_reference']:>13.2f}x"
             )
     if args.json:
-        from export.outputs import write_json
+        from common.atomic import write_json
 
         write_json(args.json, results)
     return results

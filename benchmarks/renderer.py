@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import renderer
-from dataset.cache import atomic_write_json
+from common.atomic import write_json
 from renderer import reference
 
 STAGES = ("stratified", "importance_merge", "composite_forward", "composite_backward")
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, report)
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     for failure in failures:
         print(f"agreement check FAILED: {failure}", file=sys.stderr)

@@ -24,10 +24,9 @@ import torch
 
 import renderer
 import renderer.reference
-from dataset.cache import atomic_write_json
-from dataset.prepare import training_cache
+from common.atomic import write_json
 from models.step_timing import PhaseTimer, TimedField, breakdown_table, timed_step
-from models.train_config import preset_config
+from models.train_config import TrainConfig, training_data
 from models.trainer import NullTimer, Trainer
 
 
@@ -72,10 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     backend = renderer.init_backend(args.arch, "cpu")
-    config = preset_config("cpu")
-    config["data"]["cache"] = args.cache
-    config["optim"]["decay_steps"] = config["run"]["steps"]  # as train.py resolves it
-    training_cache(config["data"])
+    config = TrainConfig.cpu()
+    config.data.cache = args.cache
+    config.optim.decay_steps = config.run.steps  # as train.py resolves it
+    config.data = training_data(config.data)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir), backend, None, set())
         variants = {"taichi": renderer, "reference": renderer.reference}
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, summary)
+        write_json(path, summary)
         print(f"JSON: {path}")
     return summary
 

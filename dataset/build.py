@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import save_npz, write_json
 from dataset.cache import (
     FORMAT_VERSION,
     SPLITS,
     TRUTH_KEYS,
-    atomic_save_npz,
-    atomic_write_json,
     complete_manifest,
     invalidate,
     remove_partial,
@@ -126,8 +125,8 @@ def process_chunk(task: tuple) -> tuple[int, int]:
             meta["records"][split].append({"item": item, **{k: v for k, v in record.items()
                                                             if k not in ARRAY_KEYS and k != "split"}})
     shard = Path(partial) / f"chunk_{index:06d}"
-    atomic_save_npz(shard.with_suffix(".npz"), **{k: np.stack(v) for k, v in arrays.items()})
-    atomic_write_json(shard.with_suffix(".json"), meta)  # written last: its presence marks the shard done
+    save_npz(shard.with_suffix(".npz"), **{k: np.stack(v) for k, v in arrays.items()})
+    write_json(shard.with_suffix(".json"), meta)  # written last: its presence marks the shard done
     return index, len(items)
 
 
@@ -142,7 +141,7 @@ def _prepare_partial(partial: Path, cache_fp: str, chunk_size: int) -> None:
         pass
     remove_partial(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(state_path, state)
+    write_json(state_path, state)
 
 
 def run_chunks(source, data_root: Path, items: list[str], config: PrepareConfig, partial: Path,
@@ -232,7 +231,7 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
     counts = {split: sum(1 for m in metas for r in m["records"][split] if r["item"] in identity)
               for split in SPLITS}
     if counts["train"] == 0:
-        atomic_write_json(out_dir / "skipped.json", skipped)
+        write_json(out_dir / "skipped.json", skipped)
         by_reason = {reason: sum(1 for s in skipped if s["reason"] == reason) for reason in REASONS}
         raise DataRootError(f"No usable image in {manifest['source']['data_root']}: skipped "
                             f"{ {k: v for k, v in by_reason.items() if v} }; see {out_dir / 'skipped.json'}.")
@@ -256,8 +255,8 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
             continue
         write_split(directory, _split_chunks(partial, metas, split, identity), counts[split], image_size,
                     with_depth, with_truth)
-        atomic_write_json(directory / "skipped.json", skipped if split == "train" else [])
-        atomic_write_json(directory / "manifest.json", {**manifest, "split": split})
+        write_json(directory / "skipped.json", skipped if split == "train" else [])
+        write_json(directory / "manifest.json", {**manifest, "split": split})
     return manifest
 
 

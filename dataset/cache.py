@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import atomic_path, save_npy, save_npz, write_json
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "heldout")
 TRUTH_KEYS = ("true_mask", "true_depth", "true_K", "true_world_to_camera")  # record keys of the truth
@@ -43,15 +45,6 @@ SPLIT_FILES = ("manifest.json", "images.npy", "masks.npy", "cameras.npz", "ident
 
 class CacheError(RuntimeError):
     """A prepared cache that cannot be read: missing, incomplete, corrupt or from a newer format."""
-
-
-def _json_default(value):
-    """numpy scalars and arrays inside records (fit summaries) become plain JSON numbers and lists."""
-    if isinstance(value, np.generic | np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 class LockedError(RuntimeError):
@@ -91,33 +84,6 @@ def directory_lock(directory: Path, wait: bool, what: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    """Write JSON to ``path`` via a temp file and os.replace, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
-    os.replace(tmp, path)
-
-
-def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez to ``path`` via a temp file and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to ``path`` via a temp file and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def split_dir(cache_dir: Path, split: str) -> Path:
     """``cache_dir`` for the training split, ``cache_dir/heldout`` for the held-out views."""
     if split not in SPLITS:
@@ -145,9 +111,18 @@ def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tup
     if with_truth:
         shapes["true_depths"] = ((n, height, width), np.float32)
         shapes["true_masks"] = ((n, height, width), np.uint8)
-    temps = {name: directory / f".{name}.npy.tmp" for name in shapes}
-    maps = {name: np.lib.format.open_memmap(temps[name], mode="w+", dtype=dtype, shape=shape)
-            for name, (shape, dtype) in shapes.items()}
+    with contextlib.ExitStack() as moves:  # each temp file is moved into place when the stack closes
+        temps = {name: moves.enter_context(atomic_path(directory / f"{name}.npy")) for name in shapes}
+        maps = {name: np.lib.format.open_memmap(temps[name], mode="w+", dtype=dtype, shape=shape)
+                for name, (shape, dtype) in shapes.items()}
+        _fill_split(maps, chunks, n, directory, with_depth, with_truth)
+    if not with_depth and (directory / "depths.npy").exists():
+        (directory / "depths.npy").unlink()
+
+
+def _fill_split(maps: dict, chunks: Iterable[dict], n: int, directory: Path, with_depth: bool,
+                with_truth: bool) -> None:
+    """Copy the chunks into the memmaps and write the small per-image files (``write_split``)."""
     Ks, world_to_cameras, identities, sources, true_Ks, true_world_to_cameras = [], [], [], [], [], []
     start = 0
     for chunk in chunks:
@@ -172,21 +147,17 @@ def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tup
         raise RuntimeError(f"internal error: expected {n} images for {directory}, got {start}")
     for array in maps.values():
         array.flush()
-    maps.clear()  # drop the memmaps before moving their files
-    for name, tmp in temps.items():
-        os.replace(tmp, directory / f"{name}.npy")
-    if not with_depth and (directory / "depths.npy").exists():
-        (directory / "depths.npy").unlink()
+    maps.clear()  # drop the memmaps before their files are moved
     if with_truth:
-        atomic_save_npz(directory / "true_cameras.npz", K=np.concatenate(true_Ks),
-                        world_to_camera=np.concatenate(true_world_to_cameras))
+        save_npz(directory / "true_cameras.npz", K=np.concatenate(true_Ks),
+                 world_to_camera=np.concatenate(true_world_to_cameras))
     else:
         for name in TRUTH_FILES:
             (directory / name).unlink(missing_ok=True)
-    atomic_save_npz(directory / "cameras.npz", K=np.concatenate(Ks),
-                    world_to_camera=np.concatenate(world_to_cameras))
-    atomic_save_npy(directory / "identities.npy", np.concatenate(identities))
-    atomic_write_json(directory / "sources.json", sources)
+    save_npz(directory / "cameras.npz", K=np.concatenate(Ks),
+             world_to_camera=np.concatenate(world_to_cameras))
+    save_npy(directory / "identities.npy", np.concatenate(identities))
+    write_json(directory / "sources.json", sources)
 
 
 MARKER = ".lolnerf-cache"  # written into a cache directory before anything in it is created or removed

@@ -9,7 +9,6 @@ mesh a latent. fit.py, render.py and evaluate.py share these so they render exac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,44 +68,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedCh
     return ckpt
 
 
-def _lookup(config: dict, *paths: Sequence[str]):
-    """First value found at any of the nested key paths, or None."""
-    for path in paths:
-        node = config
-        for key in path:
-            if not isinstance(node, dict) or key not in node:
-                break
-            node = node[key]
-        else:
-            return node
-    return None
-
-
 def training_cache(model: LoadedCheckpoint) -> Path | None:
-    """The prepared dataset the checkpoint was trained on (train.py records ``config["data"]["cache"]``)."""
-    found = _lookup(model.config, ("data", "cache"))
+    """The prepared dataset the checkpoint was trained on (``model.config.data.cache``; None when empty)."""
+    found = model.config.data.cache
     return Path(found) if found else None
 
 
 def training_resolution(model: LoadedCheckpoint) -> int:
-    """Side of the square training images: ``config["data"]["resolution"]``, else the cache's image size."""
-    found = _lookup(model.config, ("data", "resolution"))
-    if found:
-        return int(found)
-    cache = training_cache(model)
-    if cache is not None and cache.is_dir():
-        from dataset import PreparedDataset
-
-        return int(PreparedDataset(cache).image_size[0])
-    raise ValueError("The checkpoint's config records no training resolution and no readable cache.")
+    """Side of the square training images (``model.config.data.resolution``, which train.py sets to what
+    the training cache holds)."""
+    return int(model.config.data.resolution)
 
 
 def training_framing(model: LoadedCheckpoint) -> str:
-    """How training photos were cropped: from the config, else the training cache's preparation settings,
-    else "aligned" (the FFHQ / CelebA-HQ default)."""
-    found = _lookup(model.config, ("data", "framing"))
-    if found:
-        return str(found)
+    """How training photos were cropped: the training cache's preparation setting, else "aligned" (the
+    FFHQ / CelebA-HQ default). Framing is a preparation setting, so the training config does not hold it."""
+    found = None
     cache = training_cache(model)
     manifest = cache / "manifest.json" if cache is not None else None
     if manifest is not None and manifest.is_file():
@@ -240,16 +217,8 @@ def random_latents(model: LoadedCheckpoint, n: int, psi: float, seed: int) -> to
 
 
 def training_losses(model: LoadedCheckpoint):
-    """The loss weights the checkpoint was trained with (``models.LossConfig``; defaults if unrecorded)."""
-    import dataclasses
-
-    from models import LossConfig
-
-    found = _lookup(model.config, ("loss",))
-    if not isinstance(found, dict):
-        return LossConfig()
-    names = {f.name for f in dataclasses.fields(LossConfig)}
-    return LossConfig(**{k: v for k, v in found.items() if k in names})
+    """The loss weights the checkpoint was trained with (``models.LossConfig``: ``model.config.loss``)."""
+    return model.config.loss
 
 
 def surface_depth(view: dict[str, np.ndarray]) -> np.ndarray:

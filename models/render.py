@@ -17,6 +17,7 @@ Each sample is evaluated by the network exactly once:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from types import ModuleType
 from typing import NamedTuple
 
@@ -28,11 +29,16 @@ import renderer
 
 @dataclass
 class RenderConfig:
-    """Samples per ray and the scene bounds (a sphere of ``radius`` around the origin)."""
+    """Samples per ray and the scene bounds (a sphere of ``radius`` around the origin).
 
-    n_coarse: int = 128
-    n_fine: int = 64
-    radius: float = 2.0
+        >>> RenderConfig.cpu().n_coarse, RenderConfig.paper().n_coarse
+        (32, 128)
+    """
+
+    n_coarse: int = dataclass_field(default=128, metadata={"help": "stratified samples per ray"})
+    n_fine: int = dataclass_field(default=64, metadata={"help": "importance samples per ray"})
+    radius: float = dataclass_field(default=2.0, metadata={
+        "help": "bounding sphere radius around the origin (head units; the official L = 2 x radius)"})
 
     @classmethod
     def paper(cls) -> RenderConfig:

@@ -39,6 +39,7 @@ from pathlib import Path
 import taichi as ti
 import torch
 
+from common.atomic import atomic_path
 from renderer.backend import SYNC_TIMES, ensure_started, init_backend
 
 # Taichi names compiled tasks "<kernel>_c<id>_<n>_kernel_<i>_<kind>" (x64, CUDA) or
@@ -133,10 +134,8 @@ def torch_op_rows(prof: torch.profiler.profile, limit: int) -> list[KernelRow]:
 
 
 def _write_trace_atomically(prof: torch.profiler.profile, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    prof.export_chrome_trace(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:  # torch picks gzip by the suffix
+        prof.export_chrome_trace(str(tmp))
 
 
 @contextmanager
