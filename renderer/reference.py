@@ -33,11 +33,14 @@ from renderer.specs import (
     IMPORTANCE_EPS,
     U32,
     Composited,
+    PackedComposited,
+    PackedSamples,
     Rays,
     broadcast_cameras,
     draw_key,
     expand_background,
     mix_key,
+    offsets_from_counts,
     pcg_hash,
 )
 
@@ -261,3 +264,167 @@ def composite(
     color = (weights[..., None] * rgbs).sum(1) + (1.0 - opacity)[:, None] * bg
     depth = (weights * t.detach()).sum(1)
     return Composited(color, opacity, depth, weights)
+
+
+def composite_packed(
+    sigmas: torch.Tensor,
+    rgbs: torch.Tensor,
+    t: torch.Tensor,
+    deltas: torch.Tensor,
+    offsets: torch.Tensor,
+    counts: torch.Tensor,
+    background: torch.Tensor | float = 0.0,
+    eps: float = 1e-4,
+) -> PackedComposited:
+    """Compositing of a packed sample list with early stop (segmented-cumsum form, as nerfacc).
+
+    sigmas (N,), rgbs (N, 3), t (N,), deltas (N,), offsets, counts (R,) -> PackedComposited(color (R, 3),
+    opacity (R,), depth (R,), weights (N,), kept (R,) int32); the contract of
+    ``renderer.packed.composite_packed``. ``T_i = exp(-sum_{j<i} sigma_j delta_j)`` within each ray,
+    summed in float64 so that long lists do not lose the small terms; sample i is kept while
+    ``T_i >= eps`` (a prefix of the ray, as T only falls), ``w_i = T_i (1 - exp(-sigma_i delta_i))``.
+
+    >>> out = composite_packed(torch.tensor([1e9]), torch.ones(1, 3), torch.tensor([2.0]), torch.ones(1),
+    ...                        torch.tensor([0]), torch.tensor([1]))
+    >>> out.opacity, out.depth
+    (tensor([1.]), tensor([2.]))
+    """
+    n_rays, n_samples = offsets.shape[0], sigmas.shape[0]
+    offsets, counts = offsets.to(torch.int64), counts.to(torch.int64)
+    # Which ray owns each sample (-1: none) and where that ray's list starts.
+    ray_of = torch.repeat_interleave(torch.arange(n_rays, device=sigmas.device), counts)
+    local = torch.arange(ray_of.shape[0], device=sigmas.device) - (torch.cumsum(counts, 0) - counts)[ray_of]
+    index = offsets[ray_of] + local
+    owner = torch.full((n_samples,), -1, dtype=torch.int64, device=sigmas.device).index_put((index,), ray_of)
+    starts = torch.zeros(n_samples, dtype=torch.int64, device=sigmas.device).index_put(
+        (index,), offsets[ray_of]
+    )
+    owned = owner >= 0
+    tau = (sigmas * deltas).to(torch.float64)
+    inclusive = torch.cumsum(tau, 0)
+    exclusive = inclusive - tau
+    base = torch.where(owned, exclusive[starts.clamp_max(max(n_samples - 1, 0))], 0.0)
+    transmittance = torch.exp(-(exclusive - base)).to(sigmas.dtype)
+    alive = owned & (transmittance.detach() >= eps)
+    alpha = 1.0 - torch.exp(-sigmas * deltas)
+    weights = torch.where(alive, transmittance * alpha, torch.zeros_like(alpha))
+    ray = owner.clamp_min(0)
+    opacity = torch.zeros(n_rays, dtype=sigmas.dtype, device=sigmas.device).index_add(0, ray, weights)
+    depth = torch.zeros_like(opacity).index_add(0, ray, weights * t.detach())
+    color = torch.zeros((n_rays, 3), dtype=rgbs.dtype, device=rgbs.device).index_add(
+        0, ray, weights[:, None] * rgbs
+    )
+    bg = expand_background(background, n_rays, sigmas)
+    color = color + (1.0 - opacity)[:, None] * bg
+    kept = torch.zeros(n_rays, dtype=torch.int32, device=sigmas.device).index_add(
+        0, ray, alive.to(torch.int32)
+    )
+    return PackedComposited(color, opacity, depth, weights, kept)
+
+
+# ---------------------------------------------------------------- occupancy grid (renderer.occupancy)
+
+
+def occupancy_cells(points: torch.Tensor, resolution: int, radius: float) -> torch.Tensor:
+    """Flat cell index ``(i * res + j) * res + k`` of points in the cube [-radius, radius]^3 (outside
+    points clamp to the border): points (..., 3) -> (...) int64.
+
+    >>> occupancy_cells(torch.tensor([[-1.0, -1.0, 0.9], [0.1, 0.1, 0.1]]), 2, 1.0)
+    tensor([1, 7])
+    """
+    ijk = torch.floor((points + radius) * (resolution / (2.0 * radius))).to(torch.int64)
+    ijk = ijk.clamp(0, resolution - 1)
+    return (ijk[..., 0] * resolution + ijk[..., 1]) * resolution + ijk[..., 2]
+
+
+def occupancy_cell_points(
+    cells: torch.Tensor, resolution: int, radius: float, jitter: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A point in each cell: cells (M,) flat indices, jitter (M, 3) in [0, 1) (None: the centres;
+    the kernels hash ``hash_uniform(3 m + d, key)``) -> points (M, 3).
+
+    >>> occupancy_cell_points(torch.tensor([0, 7]), 2, 1.0)
+    tensor([[-0.5000, -0.5000, -0.5000],
+            [ 0.5000,  0.5000,  0.5000]])
+    """
+    cells = cells.to(torch.int64)
+    ijk = torch.stack([cells // resolution**2, (cells // resolution) % resolution, cells % resolution], 1)
+    u = torch.full(ijk.shape, 0.5) if jitter is None else jitter
+    return -radius + (2.0 * radius / resolution) * (ijk.to(torch.float32) + u)
+
+
+def occupancy_update(
+    density: torch.Tensor,
+    used: torch.Tensor,
+    cells: torch.Tensor,
+    values: torch.Tensor,
+    decay: float,
+    threshold: float,
+    warmup: bool,
+    dilate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One grid update: density (C,), used (C,) uint8, distinct cells (M,) and their new values (M,)
+    -> (density (C,), occupied (C,) uint8). ``density[c] = max(decay * density[c], value)`` for the
+    given cells; occupied where density > min(threshold, mean density), in warm-up, or used, and with
+    ``dilate`` next to such a cell (26 neighbours).
+
+    >>> occupancy_update(torch.zeros(2), torch.zeros(2, dtype=torch.uint8), torch.tensor([1]),
+    ...                  torch.tensor([3.0]), 0.9, 1.0, False)
+    (tensor([0., 3.]), tensor([0, 1], dtype=torch.uint8))
+    """
+    density = density.clone()
+    cells = cells.to(torch.int64)
+    density[cells] = torch.maximum(density[cells] * decay, values.to(density.dtype))
+    cut = min(threshold, float(density.mean()))
+    occupied = (density > cut) | (used != 0) | warmup
+    if dilate:  # the 26 neighbours of every occupied cell too: a 3x3x3 max filter
+        cube = occupied.view(1, 1, *(3 * [round(occupied.shape[0] ** (1 / 3))])).float()
+        occupied = torch.nn.functional.max_pool3d(cube, 3, stride=1, padding=1).view(-1) > 0
+    return density, occupied.to(torch.uint8)
+
+
+def occupancy_mark_used(
+    used: torch.Tensor,
+    resolution: int,
+    radius: float,
+    rays: Rays,
+    t: torch.Tensor,
+    counts: torch.Tensor,
+    weights: torch.Tensor,
+    min_weight: float,
+) -> torch.Tensor:
+    """``used`` (C,) uint8 with the cells of packed samples (rays back to back) whose weight exceeds
+    ``min_weight`` set to 1: rays (R), t, weights (N,), counts (R,) -> (C,) uint8."""
+    ray = torch.repeat_interleave(torch.arange(counts.shape[0]), counts.to(torch.int64))
+    points = rays.origins[ray] + t[:, None] * rays.directions[ray]
+    used = used.clone()
+    used[occupancy_cells(points[weights > min_weight], resolution, radius)] = 1
+    return used
+
+
+def march_occupancy(
+    occupied: torch.Tensor,
+    resolution: int,
+    radius: float,
+    rays: Rays,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    jitter: torch.Tensor | None = None,
+) -> PackedSamples:
+    """The stratified samples of ``sample_stratified`` (with ``jitter`` (R, S) as there) kept where
+    ``occupied`` (C,) is non-zero, with their full-list ``sample_deltas``, packed ray after ray; rays
+    that miss (near == far) keep none: -> PackedSamples(t, deltas, offsets, counts, bins).
+
+    >>> rays = Rays(torch.tensor([[0.0, 0, -2]]), torch.tensor([[0.0, 0, 1]]), torch.tensor([0.0]),
+    ...             torch.tensor([4.0]))
+    >>> march_occupancy(torch.zeros(1, dtype=torch.uint8), 1, 2.0, rays, 4).counts   # one empty cell
+    tensor([0], dtype=torch.int32)
+    """
+    t = sample_stratified(rays.near, rays.far, n_samples, generator, jitter)
+    deltas = sample_deltas(t, rays.far)
+    points = rays.origins[:, None, :] + t[..., None] * rays.directions[:, None, :]
+    keep = occupied.to(torch.int64)[occupancy_cells(points, resolution, radius)] != 0
+    keep &= (rays.far > rays.near)[:, None]
+    counts = keep.sum(1).to(torch.int32)
+    bins = torch.arange(n_samples).expand_as(keep)[keep].to(torch.int32)
+    return PackedSamples(t[keep], deltas[keep], offsets_from_counts(counts), counts, bins)
