@@ -55,6 +55,8 @@ ICD_DIRS = (
     "/usr/local/nvidia/icd.d",
     "/usr/share/glvnd/vulkan/icd.d",
 )
+# Where a container's NVIDIA driver keeps the library an ICD file names without a path (libGLX_nvidia).
+DRIVER_LIB_DIRS = ("/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu")
 EGL_VENDOR_DIRS = (
     "/usr/share/glvnd/egl_vendor.d",
     "/etc/glvnd/egl_vendor.d",
@@ -220,6 +222,18 @@ def find_nvidia_file(dirs, pattern: str) -> Path | None:
     return None
 
 
+def driver_library_dir(icd: Path) -> Path | None:
+    """The folder of ``DRIVER_LIB_DIRS`` holding the library an ICD file names without a path (the
+    Vulkan loader finds it only through the linker's path), or None (named with a path, or not found)."""
+    try:
+        library = json.loads(icd.read_text())["ICD"]["library_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if "/" in library:
+        return None
+    return next((Path(d) for d in DRIVER_LIB_DIRS if (Path(d) / library).exists()), None)
+
+
 def vulkan_environment(args: argparse.Namespace, work: Path, env: dict) -> dict:
     """Set up ``env`` for NVIDIA's Vulkan driver; returns what was found and done (for the summary)."""
     info: dict = {"loader": None, "icd": None, "unpacked": []}
@@ -235,6 +249,11 @@ def vulkan_environment(args: argparse.Namespace, work: Path, env: dict) -> dict:
     if icd is not None:
         env["VK_ICD_FILENAMES"] = env["VK_DRIVER_FILES"] = str(icd)
         info["icd"] = str(icd)
+        folder = driver_library_dir(icd)
+        if folder is not None and str(folder) not in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                [p for p in (env.get("LD_LIBRARY_PATH", ""), str(folder)) if p])
+            info["driver_library_dir"] = str(folder)
     egl = find_nvidia_file(EGL_VENDOR_DIRS, "*nvidia*.json")
     if egl is not None:
         env.setdefault("__EGL_VENDOR_LIBRARY_FILENAMES", str(egl))

@@ -149,6 +149,10 @@ def test_vulkan_debs_are_unpacked_and_the_nvidia_icd_found(tmp_path, monkeypatch
     (icd_dir / "nvidia_icd.json").write_text('{"ICD": {"library_path": "libGLX_nvidia.so.0"}}')
     monkeypatch.setattr(gpu_check, "ICD_DIRS", (str(tmp_path / "missing"), str(icd_dir)))
     monkeypatch.setattr(gpu_check, "EGL_VENDOR_DIRS", ())
+    driver = tmp_path / "nvidia" / "lib64"
+    driver.mkdir(parents=True)
+    (driver / "libGLX_nvidia.so.0").write_bytes(b"\x7fELF")
+    monkeypatch.setattr(gpu_check, "DRIVER_LIB_DIRS", (str(tmp_path / "none"), str(driver)))
     real_present = gpu_check.vulkan_loader_present
     monkeypatch.setattr(gpu_check, "vulkan_loader_present", lambda dirs=(): bool(dirs) and real_present(dirs))
     args = gpu_check.build_parser().parse_args(["--out", str(tmp_path / "o"), "--vulkan-debs", str(debs)])
@@ -156,8 +160,8 @@ def test_vulkan_debs_are_unpacked_and_the_nvidia_icd_found(tmp_path, monkeypatch
     info = gpu_check.vulkan_environment(args, tmp_path / "work", env)
     unpacked = tmp_path / "work" / "vulkan-debs" / "usr" / "lib" / "x86_64-linux-gnu"
     assert info == {"loader": "unpacked", "icd": str(icd_dir / "nvidia_icd.json"),
-                    "unpacked": ["libvulkan1_1.3.0-1_amd64.deb"]}
-    assert env["LD_LIBRARY_PATH"] == f"{unpacked}:/already/here"
+                    "unpacked": ["libvulkan1_1.3.0-1_amd64.deb"], "driver_library_dir": str(driver)}
+    assert env["LD_LIBRARY_PATH"] == f"{unpacked}:/already/here:{driver}"
     assert env["VK_ICD_FILENAMES"] == env["VK_DRIVER_FILES"] == str(icd_dir / "nvidia_icd.json")
 
 
