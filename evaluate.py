@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or training_cache(model)
         if cache is None:
             raise ValueError("the checkpoint records no training cache; pass --cache DIR.")
-        print(use_field_backend(model, args.field_backend, start_renderer(args.arch)))
+        print(use_field_backend(model, args.field_backend, start_renderer(args.arch, args.device)))
         with torch.no_grad():
             results = evaluate(
                 model, Path(cache), args.views, args.max_images, args.chunk, args.allow_other_cache

@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             args.camera_file,
             (height, width),
         )
-        arch = start_renderer(args.arch)
-        print(use_field_backend(model, args.field_backend, arch))
+        backend = start_renderer(args.arch, args.device)
+        print(use_field_backend(model, args.field_backend, backend))
         out = claim_dir(args.out, force=args.force)
     except (
         CheckpointError,
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         views = render_path(model, subject.latent, K, cameras, height, width, args.chunk, desc=subject.name)
         rendered[subject.name] = views
         if "latent" in kinds:
-            save_npy(inside(out, f"{subject.name}.npy"), subject.latent.numpy())
+            save_npy(inside(out, f"{subject.name}.npy"), subject.latent.detach().cpu().numpy())
         if "frames" in kinds or "depth" in kinds:
             for k, view in enumerate(views):
                 if "frames" in kinds:

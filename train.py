@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -27,8 +26,9 @@ import torch
 from common.atomic import write_json
 from dataset.cache import CacheError, LockedError, directory_lock
 from models.checkpoint import CheckpointError, read_checkpoint, read_newest_checkpoint
-from models.distributed import launched_by_torchrun, world
+from models.distributed import env_rank, launched_by_torchrun, pin_local_gpu, start_process_group, world
 from models.field_backend import choose_device_step, choose_field_backend
+from models.gpu_setup import enable_tf32, memory_plan
 from models.step_timing import profile_steps
 from models.train_config import (
     DataConfig,
@@ -64,22 +64,32 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if args.profile < 0:
         raise SystemExit(f"--profile {args.profile} must be at least 1 (steps to profile), or left out.")
-    from renderer.backend import BackendUnavailableError, init_backend
+    if not args.dist_timeout > 0:
+        raise SystemExit(f"--dist-timeout {args.dist_timeout:g} must be a positive number of minutes.")
+    from renderer.backend import BackendUnavailableError, init_backend, torch_is_rocm
 
     distributed = launched_by_torchrun()
-    if distributed and not torch.distributed.is_initialized():
-        use_nccl = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        torch.distributed.init_process_group(backend="nccl" if use_nccl else "gloo")
-        if use_nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    rank, _ = world()
+    starting_group = distributed and not torch.distributed.is_initialized()
+    if starting_group:
+        try:  # before any CUDA call: Taichi CUDA takes device 0 of what the process sees
+            pin_local_gpu()
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+    rank = world()[0] if torch.distributed.is_initialized() else env_rank()
     arch = args.arch
     if arch == "auto":
         # Without CUDA the torch field MLP (most of a step) runs on the CPU whatever Taichi uses, and a
         # Vulkan renderer copies every tensor host<->device (README, Benchmarks). So training's auto is
         # CUDA or x64; a Vulkan-only GPU is used with --arch vulkan (and --field-backend auto then runs
-        # the MLP there too).
-        arch = "cuda" if torch.cuda.is_available() else "cpu"
+        # the MLP there too). ROCm torch answers torch.cuda.is_available() for an AMD GPU, which Taichi
+        # CUDA cannot drive: there auto is Vulkan beside the MLP on the AMD GPU.
+        if torch_is_rocm():
+            arch = "vulkan"
+            if rank == 0:
+                print(f"[train] --arch auto: torch is a ROCm build (HIP {torch.version.hip}), so the "
+                      "renderer runs on Taichi Vulkan and the MLP on the AMD GPU.")
+        else:
+            arch = "cuda" if torch.cuda.is_available() else "cpu"
         if arch == "cpu" and rank == 0:
             print("[train] --arch auto: torch has no CUDA, so the renderer runs on Taichi x64 beside the "
                   "CPU MLP; --arch vulkan uses a Vulkan GPU.")
@@ -92,7 +102,18 @@ def main(argv: list[str] | None = None) -> Path:
     except (BackendUnavailableError, ValueError) as err:
         raise SystemExit(str(err)) from None
     if backend.device.type == "cuda" and distributed:
-        backend = dataclasses.replace(backend, device=torch.device("cuda", torch.cuda.current_device()))
+        # Pinned: each rank sees only its own GPU, as device 0 (torch and Taichi alike).
+        backend = dataclasses.replace(backend, device=torch.device("cuda", 0))
+    if starting_group:
+        # NCCL for CUDA tensors, gloo for CPU ones: from the device used, not torch.cuda.is_available().
+        group = start_process_group(backend.device, args.dist_timeout)
+        if rank == 0:
+            print(f"[train] torch.distributed: {group} for {backend.device.type} tensors, first-barrier "
+                  f"timeout {args.dist_timeout:g} min.")
+    if backend.device.type == "cuda":
+        note = enable_tf32(backend.device, args.tf32 == "on")
+        if rank == 0:
+            print(f"[train] {note}.")
 
     field_backend, why = choose_field_backend(args.field_backend, backend.arch, backend.device)
     if rank == 0:
@@ -105,6 +126,15 @@ def main(argv: list[str] | None = None) -> Path:
     if rank == 0:
         print(f"[train] training step: {'on the Taichi device' if device_step else 'torch tensors'} ({why}).")
     config, overrides, preset = resolve_config(args, backend.device.type)
+    if backend.device.type == "cuda" and not args.resume:
+        # Resuming keeps the batch the run was started with (exact continuation).
+        batch_given = any(section == "batch" for section, _ in overrides)
+        try:
+            config.batch, note = memory_plan(backend.device, config, batch_given)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        if rank == 0:
+            print(f"[train] {note}.")
     resume_payload, resume_source = None, None
     if args.resume:
         resume_source = Path(args.resume if args.resume != "auto" else (args.out or ""))

@@ -61,8 +61,26 @@ MAX_COLOR_DIFF = 2e-5
 MAX_DSIGMA_DIFF = 1.5e-4
 
 
-def make_inputs(n_side: int, n_coarse: int, n_fine: int) -> dict:
-    """Rays of a frontal 64x64-style view, fixed coarse weights and fixed per-sample network outputs."""
+def make_inputs(n_side: int, n_coarse: int, n_fine: int, device: torch.device | str = "cpu") -> dict:
+    """Rays of a frontal 64x64-style view, fixed coarse weights and fixed per-sample network outputs,
+    built on the CPU (the same numbers for every device) and then moved to ``device``.
+
+    >>> x = make_inputs(4, 8, 4)
+    >>> x["sigmas"].shape, x["sigmas"].requires_grad
+    (torch.Size([16, 12]), True)
+    """
+    built = _cpu_inputs(n_side, n_coarse, n_fine)
+    moved = {}
+    for key, value in built.items():
+        if torch.is_tensor(value):
+            value = value.detach().to(device).requires_grad_(value.requires_grad)
+        elif isinstance(value, list):
+            value = [item.to(device) for item in value]
+        moved[key] = value
+    return moved
+
+
+def _cpu_inputs(n_side: int, n_coarse: int, n_fine: int) -> dict:
     K = torch.tensor([[2.0 * n_side, 0, n_side / 2], [0, 2.0 * n_side, n_side / 2], [0, 0, 1]])
     w2c = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 7]])
     v, u = torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij")
@@ -124,14 +142,21 @@ def run_pipeline(impl, x: dict, seed: int | None, clock: Callable[[], float]) ->
     return times, (out.color.detach(), grads[0])
 
 
-def synced_wall_clock() -> float:
+def _sync() -> None:
+    """Wait for Taichi's and (on a GPU) torch's queued work, so a clock reading ends the timed work."""
     ti.sync()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def synced_wall_clock() -> float:
+    _sync()
     return time.perf_counter()
 
 
 def synced_cpu_clock() -> float:
     """CPU seconds of this process (all threads): insensitive to other processes competing for cores."""
-    ti.sync()
+    _sync()
     return time.process_time()
 
 
@@ -141,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--arch", default="cpu", choices=["auto", "cuda", "vulkan", "metal", "cpu"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "xpu", "cpu"],
+                        help="torch device for the tensors (default auto: cuda with --arch cuda, else cpu)")
     parser.add_argument("--side", type=int, default=64, help="rays = side^2 (default 64 -> 4,096 rays)")
     parser.add_argument("--coarse", type=int, default=128)
     parser.add_argument("--fine", type=int, default=64)
@@ -170,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    backend = renderer.init_backend(arch=args.arch, device="cpu", cpu_threads=args.threads)
-    x = make_inputs(args.side, args.coarse, args.fine)
+    try:
+        backend = renderer.init_backend(arch=args.arch, device=args.device, cpu_threads=args.threads)
+    except (renderer.BackendUnavailableError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    x = make_inputs(args.side, args.coarse, args.fine, backend.device)
     impls = {"reference": reference, "taichi": renderer}
     clock = synced_cpu_clock if args.clock == "cpu" else synced_wall_clock
     samples = {name: {s: [] for s in (*STAGES, "total")} for name in impls}
@@ -198,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     n_rays = args.side * args.side
     print(
         f"\n{n_rays} rays x {args.coarse + args.fine} samples, Taichi arch={backend.arch}, "
+        f"torch device={backend.device}, "
         f"{args.repeats} repeats, medians in ms of {args.clock} time "
         f"(threads: torch {torch.get_num_threads()}, cpu cores {os.cpu_count()})"
     )
@@ -215,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "benchmark": "renderer",
             "arch": backend.arch,
+            "device": str(backend.device),
+            "gpu": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else None,
             "n_rays": n_rays,
             "n_samples": args.coarse + args.fine,
             "coarse": args.coarse,

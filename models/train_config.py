@@ -28,6 +28,7 @@ from typing import Any
 
 from dataset.prepare import DATASETS
 from models.background import BackgroundConfig
+from models.distributed import DEFAULT_TIMEOUT_MINUTES
 from models.field import FieldConfig
 from models.field_backend import DEVICE_STEPS, FIELD_BACKENDS
 from models.latents import LatentConfig
@@ -373,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="run N steps under the Taichi kernel profiler and torch.profiler, print where "
                              "the time went, write a Chrome trace, and exit")
+    parser.add_argument("--tf32", choices=("on", "off"), default="on",
+                        help="on CUDA GPUs with TF32 (compute capability 8.0+), let float32 matrix products "
+                             "use it (default on; the start-up line says what was set)")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MIN",
+                        help="torchrun only: minutes the other ranks wait at the first barrier while rank 0 "
+                             f"prepares the dataset cache (default {DEFAULT_TIMEOUT_MINUTES})")
     parser.add_argument("--debug-nan-steps", default=os.environ.get(NAN_ENV, ""), help=argparse.SUPPRESS)
     cpu = TrainConfig.cpu()
     groups = {section: parser.add_argument_group(f"{section} ({cls.__name__})")

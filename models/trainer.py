@@ -5,7 +5,8 @@
 
 A step: sample a pixel batch of this rank's identities -> rays -> ``render_rays`` through DDP (shared
 networks only) -> losses -> backward -> Adam on the networks, the latent table's own optimiser on its
-rows -> learning-rate schedules. A NaN/inf loss skips the step on every rank.
+rows -> learning-rate schedules. A NaN/inf loss skips the step on every rank. A step syncs with the host
+once (the finiteness check after backward); logged values are read every ``--log-every`` steps.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from common.atomic import write_text
 from models.background import make_background
 from models.checkpoint import CheckpointKeeper, checkpoint_payload
-from models.distributed import all_agree, gather_owned_rows, owned_identities, world
+from models.distributed import all_agree, any_rank, gather_owned_rows, owned_identities, world
 from models.field_backend import background_as_backend, make_field
 from models.latents import LatentTable, make_latent_optimizer
 from models.losses import compute_losses, psnr_from_mse
@@ -137,7 +138,7 @@ class Trainer:
         self.timer = NullTimer()
         self.step = 0
         self.bad_in_row = 0
-        self.last_loss: float | None = None
+        self.last_loss: torch.Tensor | None = None  # on the device; read at checkpoints only
         self.keeper = CheckpointKeeper(run_dir, run.keep_last) if self.is_main else None
         if resume_payload is not None:
             self.restore(resume_payload)
@@ -210,7 +211,8 @@ class Trainer:
             field=self.field, background=self.background, latents=latents, optimizers=optimizers,
             schedulers=self.schedulers, step=self.step,
             rng={"torch": torch.get_rng_state(), "python": random.getstate(), "ranks": ranks},
-            config=self.config, fingerprint=self.fingerprint, metric=self.last_loss)
+            config=self.config, fingerprint=self.fingerprint,
+            metric=None if self.last_loss is None else float(self.last_loss))
         payload["optimizers"]["latents"] = latent_opt
         return payload
 
@@ -239,21 +241,23 @@ class Trainer:
                                    self.config.loss)
             if self.step + 1 in self.nan_steps:
                 terms["total"] = terms["total"] * float("nan")
-            finite = bool(torch.isfinite(terms["total"]).item())
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        if all_agree(not finite, self.device):
-            return None
         with timer.phase("backward"):
             terms["total"].backward()
+            # The step's one host sync: is the loss finite on every rank? Checked after backward, so the
+            # GPU never waits between forward and backward; a skipped step's gradients are discarded by
+            # the next zero_grad. (Under DDP backward has already all-reduced them, on every rank alike.)
+            if any_rank(~torch.isfinite(terms["total"].detach())):
+                return None
         with timer.phase("optimiser"):
             for opt in self.optimizers.values():
                 opt.step()
             for sch in self.schedulers.values():
                 sch.step()
         timer.steps += 1
-        metrics = {k: float(v.detach()) for k, v in terms.items()}
-        metrics["psnr"] = psnr_from_mse(metrics["rgb"])
+        # Device tensors: read on the host (a sync) only when logged, every --log-every steps.
+        metrics = {k: v.detach() for k, v in terms.items()}
         metrics["rays"] = int(batch["rgb"].shape[0])
         return metrics
 
@@ -315,11 +319,13 @@ class Trainer:
                     self.step += 1
                     bar.update(1)
                     self.last_loss = metrics["total"]
-                    metrics["rays_per_s"] = metrics["rays"] * self.world_size / max(seconds, 1e-9)
-                    bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}",
-                                    rays_s=f"{metrics['rays_per_s']:.0f}")
-                    if log and (self.step % run.log_every == 0 or self.step == 1):
-                        self.log_metrics(log, tb, metrics, seconds)
+                    if self.step % run.log_every == 0 or self.step == 1:
+                        metrics = host_metrics(metrics)
+                        metrics["rays_per_s"] = metrics["rays"] * self.world_size / max(seconds, 1e-9)
+                        bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}",
+                                        rays_s=f"{metrics['rays_per_s']:.0f}")
+                        if log:
+                            self.log_metrics(log, tb, metrics, seconds)
                 if all_agree(stop.signal_name is not None, self.device):
                     reason = "signal"
                     break
@@ -365,6 +371,19 @@ class Trainer:
             log.write(json.dumps({"step": self.step, "skipped": "non-finite loss",
                                   "in_a_row": self.bad_in_row, "time": time.time()}) + "\n")
             log.flush()
+
+
+def host_metrics(metrics: dict) -> dict:
+    """A step's metrics with the device tensors read into floats (one sync for all) and PSNR added.
+
+    >>> host_metrics({"rgb": torch.tensor(0.01), "rays": 8})["psnr"]
+    20.0
+    """
+    names = [k for k, v in metrics.items() if torch.is_tensor(v)]
+    values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist() if names else []
+    out = {**metrics, **dict(zip(names, values, strict=True))}
+    out["psnr"] = psnr_from_mse(out["rgb"])
+    return out
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

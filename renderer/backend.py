@@ -4,8 +4,11 @@
 [renderer] Taichi arch=cpu (x64), torch device=cpu: asked for cpu; torch device cpu pairs with Taichi cpu.
 
 ``auto`` takes CUDA when both torch and Taichi can use it, else Vulkan when a Vulkan GPU exists, else
-the CPU. A software Vulkan driver alone (Mesa's lavapipe) does not count for ``auto``: it is Vulkan
-emulated on the CPU and slower than the x64 backend, so ``auto`` says so and takes the CPU; ask for
+the CPU. ROCm builds of torch (AMD GPUs) also answer ``torch.cuda.is_available()``, but Taichi's CUDA
+backend cannot drive an AMD GPU: there ``auto`` skips CUDA, takes Vulkan, and keeps the torch tensors on
+the ROCm device (``cuda`` to torch), copied through the host around every kernel (docs/TAICHI.md).
+A software Vulkan driver alone (Mesa's lavapipe) does not count for ``auto``: it is Vulkan emulated on
+the CPU and slower than the x64 backend, so ``auto`` says so and takes the CPU; ask for
 ``arch="vulkan"`` to use it anyway (CI does, to test the Vulkan path).
 
 Asking for a backend the machine lacks raises :class:`BackendUnavailableError` with one sentence
@@ -100,7 +103,21 @@ def _start(
     return True
 
 
+def torch_is_rocm() -> bool:
+    """True for a ROCm (AMD) build of torch: ``torch.version.hip`` is set, and its GPUs answer as ``cuda``.
+
+    >>> torch_is_rocm()   # a CUDA or CPU build of torch
+    False
+    """
+    return bool(getattr(torch.version, "hip", None))
+
+
 def _torch_cuda_missing() -> str | None:
+    if torch_is_rocm():
+        return (
+            f"this torch is a ROCm build (HIP {torch.version.hip}): its 'cuda' device is an AMD GPU, which "
+            "Taichi's CUDA backend cannot drive; choose arch='vulkan' (the torch device stays the AMD GPU)"
+        )
     if not torch.cuda.is_available():
         return (
             "torch sees no CUDA device (torch.cuda.is_available() is False): install an NVIDIA driver "
@@ -110,7 +127,7 @@ def _torch_cuda_missing() -> str | None:
 
 
 def _torch_device_missing(device: str) -> str | None:
-    if device == "cuda":
+    if device == "cuda" and not torch.cuda.is_available():  # a ROCm GPU is torch's "cuda" device too
         return _torch_cuda_missing()
     if device == "mps" and not torch.backends.mps.is_available():
         return "torch has no MPS device (Apple GPU on macOS): use device='cpu'"
@@ -207,7 +224,11 @@ def init_backend(
     else:
         started, reason = arch, _start_arch(arch, settings)
 
-    if device == "auto":
+    if device == "auto" and started == "vulkan" and torch_is_rocm() and torch.cuda.is_available():
+        device = "cuda"
+        reason += ("; torch device cuda (the ROCm GPU) beside Taichi vulkan, its tensors copied through the "
+                   "host around every renderer kernel")
+    elif device == "auto":
         device = "cuda" if started == "cuda" else "cpu"
         reason += f"; torch device {device} pairs with Taichi {started}"
     elif started != "cuda" and device != "cpu":

@@ -62,7 +62,9 @@ def upstream_for(n_rays: int, n_samples: int, seed: int) -> list[torch.Tensor]:
 
 
 def assert_close(actual, expected, rtol=1e-5, atol=1e-5):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    """Values equal within tolerances; an expected value made on another device is compared where the
+    actual one is (test_outputs_stay_on_the_arch_device checks where outputs land)."""
+    torch.testing.assert_close(actual, expected.to(actual.device), rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- rays
@@ -124,7 +126,7 @@ def test_stratified_within_bins_seeded_and_matching_reference(arch):
     t = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(7))
     again = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(7))
     other = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(8))
-    jitter = ref.hashed_uniforms(4, 16, torch.Generator().manual_seed(7), "cpu")
+    jitter = ref.hashed_uniforms(4, 16, torch.Generator().manual_seed(7), near.device)
     expected = ref.sample_stratified(near, far, 16, jitter=jitter)
     assert torch.equal(t, again) and not torch.equal(t, other)
     assert_close(t, expected)
@@ -721,3 +723,21 @@ def test_composite_kernels_take_taichi_ndarrays(arch):
            back(grad_background, (n_rays, 3))]  # fmt: skip
     for g_, e in zip(got, (*out, *grads), strict=True):
         assert torch.equal(g_, e)
+
+
+def test_outputs_stay_on_the_arch_device(arch):
+    """Inputs on the arch's torch device (CUDA for cuda, read in place) give outputs and gradients there."""
+    from conftest import arch_device
+
+    device = arch_device(arch)
+    batch = random_batch(8, 16, seed=31)
+    assert batch["sigmas"].device.type == device.type
+    out, grads = composite_with_grads(renderer.composite, batch["sigmas"], batch["rgbs"], batch["t"],
+                                      batch["deltas"], batch["background"], upstream_for(8, 16, 32))
+    for tensor in (*out, *grads):
+        assert tensor.device.type == device.type
+    K, w2c = random_cameras(1, 3)
+    rays = renderer.generate_rays(torch.zeros(4, 2), K[0], w2c[0], radius=RADIUS)
+    assert rays.origins.device.type == device.type
+    t = renderer.sample_stratified(rays.near, rays.far, 8, torch.Generator().manual_seed(0))
+    assert t.device.type == device.type
