@@ -13,6 +13,13 @@ CPU), and its baseline is the reference on that same device (``torch-reference``
 ``torch-reference-cuda`` on the GPU).
 
     python benchmarks/render.py --arch cuda --preset paper --size 256
+    python benchmarks/render.py --arch vulkan --field-backend taichi   # the field as Taichi kernels too
+
+With ``--field-backend taichi`` the field (and a background network) run as Taichi kernels, and on
+Vulkan and Metal two contenders are timed: ``<arch>`` (``models.render_image``: every launch gets torch
+tensors, which Taichi copies to the device and back) and ``<arch>-device``
+(``models.device_render``: everything stays in ``ti.ndarray``s; what render.py, evaluate.py and fit.py
+use there). Each reports the host <-> device bytes per image.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ import renderer
 from export.cameras import default_intrinsics, look_at_origin
 from models import ConditionedField, FieldConfig, RenderConfig, render_image
 from models.background import ConstantBackground
+from models.device_render import device_renderer, render_image_on_device, renders_on_device
+from models.field_backend import as_backend, background_as_backend
 from renderer import reference
+from renderer.backend import TORCH_COPIES
 
 
 def build_model(args: argparse.Namespace):
@@ -64,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--preset", default="cpu", choices=["cpu", "paper"], help="network size without --checkpoint"
     )
     parser.add_argument("--checkpoint", type=Path, help="time a trained model instead")
+    parser.add_argument("--field-backend", default="torch", choices=["torch", "taichi"],
+                        help="what evaluates the field: torch, or Taichi kernels (then also timed on the "
+                             "device-resident path where the arch is Vulkan or Metal)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -71,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     field, background, latent, cfg = build_model(args)
+    if args.field_backend == "taichi":
+        field, background = as_backend(field, "taichi"), background_as_backend(background, "taichi")
     K = torch.as_tensor(default_intrinsics(args.size, args.size))
     w2c = torch.as_tensor(look_at_origin(7.0, yaw_deg=15.0))
     n_rays = args.size * args.size
@@ -79,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rays_per_image": n_rays,
         "samples_per_ray": cfg.n_coarse + cfg.n_fine,
         "field": dict(vars(field.cfg)),
+        "field_backend": args.field_backend,
         "chunk": args.chunk,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch_threads": torch.get_num_threads(),
@@ -115,14 +131,31 @@ def main(argv: list[str] | None = None) -> dict:
         def taichi_render(field=field, background=background, latent=latent) -> None:
             render_image(field, background, latent, K, w2c, args.size, args.size, cfg, chunk=args.chunk)
 
-        render_image(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)  # compile kernels
-        times = []
+        def device_render(field=field, background=background, latent=latent) -> None:
+            render_image_on_device(field, background, latent, K, w2c, args.size, args.size, cfg,
+                                   chunk=args.chunk)  # fmt: skip
+
+        contenders = {arch: taichi_render}
+        if renders_on_device(field, background):
+            contenders[f"{arch}-device"] = device_render
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        copied: dict[str, int] = {}
+        for name, fn in contenders.items():  # compile the kernels, then count one image's copies
+            render_image(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)
+            render_image_on_device(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)
+            log = device_renderer(field, background, cfg).transfers if name.endswith("-device") else None
+            before = TORCH_COPIES.bytes + (log.uploaded + log.downloaded if log else 0)
+            fn()
+            copied[name] = TORCH_COPIES.bytes + (log.uploaded + log.downloaded if log else 0) - before
         for _ in range(args.repeats):
             base_times[reference_name].append(time_once(baseline))
-            times.append(time_once(taichi_render))
-        median = statistics.median(times)
-        results["contenders"][arch] = {"median_s": median, "rays_per_s": n_rays / median, "times_s": times,
-                                       "device": str(device), "baseline": reference_name}
+            for name, fn in contenders.items():
+                times[name].append(time_once(fn))
+        for name in contenders:
+            median = statistics.median(times[name])
+            results["contenders"][name] = {"median_s": median, "rays_per_s": n_rays / median,
+                                           "times_s": times[name], "device": str(device),
+                                           "baseline": reference_name, "bytes_copied_per_image": copied[name]}
         if device.type == "cuda":
             results["gpu"] = torch.cuda.get_device_name(device)
     if not base_times:  # nothing ran: still time the CPU reference once
@@ -140,13 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['samples_per_ray']} samples/ray), "
         f"median of {args.repeats}"
     )
-    print(f"{'renderer':<18}{'median s':>10}{'rays/s':>12}{'vs reference':>14}")
+    print(f"{'renderer':<18}{'median s':>10}{'rays/s':>12}{'vs reference':>14}{'MB copied':>11}")
     for name, entry in results["contenders"].items():
         if "median_s" in entry:
-            print(
-                f"{name:<18}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
-                f"{entry['speedup_vs_reference']:>13.2f}x"
-            )
+            copied = entry.get("bytes_copied_per_image")
+            megabytes = f"{copied / 1e6:>11.2f}" if copied is not None else ""
+            print(f"{name:<18}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
+                  f"{entry['speedup_vs_reference']:>13.2f}x{megabytes}")
     if args.json:
         from common.atomic import write_json
 
