@@ -7,6 +7,7 @@ in plain torch, and ``renderer.profiling`` the switch for the kernel profiler.
 
 from renderer.backend import Backend, BackendUnavailableError, init_backend
 from renderer.composite import composite
+from renderer.packed import composite_packed
 from renderer.rays import generate_rays
 from renderer.sampling import (
     merge_samples,
@@ -16,14 +17,16 @@ from renderer.sampling import (
     sample_importance_and_merge,
     sample_stratified,
 )
-from renderer.specs import Composited, Rays
+from renderer.specs import Composited, PackedComposited, Rays
 
 __all__ = [
     "Backend",
     "BackendUnavailableError",
     "Composited",
+    "PackedComposited",
     "Rays",
     "composite",
+    "composite_packed",
     "generate_rays",
     "init_backend",
     "merge_samples",

@@ -33,6 +33,7 @@ from renderer.specs import (
     IMPORTANCE_EPS,
     U32,
     Composited,
+    PackedComposited,
     Rays,
     broadcast_cameras,
     draw_key,
@@ -261,3 +262,59 @@ def composite(
     color = (weights[..., None] * rgbs).sum(1) + (1.0 - opacity)[:, None] * bg
     depth = (weights * t.detach()).sum(1)
     return Composited(color, opacity, depth, weights)
+
+
+def composite_packed(
+    sigmas: torch.Tensor,
+    rgbs: torch.Tensor,
+    t: torch.Tensor,
+    deltas: torch.Tensor,
+    offsets: torch.Tensor,
+    counts: torch.Tensor,
+    background: torch.Tensor | float = 0.0,
+    eps: float = 1e-4,
+) -> PackedComposited:
+    """Compositing of a packed sample list with early stop (segmented-cumsum form, as nerfacc).
+
+    sigmas (N,), rgbs (N, 3), t (N,), deltas (N,), offsets, counts (R,) -> PackedComposited(color (R, 3),
+    opacity (R,), depth (R,), weights (N,), kept (R,) int32); the contract of
+    ``renderer.packed.composite_packed``. ``T_i = exp(-sum_{j<i} sigma_j delta_j)`` within each ray,
+    summed in float64 so that long lists do not lose the small terms; sample i is kept while
+    ``T_i >= eps`` (a prefix of the ray, as T only falls), ``w_i = T_i (1 - exp(-sigma_i delta_i))``.
+
+    >>> out = composite_packed(torch.tensor([1e9]), torch.ones(1, 3), torch.tensor([2.0]), torch.ones(1),
+    ...                        torch.tensor([0]), torch.tensor([1]))
+    >>> out.opacity, out.depth
+    (tensor([1.]), tensor([2.]))
+    """
+    n_rays, n_samples = offsets.shape[0], sigmas.shape[0]
+    offsets, counts = offsets.to(torch.int64), counts.to(torch.int64)
+    # Which ray owns each sample (-1: none) and where that ray's list starts.
+    ray_of = torch.repeat_interleave(torch.arange(n_rays, device=sigmas.device), counts)
+    local = torch.arange(ray_of.shape[0], device=sigmas.device) - (torch.cumsum(counts, 0) - counts)[ray_of]
+    index = offsets[ray_of] + local
+    owner = torch.full((n_samples,), -1, dtype=torch.int64, device=sigmas.device).index_put((index,), ray_of)
+    starts = torch.zeros(n_samples, dtype=torch.int64, device=sigmas.device).index_put(
+        (index,), offsets[ray_of]
+    )
+    owned = owner >= 0
+    tau = (sigmas * deltas).to(torch.float64)
+    inclusive = torch.cumsum(tau, 0)
+    exclusive = inclusive - tau
+    base = torch.where(owned, exclusive[starts.clamp_max(max(n_samples - 1, 0))], 0.0)
+    transmittance = torch.exp(-(exclusive - base)).to(sigmas.dtype)
+    alive = owned & (transmittance.detach() >= eps)
+    alpha = 1.0 - torch.exp(-sigmas * deltas)
+    weights = torch.where(alive, transmittance * alpha, torch.zeros_like(alpha))
+    ray = owner.clamp_min(0)
+    opacity = torch.zeros(n_rays, dtype=sigmas.dtype, device=sigmas.device).index_add(0, ray, weights)
+    depth = torch.zeros_like(opacity).index_add(0, ray, weights * t.detach())
+    color = torch.zeros((n_rays, 3), dtype=rgbs.dtype, device=rgbs.device).index_add(
+        0, ray, weights[:, None] * rgbs
+    )
+    bg = expand_background(background, n_rays, sigmas)
+    color = color + (1.0 - opacity)[:, None] * bg
+    kept = torch.zeros(n_rays, dtype=torch.int32, device=sigmas.device).index_add(
+        0, ray, alive.to(torch.int32)
+    )
+    return PackedComposited(color, opacity, depth, weights, kept)

@@ -100,3 +100,36 @@ def expand_background(background: torch.Tensor | float, n_rays: int, like: torch
             f"got shape {tuple(background.shape)}."
         )
     return background.expand(n_rays, 3)
+
+
+class PackedComposited(NamedTuple):
+    """Compositing output of a packed sample list: color (R, 3), opacity (R,), depth (R,), weights (N,)
+    aligned with the samples, and kept (R,) int32, the samples of each ray composited before the
+    transmittance cut (the rest have weight 0)."""
+
+    color: torch.Tensor
+    opacity: torch.Tensor
+    depth: torch.Tensor
+    weights: torch.Tensor
+    kept: torch.Tensor
+
+
+def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """First sample of each ray in a packed list (nerfacc's packed_info[:, 0]): counts (R,) -> (R,) int32.
+
+    >>> offsets_from_counts(torch.tensor([2, 0, 3]))
+    tensor([0, 2, 2], dtype=torch.int32)
+    """
+    return (torch.cumsum(counts, 0) - counts).to(torch.int32)
+
+
+def ray_indices(counts: torch.Tensor, n_samples: int | None = None) -> torch.Tensor:
+    """The ray of every sample of a packed list whose rays are stored back to back, in ray order (as
+    ``offsets_from_counts`` and the marching kernels lay them out): counts (R,) -> (N,) int64,
+    N = counts.sum() (pass ``n_samples`` when known, to save a device sync).
+
+    >>> ray_indices(torch.tensor([2, 0, 3]))
+    tensor([0, 0, 2, 2, 2])
+    """
+    rays = torch.arange(counts.shape[0], device=counts.device)
+    return torch.repeat_interleave(rays, counts.to(torch.int64), output_size=n_samples)
