@@ -34,11 +34,13 @@ from renderer.specs import (
     U32,
     Composited,
     PackedComposited,
+    PackedSamples,
     Rays,
     broadcast_cameras,
     draw_key,
     expand_background,
     mix_key,
+    offsets_from_counts,
     pcg_hash,
 )
 
@@ -318,3 +320,106 @@ def composite_packed(
         0, ray, alive.to(torch.int32)
     )
     return PackedComposited(color, opacity, depth, weights, kept)
+
+
+# ---------------------------------------------------------------- occupancy grid (renderer.occupancy)
+
+
+def occupancy_cells(points: torch.Tensor, resolution: int, radius: float) -> torch.Tensor:
+    """Flat cell index ``(i * res + j) * res + k`` of points in the cube [-radius, radius]^3 (outside
+    points clamp to the border): points (..., 3) -> (...) int64.
+
+    >>> occupancy_cells(torch.tensor([[-1.0, -1.0, 0.9], [0.1, 0.1, 0.1]]), 2, 1.0)
+    tensor([1, 7])
+    """
+    ijk = torch.floor((points + radius) * (resolution / (2.0 * radius))).to(torch.int64)
+    ijk = ijk.clamp(0, resolution - 1)
+    return (ijk[..., 0] * resolution + ijk[..., 1]) * resolution + ijk[..., 2]
+
+
+def occupancy_cell_points(
+    cells: torch.Tensor, resolution: int, radius: float, jitter: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A point in each cell: cells (M,) flat indices, jitter (M, 3) in [0, 1) (None: the centres;
+    the kernels hash ``hash_uniform(3 m + d, key)``) -> points (M, 3).
+
+    >>> occupancy_cell_points(torch.tensor([0, 7]), 2, 1.0)
+    tensor([[-0.5000, -0.5000, -0.5000],
+            [ 0.5000,  0.5000,  0.5000]])
+    """
+    cells = cells.to(torch.int64)
+    ijk = torch.stack([cells // resolution**2, (cells // resolution) % resolution, cells % resolution], 1)
+    u = torch.full(ijk.shape, 0.5) if jitter is None else jitter
+    return -radius + (2.0 * radius / resolution) * (ijk.to(torch.float32) + u)
+
+
+def occupancy_update(
+    density: torch.Tensor,
+    used: torch.Tensor,
+    cells: torch.Tensor,
+    values: torch.Tensor,
+    decay: float,
+    threshold: float,
+    warmup: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One grid update: density (C,), used (C,) uint8, distinct cells (M,) and their new values (M,)
+    -> (density (C,), occupied (C,) uint8). ``density[c] = max(decay * density[c], value)`` for the
+    given cells; occupied where density > min(threshold, mean density), in warm-up, or used.
+
+    >>> occupancy_update(torch.zeros(2), torch.zeros(2, dtype=torch.uint8), torch.tensor([1]),
+    ...                  torch.tensor([3.0]), 0.9, 1.0, False)
+    (tensor([0., 3.]), tensor([0, 1], dtype=torch.uint8))
+    """
+    density = density.clone()
+    cells = cells.to(torch.int64)
+    density[cells] = torch.maximum(density[cells] * decay, values.to(density.dtype))
+    cut = min(threshold, float(density.mean()))
+    occupied = (density > cut) | (used != 0) | warmup
+    return density, occupied.to(torch.uint8)
+
+
+def occupancy_mark_used(
+    used: torch.Tensor,
+    resolution: int,
+    radius: float,
+    rays: Rays,
+    t: torch.Tensor,
+    counts: torch.Tensor,
+    weights: torch.Tensor,
+    min_weight: float,
+) -> torch.Tensor:
+    """``used`` (C,) uint8 with the cells of packed samples (rays back to back) whose weight exceeds
+    ``min_weight`` set to 1: rays (R), t, weights (N,), counts (R,) -> (C,) uint8."""
+    ray = torch.repeat_interleave(torch.arange(counts.shape[0]), counts.to(torch.int64))
+    points = rays.origins[ray] + t[:, None] * rays.directions[ray]
+    used = used.clone()
+    used[occupancy_cells(points[weights > min_weight], resolution, radius)] = 1
+    return used
+
+
+def march_occupancy(
+    occupied: torch.Tensor,
+    resolution: int,
+    radius: float,
+    rays: Rays,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    jitter: torch.Tensor | None = None,
+) -> PackedSamples:
+    """The stratified samples of ``sample_stratified`` (with ``jitter`` (R, S) as there) kept where
+    ``occupied`` (C,) is non-zero, with their full-list ``sample_deltas``, packed ray after ray; rays
+    that miss (near == far) keep none: -> PackedSamples(t, deltas, offsets, counts, bins).
+
+    >>> rays = Rays(torch.tensor([[0.0, 0, -2]]), torch.tensor([[0.0, 0, 1]]), torch.tensor([0.0]),
+    ...             torch.tensor([4.0]))
+    >>> march_occupancy(torch.zeros(1, dtype=torch.uint8), 1, 2.0, rays, 4).counts   # one empty cell
+    tensor([0], dtype=torch.int32)
+    """
+    t = sample_stratified(rays.near, rays.far, n_samples, generator, jitter)
+    deltas = sample_deltas(t, rays.far)
+    points = rays.origins[:, None, :] + t[..., None] * rays.directions[:, None, :]
+    keep = occupied.to(torch.int64)[occupancy_cells(points, resolution, radius)] != 0
+    keep &= (rays.far > rays.near)[:, None]
+    counts = keep.sum(1).to(torch.int32)
+    bins = torch.arange(n_samples).expand_as(keep)[keep].to(torch.int32)
+    return PackedSamples(t[keep], deltas[keep], offsets_from_counts(counts), counts, bins)

@@ -133,3 +133,16 @@ def ray_indices(counts: torch.Tensor, n_samples: int | None = None) -> torch.Ten
     """
     rays = torch.arange(counts.shape[0], device=counts.device)
     return torch.repeat_interleave(rays, counts.to(torch.int64), output_size=n_samples)
+
+
+class PackedSamples(NamedTuple):
+    """Samples placed by marching an occupancy grid, packed: t (N,) and deltas (N,) float32, ray r's
+    samples at offsets[r] .. offsets[r] + counts[r] - 1 (offsets, counts (R,) int32, rays back to back),
+    and bins (N,) int32: each sample's index among the ray's S stratified samples, so per-sample values
+    can be scattered back to an (R, S) row (``values_dense.view(-1)[ray * S + bin] = values``)."""
+
+    t: torch.Tensor
+    deltas: torch.Tensor
+    offsets: torch.Tensor
+    counts: torch.Tensor
+    bins: torch.Tensor

@@ -1,0 +1,351 @@
+"""An occupancy grid over the cube around the render sphere, and ray marching through it into packed
+samples, as Taichi kernels (after nerfacc's ``OccGridEstimator``, ``nerfacc/estimators/occ_grid.py``).
+
+    grid = OccupancyGrid(resolution=64, radius=2.0)
+    grid.update(density_fn, generator=g, warmup=step < 256)   # density_fn: points (M, 3) -> sigma (M,)
+    packed = grid.march(rays, n_samples=32, generator=g)  # PackedSamples(t, deltas, offsets, counts, bins)
+    grid.mark_used(rays, packed.t, packed.offsets, packed.counts, weights)   # training rays' weights
+
+The grid covers [-radius, radius]^3 in resolution^3 cells; cell (i, j, k) along (x, y, z) has flat index
+``(i * res + j) * res + k``. It keeps, per cell, a float32 density estimate (an exponential moving
+average: ``max(decay * old, new)``, as nerfacc) and one byte ``occupied``, which is what marching reads.
+A cell is occupied when its estimate exceeds ``min(threshold, mean of all estimates)`` (nerfacc's rule,
+so a field that is faint everywhere still keeps its densest cells), during warm-up (every cell), or when
+a training ray's weights used it since the last update (``mark_used``: the grid never drops a cell that
+the rendering still relies on). ``threshold`` is the density whose opacity over one ``step`` is
+``min_alpha`` (nerfacc's ``occ_thre`` 0.01 applies to ``density * render_step_size``).
+
+Marching places the same stratified samples as ``renderer.sample_stratified`` (same bins, same hashed
+jitter from the same generator state) and keeps those whose point lies in an occupied cell; each kept
+sample keeps the interval length it has in the full list (``sample_deltas``). Dropping a sample
+therefore means taking its density as zero: with every cell occupied, marching gives exactly the dense
+samples. Rays that miss the sphere (near == far) get no samples.
+
+The field is the caller's: ``update`` takes any function of points (``renderer`` never imports
+``models``). Every function is one or two kernel launches; nothing here carries gradients.
+"""
+
+import math
+from collections.abc import Callable
+
+import taichi as ti
+import torch
+
+from renderer.backend import kernel_device, launch, to_kernel
+from renderer.sampling import hash_uniform
+from renderer.specs import PackedSamples, Rays, draw_key, mix_key, offsets_from_counts
+
+f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
+f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
+i32_1d = ti.types.ndarray(dtype=ti.i32, ndim=1)
+u8_1d = ti.types.ndarray(dtype=ti.u8, ndim=1)
+
+
+@ti.func
+def cell_of(x, y, z, radius, res):
+    """Flat index of the cell holding point (x, y, z); points outside the cube clamp to its border."""
+    scale = res / (2.0 * radius)
+    i = ti.min(ti.max(ti.cast(ti.floor((x + radius) * scale), ti.i32), 0), res - 1)
+    j = ti.min(ti.max(ti.cast(ti.floor((y + radius) * scale), ti.i32), 0), res - 1)
+    k = ti.min(ti.max(ti.cast(ti.floor((z + radius) * scale), ti.i32), 0), res - 1)
+    return (i * res + j) * res + k
+
+
+@ti.kernel
+def cell_points_kernel(
+    cells: i32_1d, mixed_key: ti.u32, use_jitter: ti.i32, radius: ti.f32, res: ti.i32, points: f32_2d
+):
+    """(M,) flat cell indices -> (M, 3) points, uniform in each cell (hashed ``3 m + d``), or its centre."""
+    size = 2.0 * radius / res
+    for m in range(cells.shape[0]):
+        c = cells[m]
+        i = c // (res * res)
+        j = (c - i * res * res) // res
+        k = c - (i * res + j) * res
+        for d in ti.static(range(3)):
+            u = 0.5
+            if use_jitter:
+                u = hash_uniform(3 * m + d, mixed_key)
+            index = i if d == 0 else (j if d == 1 else k)
+            points[m, d] = -radius + size * (ti.cast(index, ti.f32) + u)
+
+
+@ti.kernel
+def update_kernel(cells: i32_1d, values: f32_1d, decay: ti.f32, density: f32_1d):
+    """density[cells[m]] = max(decay * density[cells[m]], values[m]); cells are distinct (no race)."""
+    for m in range(cells.shape[0]):
+        c = cells[m]
+        density[c] = ti.max(density[c] * decay, values[m])
+
+
+@ti.kernel
+def binarize_kernel(density: f32_1d, threshold: ti.f32, warmup: ti.i32, used: u8_1d, occupied: u8_1d):
+    """occupied = warm-up | density > threshold | used since the last update; then clears ``used``."""
+    for c in range(density.shape[0]):
+        keep = warmup != 0 or density[c] > threshold or used[c] != 0
+        occupied[c] = ti.cast(keep, ti.u8)
+        used[c] = ti.u8(0)
+
+
+@ti.func
+def stratified_t(lo, bin_width, first, s, mixed_key, use_jitter):
+    """Sample s of a ray as ``renderer.sample_stratified`` places it (same arithmetic, same hash)."""
+    u = 0.5
+    if use_jitter:
+        u = hash_uniform(first + s, mixed_key)
+    return lo + bin_width * (s + u)
+
+
+@ti.kernel
+def march_kernel(
+    origins: f32_2d,
+    directions: f32_2d,
+    near: f32_1d,
+    far: f32_1d,
+    occupied: u8_1d,
+    mixed_key: ti.u32,
+    use_jitter: ti.i32,
+    n_samples: ti.i32,
+    radius: ti.f32,
+    res: ti.i32,
+    write: ti.template(),
+    offsets: i32_1d,
+    counts: i32_1d,
+    t_out: f32_1d,
+    deltas_out: f32_1d,
+    bins_out: i32_1d,
+):
+    """Stratified samples of each ray kept where the grid is occupied. Pass 1 (``write`` False) counts
+    them into ``counts``; pass 2 writes t, deltas and bins at the ray's ``offsets`` (the prefix sum of
+    the counts, taken in torch between the passes). Both passes make the same decisions."""
+    for ray in range(near.shape[0]):
+        lo, hi = near[ray], far[ray]
+        ox, oy, oz = origins[ray, 0], origins[ray, 1], origins[ray, 2]
+        dx, dy, dz = directions[ray, 0], directions[ray, 1], directions[ray, 2]
+        bin_width = (hi - lo) / n_samples
+        first = ray * n_samples
+        n = 0
+        slot = 0
+        if ti.static(write):
+            slot = offsets[ray]
+        if hi > lo:
+            current = stratified_t(lo, bin_width, first, 0, mixed_key, use_jitter)
+            for s in range(n_samples):
+                # The next sample is recomputed (not looked up) so that a kept sample's interval is the
+                # one it has in the full list, whether or not the next sample is kept.
+                after = hi
+                if s + 1 < n_samples:
+                    after = stratified_t(lo, bin_width, first, s + 1, mixed_key, use_jitter)
+                cell = cell_of(ox + current * dx, oy + current * dy, oz + current * dz, radius, res)
+                if occupied[cell] != 0:
+                    if ti.static(write):
+                        t_out[slot + n] = current
+                        deltas_out[slot + n] = ti.max(after - current, 0.0)
+                        bins_out[slot + n] = s
+                    n += 1
+                current = after
+        if ti.static(not write):
+            counts[ray] = n
+
+
+@ti.kernel
+def mark_used_kernel(
+    origins: f32_2d,
+    directions: f32_2d,
+    t: f32_1d,
+    offsets: i32_1d,
+    counts: i32_1d,
+    weights: f32_1d,
+    min_weight: ti.f32,
+    radius: ti.f32,
+    res: ti.i32,
+    used: u8_1d,
+):
+    """used[cell of every packed sample whose weight exceeds min_weight] = 1 (racing writes of one
+    value, so no atomics are needed)."""
+    for ray in range(offsets.shape[0]):
+        ox, oy, oz = origins[ray, 0], origins[ray, 1], origins[ray, 2]
+        dx, dy, dz = directions[ray, 0], directions[ray, 1], directions[ray, 2]
+        for i in range(offsets[ray], offsets[ray] + counts[ray]):
+            if weights[i] > min_weight:
+                d = t[i]
+                used[cell_of(ox + d * dx, oy + d * dy, oz + d * dz, radius, res)] = ti.u8(1)
+
+
+def _mixed_key(generator: torch.Generator | None) -> int:
+    return 0 if generator is None else mix_key(draw_key(generator))
+
+
+class OccupancyGrid:
+    """Occupancy of the cube [-radius, radius]^3 (the render sphere's bounding cube), for skipping empty
+    space; state on the renderer's kernel device, one byte per cell for marching.
+
+    resolution: cells per axis (64 -> 262,144 cells, 128 -> 2,097,152); radius: the render sphere's;
+    min_alpha, step: a cell is occupied when its density's opacity over ``step`` (default: one cell) is
+    above ``min_alpha``; decay: the moving average's factor per update.
+    Fresh grids are all occupied (nothing is known yet), so marching an unestimated grid loses nothing.
+
+    >>> grid = OccupancyGrid(resolution=4, radius=1.0)
+    >>> _ = grid.update(lambda p: (p.norm(dim=1) < 0.5).float() * 100.0, fraction=1.0)  # every cell
+    >>> int(grid.occupied.sum())   # the 8 cells around the centre
+    8
+    """
+
+    def __init__(
+        self,
+        resolution: int = 64,
+        radius: float = 2.0,
+        min_alpha: float = 0.01,
+        decay: float = 0.95,
+        step: float | None = None,
+    ):
+        if resolution < 1 or resolution > 1024:
+            raise ValueError(f"resolution must be 1..1024 cells per axis, got {resolution}.")
+        if not 0 <= min_alpha < 1:
+            raise ValueError(f"min_alpha must be in [0, 1), got {min_alpha}.")
+        self.resolution = int(resolution)
+        self.radius = float(radius)
+        self.decay = float(decay)
+        self.step = float(step) if step is not None else 2.0 * self.radius / self.resolution
+        self.threshold = -math.log1p(-min_alpha) / self.step  # density with opacity min_alpha over step
+        device = kernel_device()
+        n_cells = self.resolution**3
+        self.density = torch.zeros(n_cells, device=device)
+        self.occupied = torch.ones(n_cells, dtype=torch.uint8, device=device)
+        self.used = torch.zeros(n_cells, dtype=torch.uint8, device=device)
+
+    @property
+    def n_cells(self) -> int:
+        return self.resolution**3
+
+    def occupied_fraction(self) -> float:
+        """Share of the cells marked occupied (a device sync)."""
+        return float(self.occupied.float().mean())
+
+    def cell_points(self, cells: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A uniform point in each cell (hashed from the generator), or the centres without one:
+        cells (M,) flat indices -> points (M, 3) float32 on the kernel device."""
+        cells_k = to_kernel(cells, torch.int32)
+        points = torch.empty((cells_k.shape[0], 3), device=kernel_device())
+        if cells_k.shape[0] > 0:
+            launch(
+                "occupancy_cell_points", cell_points_kernel, cells_k, _mixed_key(generator),
+                int(generator is not None), self.radius, self.resolution, points,
+            )  # fmt: skip
+        return points
+
+    def select_cells(self, warmup: bool, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
+        """The cells an update evaluates: all in warm-up, else (nerfacc) a random ``fraction`` of all
+        cells plus as many random occupied ones, without repeats: -> (M,) int32 sorted."""
+        device = kernel_device()
+        if warmup or fraction >= 1:
+            return torch.arange(self.n_cells, dtype=torch.int32, device=device)
+        n_pick = max(1, int(fraction * self.n_cells))
+        g = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
+        anywhere = torch.randperm(self.n_cells, generator=g, device=device)[:n_pick]
+        occupied = torch.nonzero(self.occupied, as_tuple=True)[0]
+        pick = torch.randperm(occupied.shape[0], generator=g, device=device)[:n_pick]
+        return torch.unique(torch.cat([anywhere, occupied[pick]])).to(torch.int32)
+
+    @torch.no_grad()
+    def update(
+        self,
+        density_fn: Callable[[torch.Tensor], torch.Tensor],
+        generator: torch.Generator | None = None,
+        warmup: bool = False,
+        fraction: float = 0.25,
+        chunk: int = 65536,
+    ) -> dict[str, float]:
+        """Re-estimate the grid from ``density_fn`` (points (M, 3) -> density (M,), any torch device)
+        at cell-jittered points, decay the old estimates, and re-mark the occupied cells.
+
+        warmup: evaluate every cell and keep every cell occupied; fraction: share of cells evaluated
+        otherwise (plus as many occupied ones); chunk: points per ``density_fn`` call (bounds memory).
+        Cells that ``mark_used`` flagged since the last update stay occupied. Returns
+        {"evaluated": cells evaluated, "occupied": share of cells occupied after the update}.
+        """
+        cells = self.select_cells(warmup, fraction, generator)
+        points = self.cell_points(cells, generator)
+        values = torch.cat([
+            density_fn(points[start:start + chunk]).reshape(-1).float().to(points.device)
+            for start in range(0, points.shape[0], chunk)
+        ])  # fmt: skip
+        values = torch.nan_to_num(values, nan=float("inf")).contiguous()  # an unknown value: keep the cell
+        launch("occupancy_update", update_kernel, cells, values, self.decay, self.density)
+        threshold = min(self.threshold, float(self.density.mean()))
+        launch("occupancy_binarize", binarize_kernel, self.density, threshold, int(warmup), self.used,
+               self.occupied)  # fmt: skip
+        return {"evaluated": float(cells.shape[0]), "occupied": self.occupied_fraction()}
+
+    @torch.no_grad()
+    def mark_used(
+        self,
+        rays: Rays,
+        t: torch.Tensor,
+        offsets: torch.Tensor,
+        counts: torch.Tensor,
+        weights: torch.Tensor,
+        min_weight: float = 1e-4,
+    ) -> None:
+        """Flag the cells of packed samples whose compositing weight exceeds ``min_weight``, so that the
+        next ``update`` keeps them occupied: rays (R), t, weights (N,), offsets, counts (R,)."""
+        if offsets.shape[0] == 0 or t.shape[0] == 0:
+            return
+        launch(
+            "occupancy_mark_used", mark_used_kernel, to_kernel(rays.origins), to_kernel(rays.directions),
+            to_kernel(t), to_kernel(offsets, torch.int32), to_kernel(counts, torch.int32), to_kernel(weights),
+            float(min_weight), self.radius, self.resolution, self.used,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def march(self, rays: Rays, n_samples: int, generator: torch.Generator | None = None) -> PackedSamples:
+        """Stratified samples of each ray, kept only in occupied cells, packed (rays back to back):
+        rays (R) -> PackedSamples(t (N,), deltas (N,), offsets (R,), counts (R,), bins (N,)).
+
+        Same samples as ``renderer.sample_stratified(rays.near, rays.far, n_samples, generator)`` (same
+        generator state) minus those in empty cells, with their full-list ``sample_deltas``.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+        device = kernel_device()
+        n_rays = rays.near.shape[0]
+        args = (
+            to_kernel(rays.origins), to_kernel(rays.directions), to_kernel(rays.near), to_kernel(rays.far),
+            self.occupied, _mixed_key(generator), int(generator is not None), int(n_samples), self.radius,
+            self.resolution,
+        )  # fmt: skip
+        counts = torch.zeros(n_rays, dtype=torch.int32, device=device)
+        none_f, none_i = torch.zeros(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+        if n_rays > 0:
+            launch("occupancy_march_count", march_kernel, *args, False, none_i, counts, none_f, none_f,
+                   none_i)  # fmt: skip
+        offsets = offsets_from_counts(counts)
+        total = int(counts.sum())  # one device sync: the packed arrays' size
+        t = torch.empty(total, device=device)
+        deltas = torch.empty(total, device=device)
+        bins = torch.empty(total, dtype=torch.int32, device=device)
+        if total > 0:
+            launch("occupancy_march", march_kernel, *args, True, offsets, counts, t, deltas, bins)
+        out = rays.near.device
+        return PackedSamples(t.to(out), deltas.to(out), offsets.to(out), counts.to(out), bins.to(out))
+
+    def state_dict(self) -> dict:
+        """The grid's settings and state, for checkpoints (CPU tensors)."""
+        return {
+            "resolution": self.resolution, "radius": self.radius, "decay": self.decay, "step": self.step,
+            "threshold": self.threshold, "density": self.density.cpu(), "occupied": self.occupied.cpu(),
+            "used": self.used.cpu(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s output; the resolution and radius must match this grid's."""
+        if state["resolution"] != self.resolution or state["radius"] != self.radius:
+            raise ValueError(
+                f"occupancy grid mismatch: checkpoint has {state['resolution']}^3 cells over radius "
+                f"{state['radius']}, this grid {self.resolution}^3 over {self.radius}."
+            )
+        device = kernel_device()
+        self.decay, self.step, self.threshold = state["decay"], state["step"], state["threshold"]
+        self.density = state["density"].to(device=device, dtype=torch.float32).contiguous()
+        self.occupied = state["occupied"].to(device=device, dtype=torch.uint8).contiguous()
+        self.used = state["used"].to(device=device, dtype=torch.uint8).contiguous()
