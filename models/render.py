@@ -33,6 +33,14 @@ class RenderConfig:
     n_coarse: int = 128
     n_fine: int = 64
     radius: float = 2.0
+    # Skipping empty and hidden samples (models.skip_empty; off unless benchmarks/quality.py holds).
+    skip_empty: bool = False
+    early_stop_eps: float = 1e-4
+    occupancy_resolution: int = 128
+    occupancy_every: int = 16
+    occupancy_warmup: int = 256
+    occupancy_codes: int = 4
+    occupancy_fraction: float = 0.125
 
     @classmethod
     def paper(cls) -> RenderConfig:
@@ -42,7 +50,7 @@ class RenderConfig:
     @classmethod
     def cpu(cls) -> RenderConfig:
         """32 + 32 samples: enough for 64 px on 2 CPU cores."""
-        return cls(n_coarse=32, n_fine=32)
+        return cls(n_coarse=32, n_fine=32, occupancy_resolution=64)
 
 
 class RayOutput(NamedTuple):

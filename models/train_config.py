@@ -131,7 +131,8 @@ RESUMABLE = {("run", "steps"), ("run", "log_every"), ("run", "preview_every"), (
 CHOICES = {("data", "dataset"): DATASETS, ("field", "latent_mode"): ("chunks", "whole"),
            ("latent", "optimizer"): ("sgd", "adam")}
 AT_LEAST = {("data", "resolution"): 8, ("run", "seed"): 0, ("run", "preview_identities"): 0,
-            ("field", "n_frequencies"): 0, ("background", "n_frequencies"): 0, ("render", "n_fine"): 0}
+            ("field", "n_frequencies"): 0, ("background", "n_frequencies"): 0, ("render", "n_fine"): 0,
+            ("render", "occupancy_warmup"): 0}
 POSITIVE = {("render", "radius"), ("optim", "lr_init"), ("optim", "lr_final"), ("latent", "lr"),
             ("latent", "lr_scale")}
 UNIT_INTERVAL = {("optim", "beta1"), ("optim", "beta2"), ("latent", "momentum")}  # [0, 1)
@@ -158,6 +159,9 @@ FLAG_HELP = {
     ("render", "n_coarse"): "stratified samples per ray",
     ("render", "n_fine"): "importance samples per ray",
     ("render", "radius"): "bounding sphere radius (head units)",
+    ("render", "skip_empty"): "on | off: march an occupancy grid and composite packed samples with early "
+                              "stop (models/skip_empty.py; README has the speed and quality figures)",
+    ("render", "early_stop_eps"): "stop a ray once its transmittance is below this (skip-empty only)",
     ("loss", "mask"): "weight of (opacity - mask)^2",
     ("loss", "hard"): "weight of the hard-surface loss on sample weights",
     ("optim", "decay_steps"): "steps over which lr decays from lr_init to lr_final (none: the run's "

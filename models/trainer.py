@@ -31,6 +31,7 @@ from models.field_backend import background_as_backend, make_field
 from models.latents import LatentConfig, LatentTable, make_latent_optimizer
 from models.losses import LossConfig, compute_losses, psnr_from_mse
 from models.render import RenderConfig, render_rays
+from models.skip_empty import ClassOccupancy, render_rays_skip_empty
 
 
 class RenderModule(nn.Module):
@@ -47,8 +48,12 @@ class RenderModule(nn.Module):
         self.background = background
         self.render_config = render_config
         self.ops = renderer  # renderer.reference swaps in the plain-torch baseline (benchmarks)
+        self.occupancy = None  # a models.skip_empty.ClassOccupancy with --render-skip-empty on
 
     def forward(self, rays, latents: torch.Tensor, generator: torch.Generator | None):
+        if self.occupancy is not None:
+            return render_rays_skip_empty(self.field, self.background, rays, latents, self.render_config,
+                                          self.occupancy, generator)
         return render_rays(self.field, self.background, rays, latents, self.render_config, generator,
                            ops=self.ops)
 
@@ -121,6 +126,8 @@ class Trainer:
         for module in (self.field, self.background, self.latents):
             module.to(self.device)
         self.module = RenderModule(self.field, self.background, RenderConfig(**config["render"]))
+        if self.module.render_config.skip_empty:
+            self.module.occupancy = ClassOccupancy(self.module.render_config)
         self.model: nn.Module = self.module
         if self.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
@@ -156,6 +163,8 @@ class Trainer:
         for name, sch in self.schedulers.items():
             sch.load_state_dict(payload["schedulers"][name])
         self.step = int(payload["step"])
+        if self.module.occupancy is not None and "occupancy" in payload:
+            self.module.occupancy.load_state_dict(payload["occupancy"])
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -196,6 +205,8 @@ class Trainer:
             rng={"torch": torch.get_rng_state(), "python": random.getstate(), "ranks": ranks},
             config=self.config, fingerprint=self.fingerprint, metric=self.last_loss)
         payload["optimizers"]["latents"] = latent_opt
+        if self.module.occupancy is not None:
+            payload["occupancy"] = self.module.occupancy.state_dict()
         return payload
 
     def save(self) -> Path | None:
@@ -211,6 +222,10 @@ class Trainer:
         timer = self.timer
         with timer.phase("data"):
             batch = {k: v.to(self.device) for k, v in self.sampler.sample().items()}
+        if self.module.occupancy is not None:  # the grid's update, every occupancy_every steps
+            with timer.phase("occupancy"):
+                self.module.occupancy.maybe_update(self.step, self.field, self.latents.codes,
+                                                   self.ray_generator)
         with timer.phase("forward"):
             rays = self.module.ops.generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"],
                                           radius=self.module.render_config.radius)

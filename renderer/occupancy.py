@@ -12,7 +12,11 @@ average: ``max(decay * old, new)``, as nerfacc) and one byte ``occupied``, which
 A cell is occupied when its estimate exceeds ``min(threshold, mean of all estimates)`` (nerfacc's rule,
 so a field that is faint everywhere still keeps its densest cells), during warm-up (every cell), or when
 a training ray's weights used it since the last update (``mark_used``: the grid never drops a cell that
-the rendering still relies on). ``threshold`` is the density whose opacity over one ``step`` is
+the rendering still relies on); with ``dilate`` (the default) the neighbours of such cells are occupied
+too. Dilation is not in nerfacc: one jittered point per cell and update can miss a dense part of a
+cell on a surface's soft edge, and dropping it loses that surface's fringe (the grazing rays of a test
+ball lost up to 0.08 of colour with 3 updates and no dilation; tests/test_skip_empty.py), so the grid
+errs on the side of keeping samples. ``threshold`` is the density whose opacity over one ``step`` is
 ``min_alpha`` (nerfacc's ``occ_thre`` 0.01 applies to ``density * render_step_size``).
 
 Marching places the same stratified samples as ``renderer.sample_stratified`` (same bins, same hashed
@@ -79,12 +83,34 @@ def update_kernel(cells: i32_1d, values: f32_1d, decay: ti.f32, density: f32_1d)
 
 
 @ti.kernel
-def binarize_kernel(density: f32_1d, threshold: ti.f32, warmup: ti.i32, used: u8_1d, occupied: u8_1d):
-    """occupied = warm-up | density > threshold | used since the last update; then clears ``used``."""
+def binarize_kernel(
+    density: f32_1d,
+    threshold: ti.f32,
+    warmup: ti.i32,
+    res: ti.i32,
+    dilate: ti.i32,
+    used: u8_1d,
+    core: u8_1d,
+    occupied: u8_1d,
+):
+    """core = warm-up | density > threshold | used since the last update (then ``used`` is cleared);
+    occupied = core, grown by one cell in every direction (26 neighbours) when ``dilate`` is set. The
+    two loops run one after the other (two tasks of one launch)."""
     for c in range(density.shape[0]):
         keep = warmup != 0 or density[c] > threshold or used[c] != 0
-        occupied[c] = ti.cast(keep, ti.u8)
+        core[c] = ti.cast(keep, ti.u8)
         used[c] = ti.u8(0)
+    for c in range(density.shape[0]):
+        hit = core[c]
+        if dilate:
+            i = c // (res * res)
+            j = (c - i * res * res) // res
+            k = c - (i * res + j) * res
+            for di, dj, dk in ti.ndrange((-1, 2), (-1, 2), (-1, 2)):
+                a, b, e = i + di, j + dj, k + dk
+                if 0 <= a < res and 0 <= b < res and 0 <= e < res:
+                    hit = hit | core[(a * res + b) * res + e]
+        occupied[c] = hit
 
 
 @ti.func
@@ -162,14 +188,18 @@ def mark_used_kernel(
     used: u8_1d,
 ):
     """used[cell of every packed sample whose weight exceeds min_weight] = 1 (racing writes of one
-    value, so no atomics are needed)."""
+    value, so no atomics are needed). The kernel reads ``used`` before it writes: on Vulkan an argument
+    a kernel only writes is not copied in, and the cells it leaves alone would come back as garbage
+    (docs/TAICHI.md); the read also spares the writes to cells already flagged."""
     for ray in range(offsets.shape[0]):
         ox, oy, oz = origins[ray, 0], origins[ray, 1], origins[ray, 2]
         dx, dy, dz = directions[ray, 0], directions[ray, 1], directions[ray, 2]
         for i in range(offsets[ray], offsets[ray] + counts[ray]):
             if weights[i] > min_weight:
                 d = t[i]
-                used[cell_of(ox + d * dx, oy + d * dy, oz + d * dz, radius, res)] = ti.u8(1)
+                cell = cell_of(ox + d * dx, oy + d * dy, oz + d * dz, radius, res)
+                if used[cell] == 0:
+                    used[cell] = ti.u8(1)
 
 
 def _mixed_key(generator: torch.Generator | None) -> int:
@@ -182,13 +212,14 @@ class OccupancyGrid:
 
     resolution: cells per axis (64 -> 262,144 cells, 128 -> 2,097,152); radius: the render sphere's;
     min_alpha, step: a cell is occupied when its density's opacity over ``step`` (default: one cell) is
-    above ``min_alpha``; decay: the moving average's factor per update.
+    above ``min_alpha``; decay: the moving average's factor per update; dilate: also occupy the 26
+    neighbours of every occupied cell.
     Fresh grids are all occupied (nothing is known yet), so marching an unestimated grid loses nothing.
 
     >>> grid = OccupancyGrid(resolution=4, radius=1.0)
     >>> _ = grid.update(lambda p: (p.norm(dim=1) < 0.5).float() * 100.0, fraction=1.0)  # every cell
-    >>> int(grid.occupied.sum())   # the 8 cells around the centre
-    8
+    >>> int(grid.core.sum()), int(grid.occupied.sum())   # the 8 cells around the centre; dilated
+    (8, 64)
     """
 
     def __init__(
@@ -198,6 +229,7 @@ class OccupancyGrid:
         min_alpha: float = 0.01,
         decay: float = 0.95,
         step: float | None = None,
+        dilate: bool = True,
     ):
         if resolution < 1 or resolution > 1024:
             raise ValueError(f"resolution must be 1..1024 cells per axis, got {resolution}.")
@@ -206,6 +238,7 @@ class OccupancyGrid:
         self.resolution = int(resolution)
         self.radius = float(radius)
         self.decay = float(decay)
+        self.dilate = bool(dilate)
         self.step = float(step) if step is not None else 2.0 * self.radius / self.resolution
         self.threshold = -math.log1p(-min_alpha) / self.step  # density with opacity min_alpha over step
         device = kernel_device()
@@ -213,6 +246,7 @@ class OccupancyGrid:
         self.density = torch.zeros(n_cells, device=device)
         self.occupied = torch.ones(n_cells, dtype=torch.uint8, device=device)
         self.used = torch.zeros(n_cells, dtype=torch.uint8, device=device)
+        self.core = torch.zeros(n_cells, dtype=torch.uint8, device=device)  # occupied before dilation
 
     @property
     def n_cells(self) -> int:
@@ -234,11 +268,13 @@ class OccupancyGrid:
             )  # fmt: skip
         return points
 
-    def select_cells(self, warmup: bool, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
-        """The cells an update evaluates: all in warm-up, else (nerfacc) a random ``fraction`` of all
-        cells plus as many random occupied ones, without repeats: -> (M,) int32 sorted."""
+    def select_cells(self, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The cells an update evaluates: all for ``fraction >= 1``, else (nerfacc) a random ``fraction``
+        of all cells plus as many random occupied ones, without repeats: -> (M,) int32 sorted. Warm-up
+        does not change the choice (nerfacc evaluates every cell then; on a CPU that costs more than
+        the steps it would save, and warm-up keeps every cell occupied anyway)."""
         device = kernel_device()
-        if warmup or fraction >= 1:
+        if fraction >= 1:
             return torch.arange(self.n_cells, dtype=torch.int32, device=device)
         n_pick = max(1, int(fraction * self.n_cells))
         g = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
@@ -259,12 +295,13 @@ class OccupancyGrid:
         """Re-estimate the grid from ``density_fn`` (points (M, 3) -> density (M,), any torch device)
         at cell-jittered points, decay the old estimates, and re-mark the occupied cells.
 
-        warmup: evaluate every cell and keep every cell occupied; fraction: share of cells evaluated
-        otherwise (plus as many occupied ones); chunk: points per ``density_fn`` call (bounds memory).
+        warmup: keep every cell occupied (the estimates are still updated); fraction: share of cells
+        evaluated (plus as many occupied ones; 1: every cell); chunk: points per ``density_fn`` call
+        (bounds memory).
         Cells that ``mark_used`` flagged since the last update stay occupied. Returns
         {"evaluated": cells evaluated, "occupied": share of cells occupied after the update}.
         """
-        cells = self.select_cells(warmup, fraction, generator)
+        cells = self.select_cells(fraction, generator)
         points = self.cell_points(cells, generator)
         values = torch.cat([
             density_fn(points[start:start + chunk]).reshape(-1).float().to(points.device)
@@ -273,8 +310,8 @@ class OccupancyGrid:
         values = torch.nan_to_num(values, nan=float("inf")).contiguous()  # an unknown value: keep the cell
         launch("occupancy_update", update_kernel, cells, values, self.decay, self.density)
         threshold = min(self.threshold, float(self.density.mean()))
-        launch("occupancy_binarize", binarize_kernel, self.density, threshold, int(warmup), self.used,
-               self.occupied)  # fmt: skip
+        launch("occupancy_binarize", binarize_kernel, self.density, threshold, int(warmup), self.resolution,
+               int(self.dilate), self.used, self.core, self.occupied)  # fmt: skip
         return {"evaluated": float(cells.shape[0]), "occupied": self.occupied_fraction()}
 
     @torch.no_grad()
@@ -333,6 +370,7 @@ class OccupancyGrid:
         """The grid's settings and state, for checkpoints (CPU tensors)."""
         return {
             "resolution": self.resolution, "radius": self.radius, "decay": self.decay, "step": self.step,
+            "dilate": self.dilate,
             "threshold": self.threshold, "density": self.density.cpu(), "occupied": self.occupied.cpu(),
             "used": self.used.cpu(),
         }  # fmt: skip
@@ -346,6 +384,7 @@ class OccupancyGrid:
             )
         device = kernel_device()
         self.decay, self.step, self.threshold = state["decay"], state["step"], state["threshold"]
+        self.dilate = bool(state.get("dilate", True))
         self.density = state["density"].to(device=device, dtype=torch.float32).contiguous()
         self.occupied = state["occupied"].to(device=device, dtype=torch.uint8).contiguous()
         self.used = state["used"].to(device=device, dtype=torch.uint8).contiguous()

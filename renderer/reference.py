@@ -361,10 +361,12 @@ def occupancy_update(
     decay: float,
     threshold: float,
     warmup: bool,
+    dilate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One grid update: density (C,), used (C,) uint8, distinct cells (M,) and their new values (M,)
     -> (density (C,), occupied (C,) uint8). ``density[c] = max(decay * density[c], value)`` for the
-    given cells; occupied where density > min(threshold, mean density), in warm-up, or used.
+    given cells; occupied where density > min(threshold, mean density), in warm-up, or used, and with
+    ``dilate`` next to such a cell (26 neighbours).
 
     >>> occupancy_update(torch.zeros(2), torch.zeros(2, dtype=torch.uint8), torch.tensor([1]),
     ...                  torch.tensor([3.0]), 0.9, 1.0, False)
@@ -375,6 +377,9 @@ def occupancy_update(
     density[cells] = torch.maximum(density[cells] * decay, values.to(density.dtype))
     cut = min(threshold, float(density.mean()))
     occupied = (density > cut) | (used != 0) | warmup
+    if dilate:  # the 26 neighbours of every occupied cell too: a 3x3x3 max filter
+        cube = occupied.view(1, 1, *(3 * [round(occupied.shape[0] ** (1 / 3))])).float()
+        occupied = torch.nn.functional.max_pool3d(cube, 3, stride=1, padding=1).view(-1) > 0
     return density, occupied.to(torch.uint8)
 
 

@@ -40,38 +40,42 @@ def test_cell_points_match_reference_and_lie_in_their_cells(arch):
     torch.testing.assert_close(centres, ref.occupancy_cell_points(cells, 8, RADIUS), rtol=0, atol=1e-6)
 
 
-def test_update_matches_reference_with_warmup_decay_and_subsets(arch):
-    grid = OccupancyGrid(resolution=8, radius=RADIUS, decay=0.5)
+@pytest.mark.parametrize("dilate", [False, True])
+def test_update_matches_reference_with_warmup_decay_and_subsets(arch, dilate):
+    grid = OccupancyGrid(resolution=8, radius=RADIUS, decay=0.5, dilate=dilate)
     density = torch.zeros(512)
     used = torch.zeros(512, dtype=torch.uint8)
     schedule = [(True, 1.0, blob), (False, 0.25, blob), (False, 0.25, lambda p: 0.1 * blob(p)),
                 (False, 1.0, lambda p: torch.zeros(p.shape[0]))]  # fmt: skip
     for step, (warmup, fraction, fn) in enumerate(schedule):
         g_grid, g_ref = torch.Generator().manual_seed(step), torch.Generator().manual_seed(step)
-        cells = grid.select_cells(warmup, fraction, g_ref)  # what the update picks (state + generator)
+        cells = grid.select_cells(fraction, g_ref)  # what the update picks (state + generator)
         points = ref.occupancy_cell_points(cells, 8, RADIUS, cell_jitter(cells.shape[0], g_ref))
         stats = grid.update(fn, g_grid, warmup=warmup, fraction=fraction, chunk=37)
         values = fn(points)
-        density, occupied = ref.occupancy_update(density, used, cells, values, 0.5, grid.threshold, warmup)
+        density, occupied = ref.occupancy_update(density, used, cells, values, 0.5, grid.threshold, warmup,
+                                                 dilate)  # fmt: skip
         torch.testing.assert_close(grid.density, density)
         assert torch.equal(grid.occupied, occupied), f"update {step}"
         assert stats["evaluated"] == cells.shape[0]
         if warmup:
             assert torch.all(grid.occupied == 1), "warm-up keeps every cell occupied"
         elif step == 1:
-            assert 0.01 < stats["occupied"] < 0.2, "after warm-up only the ball's cells stay occupied"
+            assert 0.01 < stats["occupied"] < (0.5 if dilate else 0.2), (
+                "after warm-up only the ball's cells stay occupied"
+            )
             assert cells.shape[0] < 512 and cells.unique().shape == cells.shape
     # The last update saw zeros everywhere: only the decayed estimates are left, and the threshold rule
     # (at most the mean) keeps the ball's densest cells.
-    assert 0 < grid.occupied.sum() < 100
+    assert 0 < grid.core.sum() < 100
     # A field faint everywhere (the ball's density 1e-3, far below the threshold) keeps its densest cells.
     faint = OccupancyGrid(resolution=8, radius=RADIUS)
     faint.update(lambda p: 2e-5 * blob(p), fraction=1.0)
-    assert faint.threshold > 1e-2 and 0 < faint.occupied.sum() < 100
+    assert faint.threshold > 1e-2 and 0 < faint.core.sum() < 100
 
 
 def test_mark_used_keeps_cells_until_the_next_update(arch):
-    grid = OccupancyGrid(resolution=8, radius=RADIUS)
+    grid = OccupancyGrid(resolution=8, radius=RADIUS, dilate=False)
     nothing = lambda p: torch.zeros(p.shape[0])  # noqa: E731
     grid.update(nothing, warmup=False, fraction=1.0)
     assert grid.occupied.sum() == 0, "an empty field leaves no cell occupied"
@@ -183,4 +187,5 @@ def test_state_dict_round_trip_and_bad_arguments(arch):
         OccupancyGrid(min_alpha=1.0)
     small = OccupancyGrid(resolution=4, radius=1.0)
     small.update(lambda p: (p.norm(dim=1) < 0.5).float() * 100.0, fraction=1.0)
-    assert int(small.occupied.sum()) == 8  # the docstring's example: the 8 cells around the centre
+    assert int(small.core.sum()) == 8  # the docstring's example: the 8 cells around the centre,
+    assert int(small.occupied.sum()) == 64  # and with their neighbours, every cell of a 4^3 grid
