@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.arguments import add_arch_flag, add_field_backend_flag, at_least
+from export.arguments import add_arch_flag, add_field_backend_flag, add_skip_empty_flag, at_least
 from export.inference import (
     load_model,
     render_view,
@@ -35,6 +35,7 @@ from export.inference import (
     surface_depth,
     training_cache,
     use_field_backend,
+    use_skip_empty,
 )
 from export.metrics import Lpips, depth_errors, lpips_status, psnr, ssim
 from export.outputs import OutputExistsError, claim_file, write_json, write_text
@@ -309,6 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_arch_flag(parser)
     add_field_backend_flag(parser)
+    add_skip_empty_flag(parser)
     parser.add_argument("--force", action="store_true", help="overwrite existing --json / --markdown")
     parser.add_argument(
         "--allow-other-cache",
@@ -333,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if cache is None:
             raise ValueError("the checkpoint records no training cache; pass --cache DIR.")
         print(use_field_backend(model, args.field_backend, start_renderer(args.arch)))
+        print(use_skip_empty(model, args.render_skip_empty))
         with torch.no_grad():
             results = evaluate(
                 model, Path(cache), args.views, args.max_images, args.chunk, args.allow_other_cache

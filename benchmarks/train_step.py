@@ -7,6 +7,13 @@ For each renderer (``renderer`` = Taichi kernels, ``renderer.reference`` = plain
 same run) it prints the median per step of: data, field forward, renderer forward, loss, field backward,
 renderer backward, optimiser; rays/s; and the share of the step spent outside the field MLP (the goal on
 CPU: renderer + data + optimiser under 15 %). Phases are measured as ``models.step_timing`` describes.
+
+    python benchmarks/train_step.py --render-skip-empty off on      # skipping empty space, both ways
+
+With ``--render-skip-empty`` it instead trains ``--pretrain`` steps with skipping on (so that the field
+has empty space and the grid has left warm-up), then alternates measured steps with skipping off and on
+(one value alone measures that one) and reports, per setting, the step time in ms (median; with "on"
+the grid update's cost is spread over its period and listed apart) and the field evaluations per ray.
 """
 
 from __future__ import annotations
@@ -69,7 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
     parser.add_argument("--cache", default="", help="prepared cache (default: the cpu preset's synthetic)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--render-skip-empty", nargs="+", choices=("off", "on"), default=None,
+                        help="measure training steps with empty-space skipping off and/or on instead")
+    parser.add_argument("--pretrain", type=int, default=100,
+                        help="steps trained before a --render-skip-empty measurement, the grid's warm-up "
+                             "being the first half of them (default 100)")
     args = parser.parse_args(argv)
+    if args.render_skip_empty:
+        return main_skip_empty(args)
 
     backend = renderer.init_backend(args.arch, "cpu")
     config = preset_config("cpu")
@@ -103,6 +117,92 @@ def main(argv: list[str] | None = None) -> dict:
           f"time (fwd+bwd) Taichi / reference: {summary['renderer_ratio_taichi_over_reference']:.2f}x; "
           f"share outside the MLP with Taichi: {results['taichi']['share_outside_mlp']:.1%} "
           f"(goal < 15%: {'met' if results['taichi']['share_outside_mlp'] < 0.15 else 'NOT met'})")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, summary)
+        print(f"JSON: {path}")
+    return summary
+
+
+def measure_skip_empty(trainer: Trainer, settings: list[str], steps: int, warmup: int) -> dict[str, list]:
+    """Per-step phase times and field evaluations per ray for skipping off/on, alternating step by step
+    on the same trainer (both see the same, evolving model)."""
+    from models.skip_empty import SkipStats
+
+    occupancy = trainer.module.occupancy
+    cfg = trainer.module.render_config
+    samples: dict[str, list] = {name: [] for name in settings}
+    timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
+    trainer.module.field = timed
+    try:
+        for i in range(warmup + steps):
+            for name in settings:
+                trainer.module.occupancy = occupancy if name == "on" else None
+                per, rays = timed_step(trainer, timed)
+                dense = float(cfg.n_coarse + cfg.n_fine)
+                evals = SkipStats.last["field_per_ray"] if name == "on" else dense
+                if i >= warmup:
+                    samples[name].append({**per, "rays": rays, "field_per_ray": evals})
+    finally:
+        trainer.module.field = timed.field
+        trainer.module.occupancy = occupancy
+        trainer.timer = NullTimer()
+    return samples
+
+
+def main_skip_empty(args) -> dict:
+    """``--render-skip-empty``: see the module docstring."""
+    import time
+
+    backend = renderer.init_backend(args.arch, "cpu")
+    config = preset_config("cpu")
+    config["data"]["cache"] = args.cache
+    config["optim"]["decay_steps"] = config["run"]["steps"]
+    config["render"]["skip_empty"] = True
+    # Warm-up ends halfway through pre-training (the default 256 steps would take minutes here).
+    config["render"]["occupancy_warmup"] = args.pretrain // 2
+    training_cache(config["data"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, Path(run_dir), backend, None, set())
+        started = time.perf_counter()
+        for _ in range(args.pretrain):
+            trainer.train_step()
+            trainer.step += 1
+        pretrain_s = time.perf_counter() - started
+        occupancy = trainer.module.occupancy
+        started = time.perf_counter()
+        occupancy.update(trainer.step, trainer.field, trainer.latents.codes, trainer.ray_generator)
+        update_s = time.perf_counter() - started
+        measured = measure_skip_empty(trainer, args.render_skip_empty, args.steps, args.warmup)
+    cfg = trainer.module.render_config
+    results = {}
+    for name, samples in measured.items():
+        medians, shares, rays = summarise([{k: v for k, v in s.items() if k != "field_per_ray"}
+                                           for s in samples])
+        amortised = update_s / cfg.occupancy_every if name == "on" else 0.0
+        results[name] = {
+            "step_ms": medians["step"] * 1e3,
+            "step_ms_with_grid_update": (medians["step"] + amortised) * 1e3 if name == "on" else None,
+            "field_evals_per_ray": statistics.mean(s["field_per_ray"] for s in samples),
+            "ms_per_step_median": {k: v * 1e3 for k, v in medians.items()}, "rays_per_step": rays}
+        print(f"\n== --render-skip-empty {name} ({backend.arch}), cpu preset, {args.steps} steps ==")
+        print(breakdown_table(medians, rays, shares))
+        print(f"field evaluations per ray: {results[name]['field_evals_per_ray']:.1f}")
+    summary = {
+        "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+        "arch": backend.arch, "steps": args.steps, "pretrain_steps": args.pretrain,
+        "pretrain_s": pretrain_s, "grid_update_ms": update_s * 1e3,
+        "grid_update_every": cfg.occupancy_every, "grid_resolution": cfg.occupancy_resolution,
+        "occupied_fraction": occupancy.grid.occupied_fraction(), "results": results}
+    if "off" in results and "on" in results:
+        off, on = results["off"], results["on"]
+        summary["step_ratio_off_over_on"] = off["step_ms"] / on["step_ms_with_grid_update"]
+        summary["field_evals_ratio_off_over_on"] = off["field_evals_per_ray"] / on["field_evals_per_ray"]
+        print(f"\nskip-empty on vs off: step {summary['step_ratio_off_over_on']:.2f}x faster (grid update "
+              f"{update_s * 1e3:.0f} ms every {cfg.occupancy_every} steps included), field evaluations per "
+              f"ray {summary['field_evals_ratio_off_over_on']:.2f}x fewer; occupied cells "
+              f"{summary['occupied_fraction']:.1%} of {cfg.occupancy_resolution}^3")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

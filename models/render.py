@@ -109,13 +109,15 @@ def pixel_grid(height: int, width: int, device: torch.device | str = "cpu") -> t
 @torch.no_grad()
 def render_image(field: nn.Module, background: nn.Module, latent: torch.Tensor, K: torch.Tensor,
                  world_to_camera: torch.Tensor, height: int, width: int, render_config: RenderConfig,
-                 chunk: int = 8192, ops: ModuleType = renderer) -> dict[str, torch.Tensor]:
+                 chunk: int = 8192, ops: ModuleType = renderer, occupancy=None) -> dict[str, torch.Tensor]:
     """Render one whole image in chunks of rays (bounded memory, no gradients, deterministic samples).
 
     Shapes: latent (L,), K (3, 3), world_to_camera (3, 4) ->
     {"color": (H, W, 3), "opacity": (H, W), "depth": (H, W)} on the latent's device. ``ops`` as in
-    ``render_rays`` (``renderer.reference`` renders the same image in plain torch).
+    ``render_rays`` (``renderer.reference`` renders the same image in plain torch). With ``occupancy`` (a
+    ``models.skip_empty.ClassOccupancy``) empty space is skipped (``render_rays_skip_empty``).
     """
+    from models.skip_empty import render_rays_skip_empty  # it imports this module
     device = latent.device
     pixels = pixel_grid(height, width, device)
     K = K.to(device=device, dtype=torch.float32)
@@ -125,7 +127,10 @@ def render_image(field: nn.Module, background: nn.Module, latent: torch.Tensor, 
         rays = ops.generate_rays(pixels[start:start + chunk], K, world_to_camera,
                                  radius=render_config.radius)
         codes = latent[None, :].expand(rays.origins.shape[0], -1)
-        out = render_rays(field, background, rays, codes, render_config, generator=None, ops=ops)
+        if occupancy is not None:
+            out = render_rays_skip_empty(field, background, rays, codes, render_config, occupancy)
+        else:
+            out = render_rays(field, background, rays, codes, render_config, generator=None, ops=ops)
         colors.append(out.color)
         opacities.append(out.opacity)
         depths.append(out.depth)

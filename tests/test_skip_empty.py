@@ -1,5 +1,6 @@
 """Rendering with empty space skipped (models.skip_empty) against the dense path, on every Taichi backend."""
 
+import pytest
 import torch
 from test_renderer import random_cameras
 from torch import nn
@@ -98,3 +99,33 @@ def test_occupancy_owner_rotates_codes_and_round_trips(arch):
     copy = ClassOccupancy(cfg)
     copy.load_state_dict(owner.state_dict())
     assert torch.equal(copy.grid.occupied, owner.grid.occupied) and copy.cursor == owner.cursor
+
+
+@pytest.mark.slow
+def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, keep_taichi_arch):
+    """train.py --render-skip-empty on: the grid leaves warm-up, lands in the checkpoint, and the
+    inference path (render.py, fit.py, evaluate.py) renders with it; a checkpoint without one gets a
+    grid estimated from the model."""
+    from tiny_run import TINY_ARGS, train_in_process
+
+    from export.inference import load_model, render_view, use_skip_empty
+    from models.checkpoint import latest_checkpoint
+
+    run = train_in_process([
+        "--arch", "cpu", "--device", "cpu", "--out", str(tmp_path / "run"),
+        "--cache", str(tmp_path / "cache"), "--steps", "40", *TINY_ARGS, "--synthetic-identities", "4",
+        "--render-skip-empty", "on", "--render-occupancy-warmup", "16", "--render-occupancy-every", "8",
+        "--render-occupancy-resolution", "16",
+    ])  # fmt: skip
+    model = load_model(latest_checkpoint(run))
+    saved = model.payload["occupancy"]
+    assert saved["updates"] == 5 and saved["grid"]["resolution"] == 16  # steps 0, 8, ..., 32
+    K = torch.tensor([[64.0, 0, 16], [0, 64, 16], [0, 0, 1]]).numpy()
+    w2c = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 7]]).numpy()
+    dense = render_view(model, model.latents.mean(), K, w2c, 32, 32)
+    assert "checkpoint's 16^3 grid" in use_skip_empty(model, "on")
+    skipped = render_view(model, model.latents.mean(), K, w2c, 32, 32)
+    assert abs(skipped["color"] - dense["color"]).max() < 0.05
+    del model.payload["occupancy"]
+    assert "estimated now" in use_skip_empty(model, "on")
+    assert use_skip_empty(model, "off") == "empty-space skipping: off" and model.occupancy is None
