@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--render-skip-empty", nargs="+", choices=("off", "on"), default=None,
                         help="measure training steps with empty-space skipping off and/or on instead")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="with --render-skip-empty: start from this trained checkpoint (its config; the "
+                             "grid is estimated from it before measuring) instead of pre-training")
     parser.add_argument("--pretrain", type=int, default=100,
                         help="steps trained before a --render-skip-empty measurement, the grid's warm-up "
                              "being the first half of them (default 100)")
@@ -155,18 +158,29 @@ def main_skip_empty(args) -> dict:
     """``--render-skip-empty``: see the module docstring."""
     import time
 
+    from models.checkpoint import read_checkpoint
+
     backend = renderer.init_backend(args.arch, "cpu")
-    config = preset_config("cpu")
-    config["data"]["cache"] = args.cache
-    config["optim"]["decay_steps"] = config["run"]["steps"]
+    payload = None
+    if args.checkpoint:
+        payload = read_checkpoint(Path(args.checkpoint), "cpu")
+        config = payload["config"]
+        pretrain = 0
+    else:
+        config = preset_config("cpu")
+        config["data"]["cache"] = args.cache
+        config["optim"]["decay_steps"] = config["run"]["steps"]
+        pretrain = args.pretrain
     config["render"]["skip_empty"] = True
     # Warm-up ends halfway through pre-training (the default 256 steps would take minutes here).
-    config["render"]["occupancy_warmup"] = args.pretrain // 2
+    config["render"]["occupancy_warmup"] = pretrain // 2
     training_cache(config["data"])
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, Path(run_dir), backend, None, set())
+        trainer = Trainer(config, Path(run_dir), backend, payload, set())
+        if payload is not None:  # a dense run's checkpoint: estimate the grid from every cell first
+            trainer.module.occupancy.update(trainer.step, trainer.field, trainer.latents.codes)
         started = time.perf_counter()
-        for _ in range(args.pretrain):
+        for _ in range(pretrain):
             trainer.train_step()
             trainer.step += 1
         pretrain_s = time.perf_counter() - started
@@ -191,10 +205,13 @@ def main_skip_empty(args) -> dict:
         print(f"field evaluations per ray: {results[name]['field_evals_per_ray']:.1f}")
     summary = {
         "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
-        "arch": backend.arch, "steps": args.steps, "pretrain_steps": args.pretrain,
+        "arch": backend.arch, "steps": args.steps, "pretrain_steps": pretrain, "checkpoint": args.checkpoint,
+        "samples_per_ray": [cfg.n_coarse, cfg.n_fine],
+        "rays_per_step": results[next(iter(results))]["rays_per_step"],
         "pretrain_s": pretrain_s, "grid_update_ms": update_s * 1e3,
         "grid_update_every": cfg.occupancy_every, "grid_resolution": cfg.occupancy_resolution,
-        "occupied_fraction": occupancy.grid.occupied_fraction(), "results": results}
+        "occupied_fraction": occupancy.grid.occupied_fraction(),
+        "occupied_before_dilation": float(occupancy.grid.core.float().mean()), "results": results}
     if "off" in results and "on" in results:
         off, on = results["off"], results["on"]
         summary["step_ratio_off_over_on"] = off["step_ms"] / on["step_ms_with_grid_update"]
