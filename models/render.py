@@ -115,9 +115,8 @@ def render_image(field: nn.Module, background: nn.Module, latent: torch.Tensor, 
     Shapes: latent (L,), K (3, 3), world_to_camera (3, 4) ->
     {"color": (H, W, 3), "opacity": (H, W), "depth": (H, W)} on the latent's device. ``ops`` as in
     ``render_rays`` (``renderer.reference`` renders the same image in plain torch). With ``occupancy`` (a
-    ``models.skip_empty.ClassOccupancy``) empty space is skipped (``render_rays_skip_empty``).
+    ``models.skip_empty.ClassOccupancy``) empty space is skipped (its ``render_rays``).
     """
-    from models.skip_empty import render_rays_skip_empty  # it imports this module
     device = latent.device
     pixels = pixel_grid(height, width, device)
     K = K.to(device=device, dtype=torch.float32)
@@ -128,7 +127,7 @@ def render_image(field: nn.Module, background: nn.Module, latent: torch.Tensor, 
                                  radius=render_config.radius)
         codes = latent[None, :].expand(rays.origins.shape[0], -1)
         if occupancy is not None:
-            out = render_rays_skip_empty(field, background, rays, codes, render_config, occupancy)
+            out = occupancy.render_rays(field, background, rays, codes, render_config)
         else:
             out = render_rays(field, background, rays, codes, render_config, generator=None, ops=ops)
         colors.append(out.color)

@@ -98,6 +98,10 @@ class ClassOccupancy:
             field.train(was_training)
         return True
 
+    def render_rays(self, field, background, rays, latents, cfg, generator=None) -> RayOutput:
+        """``render_rays_skip_empty`` through this grid (how ``models.render.render_image`` calls it)."""
+        return render_rays_skip_empty(field, background, rays, latents, cfg, self, generator)
+
     def state_dict(self) -> dict:
         return {"grid": self.grid.state_dict(), "cursor": self.cursor, "updates": self.updates}
 
