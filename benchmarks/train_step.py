@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
 def measure_skip_empty(trainer: Trainer, settings: list[str], steps: int, warmup: int) -> dict[str, list]:
     """Per-step phase times and field evaluations per ray for skipping off/on, alternating step by step
     on the same trainer (both see the same, evolving model)."""
+    import time
+
     from models.skip_empty import SkipStats
 
     occupancy = trainer.module.occupancy
@@ -138,18 +140,25 @@ def measure_skip_empty(trainer: Trainer, settings: list[str], steps: int, warmup
     samples: dict[str, list] = {name: [] for name in settings}
     timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
     trainer.module.field = timed
+    every, occupancy.every = occupancy.every, 10**9  # updates are timed apart, once per measured step
     try:
         for i in range(warmup + steps):
             for name in settings:
                 trainer.module.occupancy = occupancy if name == "on" else None
                 per, rays = timed_step(trainer, timed)
+                trainer.step += 1
                 dense = float(cfg.n_coarse + cfg.n_fine)
                 evals = SkipStats.last["field_per_ray"] if name == "on" else dense
+                if name == "on":
+                    started = time.perf_counter()
+                    occupancy.update(trainer.step, timed.field, trainer.latents.codes, trainer.ray_generator)
+                    per["grid update"] = time.perf_counter() - started
                 if i >= warmup:
                     samples[name].append({**per, "rays": rays, "field_per_ray": evals})
     finally:
         trainer.module.field = timed.field
         trainer.module.occupancy = occupancy
+        occupancy.every = every
         trainer.timer = NullTimer()
     return samples
 
@@ -185,15 +194,13 @@ def main_skip_empty(args) -> dict:
             trainer.step += 1
         pretrain_s = time.perf_counter() - started
         occupancy = trainer.module.occupancy
-        started = time.perf_counter()
-        occupancy.update(trainer.step, trainer.field, trainer.latents.codes, trainer.ray_generator)
-        update_s = time.perf_counter() - started
         measured = measure_skip_empty(trainer, args.render_skip_empty, args.steps, args.warmup)
+        update_s = statistics.median(s["grid update"] for s in measured.get("on", [{"grid update": 0.0}]))
     cfg = trainer.module.render_config
     results = {}
     for name, samples in measured.items():
-        medians, shares, rays = summarise([{k: v for k, v in s.items() if k != "field_per_ray"}
-                                           for s in samples])
+        phases = [{k: v for k, v in s.items() if k not in ("field_per_ray", "grid update")} for s in samples]
+        medians, shares, rays = summarise(phases)
         amortised = update_s / cfg.occupancy_every if name == "on" else 0.0
         results[name] = {
             "step_ms": medians["step"] * 1e3,
