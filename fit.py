@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import renderer
+from common.atomic import save_npy, write_json
 from export.arguments import (
     add_arch_flag,
     add_field_backend_flag,
@@ -44,6 +45,7 @@ from export.cameras import orbit_cameras, scale_intrinsics, yaw_cameras
 from export.inference import (
     latent_mesh,
     load_model,
+    model_device,
     render_path,
     render_view,
     source_name,
@@ -64,8 +66,6 @@ from export.outputs import (
     claim_dir,
     inside,
     output_name,
-    save_npy,
-    write_json,
 )
 from models import compute_losses, render_rays
 from models.checkpoint import CheckpointError, LoadedCheckpoint
@@ -140,9 +140,12 @@ def fit_latent(
     target_mask = None if mask is None else _as_float_image(mask).reshape(-1)
     if target_mask is not None and target_mask.shape[0] != target_rgb.shape[0]:
         raise ValueError(f"mask has {target_mask.shape[0]} pixels but the image has {target_rgb.shape[0]}.")
-    pixels = pixel_grid(height, width)
-    K_t = torch.as_tensor(np.asarray(K), dtype=torch.float32)
-    w2c_t = torch.as_tensor(np.asarray(world_to_camera), dtype=torch.float32)
+    device = model_device(model)  # everything on the model's device (CUDA tensors for Taichi CUDA)
+    target_rgb = target_rgb.to(device)
+    target_mask = None if target_mask is None else target_mask.to(device)
+    pixels = pixel_grid(height, width, device)
+    K_t = torch.as_tensor(np.asarray(K), dtype=torch.float32).to(device)
+    w2c_t = torch.as_tensor(np.asarray(world_to_camera), dtype=torch.float32).to(device)
     loss_config = training_losses(model)
 
     latent = torch.nn.Parameter(model.latents.mean().clone())
@@ -154,7 +157,7 @@ def fit_latent(
     history = []
     bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
     for _ in bar:
-        index = torch.randperm(pixels.shape[0], generator=generator)[:n_rays]
+        index = torch.randperm(pixels.shape[0], generator=generator)[:n_rays].to(device)
         rays = renderer.generate_rays(pixels[index], K_t, w2c_t, radius=model.render_config.radius)
         if getattr(model, "occupancy", None) is not None:  # --render-skip-empty on
             out = render_rays_skip_empty(
@@ -189,7 +192,7 @@ def fit_latent(
         scheduler.step()
         history.append({k: float(v.detach()) for k, v in terms.items()})
         bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
-    return FitResult(latent.detach().clone(), history)
+    return FitResult(latent.detach().cpu().clone(), history)
 
 
 def reconstruction_scores(
@@ -385,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        arch = start_renderer(args.arch)
-        print(use_field_backend(model, args.field_backend, arch))
+        backend = start_renderer(args.arch, args.device)
+        print(use_field_backend(model, args.field_backend, backend))
         print(use_skip_empty(model, args.render_skip_empty))
         claim_dir(args.out, force=True)  # an --out that cannot be written is found before any fitting
     except (BackendUnavailableError, OutputExistsError) as err:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.atomic import save_npy
 from export.arguments import (
     add_arch_flag,
     add_field_backend_flag,
@@ -60,7 +61,7 @@ from export.inference import (
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png
 from export.mesh import preview_mesh, write_ply
-from export.outputs import OutputExistsError, claim_dir, inside, output_name, save_npy
+from export.outputs import OutputExistsError, claim_dir, inside, output_name
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from pose.conventions import CAMERA_DISTANCE
 from renderer.backend import BackendUnavailableError
@@ -257,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             args.camera_file,
             (height, width),
         )
-        arch = start_renderer(args.arch)
-        print(use_field_backend(model, args.field_backend, arch))
+        backend = start_renderer(args.arch, args.device)
+        print(use_field_backend(model, args.field_backend, backend))
         print(use_skip_empty(model, args.render_skip_empty))
         out = claim_dir(args.out, force=args.force)
     except (
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         views = render_path(model, subject.latent, K, cameras, height, width, args.chunk, desc=subject.name)
         rendered[subject.name] = views
         if "latent" in kinds:
-            save_npy(inside(out, f"{subject.name}.npy"), subject.latent.numpy())
+            save_npy(inside(out, f"{subject.name}.npy"), subject.latent.detach().cpu().numpy())
         if "frames" in kinds or "depth" in kinds:
             for k, view in enumerate(views):
                 if "frames" in kinds:

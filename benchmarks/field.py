@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import renderer
-from dataset.cache import atomic_write_json
+from common.atomic import write_json
 from models.field import ConditionedField, FieldConfig
 from models.taichi_field import TaichiField
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, report)
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     return report
 

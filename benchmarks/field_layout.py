@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.cache import atomic_write_json
+from common.atomic import write_json
 from models.field import ConditionedField, FieldConfig, positional_encoding
 
 PRESETS = {"cpu": (FieldConfig.cpu, 2048, 64), "paper": (FieldConfig.paper, 512, 192)}  # cfg, rays, samples
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("  largest relative error against float64: "
               + ", ".join(f"{name} {value:.1e}" for name, value in errors.items()))
     if args.json:
-        atomic_write_json(Path(args.json), {"machine": platform.platform(), "results": rows})
+        write_json(Path(args.json), {"machine": platform.platform(), "results": rows})
     for row in rows:
         errors = row["error_vs_float64"]
         allowed = max(args.max_error_ratio * errors["concatenated (baseline)"], 1e-5)

@@ -31,8 +31,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.atomic import write_json  # noqa: E402
 from dataset import PrepareConfig  # noqa: E402 (after the sys.path line, so it runs from any directory)
-from dataset.cache import atomic_write_json  # noqa: E402
 from dataset.sources import default_workers  # noqa: E402
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"benchmark": "prepare", "resolution": args.resolution, "repeats": args.repeats,
                   "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                   "rows": rows, "marginal_images_per_s": marginal}
-        atomic_write_json(Path(args.json), result)
+        write_json(Path(args.json), result)
     return 0
 
 

@@ -9,7 +9,7 @@ mean training depth, predicted for every view). Goal: novel-view PSNR at least 6
 1. generates a synthetic single-view training set (one view per identity) with 3 held-out views each;
 2. trains ``train.py --preset cpu`` for --steps steps, with the learning rate decaying over the whole
    run (``train.py``'s default, stated here too as ``--optim-decay-steps`` = --steps);
-3. evaluates (evaluate.evaluate) and prints model vs baseline.
+3. evaluates (export.evaluation.evaluate) and prints model vs baseline.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import train
-    from evaluate import evaluate
+    from common.atomic import write_json
+    from export.evaluation import evaluate
     from export.inference import load_model, start_renderer
-    from export.outputs import write_json
     from models.checkpoint import CheckpointError, latest_checkpoint
 
     work = args.work or Path(tempfile.mkdtemp(prefix="lolnerf-quality-"))

@@ -7,7 +7,12 @@ plain-torch reference renderer measured in the same run (the baseline, ratio 1.0
 
 Without --checkpoint the network is a freshly initialised (seeded) one of the chosen preset: speed does
 not depend on the weights, only on the sizes. Runs are interleaved (baseline, arch, baseline, ...) so a
-busy machine slows every contender alike; medians are reported.
+busy machine slows every contender alike; medians are reported. Each arch runs on its torch device
+(``--arch cuda``: the network and tensors on the GPU, Taichi reading them in place; the others on the
+CPU), and its baseline is the reference on that same device (``torch-reference`` on the CPU,
+``torch-reference-cuda`` on the GPU).
+
+    python benchmarks/render.py --arch cuda --preset paper --size 256
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ def build_model(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=["cpu", "vulkan"], help="Taichi arches to measure")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="torch device for the network (default auto: cuda for --arch cuda, the CPU for "
+                             "the others; cuda with --arch vulkan copies tensors around each kernel)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=3, help="timed renders per contender")
     parser.add_argument("--chunk", type=int, default=8192, help="rays per chunk")
@@ -80,40 +88,51 @@ def main(argv: list[str] | None = None) -> dict:
     def time_once(fn) -> float:
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # render_image returns once queued; CUDA finishes asynchronously
         return time.perf_counter() - start
 
     def baseline() -> None:
         render_image(field, background, latent, K, w2c, args.size, args.size, cfg, chunk=args.chunk,
                      ops=reference)
 
-    baseline()  # warm-up (allocator, first-call overheads)
-    base_times: list[float] = []
+    base_times: dict[str, list[float]] = {}
     for arch in args.arch:
         try:
-            renderer.init_backend(arch=arch, device="cpu", verbose=False)
-        except (renderer.BackendUnavailableError, RuntimeError) as err:
+            wanted = args.device if args.device != "auto" else ("cuda" if arch == "cuda" else "cpu")
+            backend = renderer.init_backend(arch=arch, device=wanted, verbose=False)
+        except (renderer.BackendUnavailableError, RuntimeError, ValueError) as err:
             results["contenders"][arch] = {"skipped": str(err)}
             print(f"{arch}: skipped ({err})")
             continue
+        device = backend.device
+        field, background, latent = field.to(device), background.to(device), latent.to(device)
+        reference_name = "torch-reference" if device.type == "cpu" else f"torch-reference-{device.type}"
+        if reference_name not in base_times:
+            base_times[reference_name] = []
+            time_once(baseline)  # warm-up (allocator, first-call overheads)
 
-        def taichi_render() -> None:
+        def taichi_render(field=field, background=background, latent=latent) -> None:
             render_image(field, background, latent, K, w2c, args.size, args.size, cfg, chunk=args.chunk)
 
         render_image(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)  # compile kernels
         times = []
         for _ in range(args.repeats):
-            base_times.append(time_once(baseline))
+            base_times[reference_name].append(time_once(baseline))
             times.append(time_once(taichi_render))
         median = statistics.median(times)
-        results["contenders"][arch] = {"median_s": median, "rays_per_s": n_rays / median, "times_s": times}
-    base = statistics.median(base_times) if base_times else time_once(baseline)
-    results["contenders"]["torch-reference"] = {
-        "median_s": base,
-        "rays_per_s": n_rays / base,
-        "times_s": base_times,
-    }
-    for entry in results["contenders"].values():
+        results["contenders"][arch] = {"median_s": median, "rays_per_s": n_rays / median, "times_s": times,
+                                       "device": str(device), "baseline": reference_name}
+        if device.type == "cuda":
+            results["gpu"] = torch.cuda.get_device_name(device)
+    if not base_times:  # nothing ran: still time the CPU reference once
+        base_times["torch-reference"] = [time_once(baseline)]
+    for name, times in base_times.items():
+        base = statistics.median(times)
+        results["contenders"][name] = {"median_s": base, "rays_per_s": n_rays / base, "times_s": times}
+    for name, entry in results["contenders"].items():
         if "median_s" in entry:
+            base = results["contenders"][entry.get("baseline", name)]["median_s"]
             entry["speedup_vs_reference"] = base / entry["median_s"]
 
     print(
@@ -129,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{entry['speedup_vs_reference']:>13.2f}x"
             )
     if args.json:
-        from export.outputs import write_json
+        from common.atomic import write_json
 
         write_json(args.json, results)
     return results

@@ -5,7 +5,7 @@
 Times forward + backward of sampling and compositing for a 64 x 64 view (4,096 rays, frontal camera
 7 units from the origin, bounding sphere of radius 2), exactly the renderer part of a training step:
 stratified 128 -> importance 64 (from fixed coarse weights), merged with the coarse samples and their
-interval lengths (``sample_importance_and_merge``: one kernel pass in Taichi, ``sample_importance``
+interval lengths (``sample_importance_and_merge``: two kernels in Taichi, ``sample_importance``
 then a sort in the reference) -> composite of the 192 merged samples -> backward from upstream
 gradients on all four outputs (colour, opacity, depth, weights). The densities and colours stand in
 for the network: fixed leaf tensors, so only renderer work is timed. Both implementations run
@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import renderer
-from dataset.cache import atomic_write_json
+from common.atomic import write_json
 from renderer import reference
 
 STAGES = ("stratified", "importance_merge", "composite_forward", "composite_backward")
@@ -61,8 +61,26 @@ MAX_COLOR_DIFF = 2e-5
 MAX_DSIGMA_DIFF = 1.5e-4
 
 
-def make_inputs(n_side: int, n_coarse: int, n_fine: int) -> dict:
-    """Rays of a frontal 64x64-style view, fixed coarse weights and fixed per-sample network outputs."""
+def make_inputs(n_side: int, n_coarse: int, n_fine: int, device: torch.device | str = "cpu") -> dict:
+    """Rays of a frontal 64x64-style view, fixed coarse weights and fixed per-sample network outputs,
+    built on the CPU (the same numbers for every device) and then moved to ``device``.
+
+    >>> x = make_inputs(4, 8, 4)
+    >>> x["sigmas"].shape, x["sigmas"].requires_grad
+    (torch.Size([16, 12]), True)
+    """
+    built = _cpu_inputs(n_side, n_coarse, n_fine)
+    moved = {}
+    for key, value in built.items():
+        if torch.is_tensor(value):
+            value = value.detach().to(device).requires_grad_(value.requires_grad)
+        elif isinstance(value, list):
+            value = [item.to(device) for item in value]
+        moved[key] = value
+    return moved
+
+
+def _cpu_inputs(n_side: int, n_coarse: int, n_fine: int) -> dict:
     K = torch.tensor([[2.0 * n_side, 0, n_side / 2], [0, 2.0 * n_side, n_side / 2], [0, 0, 1]])
     w2c = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 7]])
     v, u = torch.meshgrid(torch.arange(n_side), torch.arange(n_side), indexing="ij")
@@ -124,14 +142,21 @@ def run_pipeline(impl, x: dict, seed: int | None, clock: Callable[[], float]) ->
     return times, (out.color.detach(), grads[0])
 
 
-def synced_wall_clock() -> float:
+def _sync() -> None:
+    """Wait for Taichi's and (on a GPU) torch's queued work, so a clock reading ends the timed work."""
     ti.sync()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def synced_wall_clock() -> float:
+    _sync()
     return time.perf_counter()
 
 
 def synced_cpu_clock() -> float:
     """CPU seconds of this process (all threads): insensitive to other processes competing for cores."""
-    ti.sync()
+    _sync()
     return time.process_time()
 
 
@@ -141,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--arch", default="cpu", choices=["auto", "cuda", "vulkan", "metal", "cpu"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "xpu", "cpu"],
+                        help="torch device for the tensors (default auto: cuda with --arch cuda, else cpu)")
     parser.add_argument("--side", type=int, default=64, help="rays = side^2 (default 64 -> 4,096 rays)")
     parser.add_argument("--coarse", type=int, default=128)
     parser.add_argument("--fine", type=int, default=64)
@@ -170,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    backend = renderer.init_backend(arch=args.arch, device="cpu", cpu_threads=args.threads)
-    x = make_inputs(args.side, args.coarse, args.fine)
+    try:
+        backend = renderer.init_backend(arch=args.arch, device=args.device, cpu_threads=args.threads)
+    except (renderer.BackendUnavailableError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    x = make_inputs(args.side, args.coarse, args.fine, backend.device)
     impls = {"reference": reference, "taichi": renderer}
     clock = synced_cpu_clock if args.clock == "cpu" else synced_wall_clock
     samples = {name: {s: [] for s in (*STAGES, "total")} for name in impls}
@@ -198,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     n_rays = args.side * args.side
     print(
         f"\n{n_rays} rays x {args.coarse + args.fine} samples, Taichi arch={backend.arch}, "
+        f"torch device={backend.device}, "
         f"{args.repeats} repeats, medians in ms of {args.clock} time "
         f"(threads: torch {torch.get_num_threads()}, cpu cores {os.cpu_count()})"
     )
@@ -215,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "benchmark": "renderer",
             "arch": backend.arch,
+            "device": str(backend.device),
+            "gpu": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else None,
             "n_rays": n_rays,
             "n_samples": args.coarse + args.fine,
             "coarse": args.coarse,
@@ -244,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, report)
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     for failure in failures:
         print(f"agreement check FAILED: {failure}", file=sys.stderr)

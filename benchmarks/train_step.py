@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                 # cpu preset, x64, 20 measured steps per variant
     python benchmarks/train_step.py --arch vulkan --steps 10 --json runs/bench_train_step.json
+    python benchmarks/train_step.py --arch cuda --preset paper --identities 128   # the paper step on a GPU
 
 For each renderer (``renderer`` = Taichi kernels, ``renderer.reference`` = plain torch, measured in the
 same run) it prints the median per step of: data, field forward, renderer forward, loss, field backward,
@@ -19,6 +20,7 @@ the grid update's cost is spread over its period and listed apart) and the field
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -31,10 +33,10 @@ import torch
 
 import renderer
 import renderer.reference
-from dataset.cache import atomic_write_json
-from dataset.prepare import training_cache
+from common.atomic import write_json
+from models.gpu_setup import enable_tf32
 from models.step_timing import PhaseTimer, TimedField, breakdown_table, timed_step
-from models.train_config import preset_config
+from models.train_config import TrainConfig, training_data
 from models.trainer import NullTimer, Trainer
 
 
@@ -72,6 +74,15 @@ def summarise(samples: list[dict]) -> tuple[dict[str, float], dict[str, float], 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="cpu", help="Taichi arch (default cpu = x64)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "xpu", "cpu"],
+                        help="torch device (default auto: cuda with --arch cuda, else cpu)")
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
+                        help="network, samples and batch of this training preset (default cpu)")
+    parser.add_argument("--identities", type=int, default=None,
+                        help="synthetic identities to prepare (default: the preset's; fewer prepare faster "
+                             "and time the same step)")
+    parser.add_argument("--tf32", choices=("on", "off"), default="on",
+                        help="TF32 matrix products on a CUDA GPU that has them, as train.py (default on)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per variant (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
     parser.add_argument("--cache", default="", help="prepared cache (default: the cpu preset's synthetic)")
@@ -88,11 +99,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.render_skip_empty:
         return main_skip_empty(args)
 
-    backend = renderer.init_backend(args.arch, "cpu")
-    config = preset_config("cpu")
-    config["data"]["cache"] = args.cache
-    config["optim"]["decay_steps"] = config["run"]["steps"]  # as train.py resolves it
-    training_cache(config["data"])
+    try:
+        backend = renderer.init_backend(args.arch, args.device)
+    except (renderer.BackendUnavailableError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    tf32 = enable_tf32(backend.device, args.tf32 == "on")
+    config = TrainConfig.paper() if args.preset == "paper" else TrainConfig.cpu()
+    config.data.cache = args.cache
+    if args.identities is not None:
+        if args.identities < config.batch.identities:
+            raise SystemExit(f"--identities {args.identities} is fewer than the {args.preset} preset's "
+                             f"batch of {config.batch.identities} identities.")
+        config.data.synthetic_identities = args.identities
+    config.optim.decay_steps = config.run.steps  # as train.py resolves it
+    config.data = training_data(config.data)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir), backend, None, set())
         variants = {"taichi": renderer, "reference": renderer.reference}
@@ -103,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = {"ms_per_step_median": {k: v * 1e3 for k, v in medians.items()},
                          "share_of_total": shares, "rays_per_s": rays / medians["step"],
                          "share_outside_mlp": 1 - shares["field forward"] - shares["field backward"]}
-        print(f"\n== renderer: {name} ({backend.arch}), cpu preset, {args.steps} steps ==")
+        print(f"\n== renderer: {name} ({backend.arch}, torch {backend.device}), {args.preset} preset, "
+              f"{args.steps} steps ==")
         print(breakdown_table(medians, rays, shares))
     taichi, ref = results["taichi"]["ms_per_step_median"], results["reference"]["ms_per_step_median"]
     renderer_ms = {}
@@ -112,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         renderer_ms[name] = median["renderer forward"] + median["renderer backward"]
     summary = {
         "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
-        "arch": backend.arch, "rays_per_step": rays, "steps": args.steps,
+        "gpu": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else None,
+        "arch": backend.arch, "device": str(backend.device), "preset": args.preset, "tf32": tf32,
+        "rays_per_step": rays, "steps": args.steps,
         "step_ratio_taichi_over_reference": taichi["step"] / ref["step"],
         "renderer_ratio_taichi_over_reference": renderer_ms["taichi"] / renderer_ms["reference"],
         "goal_share_outside_mlp_below": 0.15, "results": results}
@@ -123,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, summary)
+        write_json(path, summary)
         print(f"JSON: {path}")
     return summary
 
@@ -173,17 +196,16 @@ def main_skip_empty(args) -> dict:
     payload = None
     if args.checkpoint:
         payload = read_checkpoint(Path(args.checkpoint), "cpu")
-        config = payload["config"]
+        config = TrainConfig.from_json(payload["config"])
         pretrain = 0
     else:
-        config = preset_config("cpu")
-        config["data"]["cache"] = args.cache
-        config["optim"]["decay_steps"] = config["run"]["steps"]
+        config = TrainConfig.cpu()
+        config.data.cache = args.cache
+        config.optim.decay_steps = config.run.steps  # as train.py resolves it
         pretrain = args.pretrain
-    config["render"]["skip_empty"] = True
     # Warm-up ends halfway through pre-training (the default 256 steps would take minutes here).
-    config["render"]["occupancy_warmup"] = pretrain // 2
-    training_cache(config["data"])
+    config.render = dataclasses.replace(config.render, skip_empty=True, occupancy_warmup=pretrain // 2)
+    config.data = training_data(config.data)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir), backend, payload, set())
         if payload is not None:  # a dense run's checkpoint: estimate the grid from every cell first
@@ -230,7 +252,7 @@ def main_skip_empty(args) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, summary)
+        write_json(path, summary)
         print(f"JSON: {path}")
     return summary
 

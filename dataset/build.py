@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import save_npz, write_json
 from dataset.cache import (
     FORMAT_VERSION,
     SPLITS,
-    atomic_save_npz,
-    atomic_write_json,
+    TRUTH_KEYS,
     complete_manifest,
     invalidate,
     remove_partial,
@@ -36,9 +36,9 @@ from dataset.cache import (
     write_split,
 )
 from dataset.config import PrepareConfig
-from dataset.sources import REASONS, DataRootError, ItemResult, skip
+from dataset.sources import REASONS, DataRootError, ItemResult, check_head_fit, head_fit_summary, skip
 
-ARRAY_KEYS = ("image", "mask", "depth", "K", "world_to_camera")
+ARRAY_KEYS = ("image", "mask", "depth", "K", "world_to_camera", *TRUTH_KEYS)
 
 
 class BuildInterrupted(RuntimeError):
@@ -125,8 +125,8 @@ def process_chunk(task: tuple) -> tuple[int, int]:
             meta["records"][split].append({"item": item, **{k: v for k, v in record.items()
                                                             if k not in ARRAY_KEYS and k != "split"}})
     shard = Path(partial) / f"chunk_{index:06d}"
-    atomic_save_npz(shard.with_suffix(".npz"), **{k: np.stack(v) for k, v in arrays.items()})
-    atomic_write_json(shard.with_suffix(".json"), meta)  # written last: its presence marks the shard done
+    save_npz(shard.with_suffix(".npz"), **{k: np.stack(v) for k, v in arrays.items()})
+    write_json(shard.with_suffix(".json"), meta)  # written last: its presence marks the shard done
     return index, len(items)
 
 
@@ -141,7 +141,7 @@ def _prepare_partial(partial: Path, cache_fp: str, chunk_size: int) -> None:
         pass
     remove_partial(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(state_path, state)
+    write_json(state_path, state)
 
 
 def run_chunks(source, data_root: Path, items: list[str], config: PrepareConfig, partial: Path,
@@ -231,7 +231,7 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
     counts = {split: sum(1 for m in metas for r in m["records"][split] if r["item"] in identity)
               for split in SPLITS}
     if counts["train"] == 0:
-        atomic_write_json(out_dir / "skipped.json", skipped)
+        write_json(out_dir / "skipped.json", skipped)
         by_reason = {reason: sum(1 for s in skipped if s["reason"] == reason) for reason in REASONS}
         raise DataRootError(f"No usable image in {manifest['source']['data_root']}: skipped "
                             f"{ {k: v for k, v in by_reason.items() if v} }; see {out_dir / 'skipped.json'}.")
@@ -239,9 +239,13 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
     with np.load(partial / f"chunk_{first:06d}.npz", allow_pickle=False) as shard:
         image_size = tuple(shard["train_image"].shape[1:3])
         with_depth = "train_depth" in shard
+        with_truth = "train_true_world_to_camera" in shard
     errors = [r["reprojection_error_px"] for m in metas for r in m["records"]["train"]]
+    fit = head_fit_summary([r["head_fit"] for m in metas for r in m["records"]["train"] if "head_fit" in r])
+    check_head_fit(fit)  # photos whose faces do not fit the render sphere: refused before anything is written
     manifest = complete_manifest({**manifest, "n_identities": len(identity),
-                                  "median_reprojection_error_px": float(np.median(errors))},
+                                  "median_reprojection_error_px": float(np.median(errors)),
+                                  **({"head_fit": fit} if fit else {})},
                                  counts, skipped, image_size)
     for split in reversed(SPLITS):  # heldout first: the top-level manifest comes last
         directory = split_dir(out_dir, split)
@@ -250,9 +254,9 @@ def finalise(partial: Path, out_dir: Path, n_chunks: int, manifest: dict,
                 remove_split(directory)
             continue
         write_split(directory, _split_chunks(partial, metas, split, identity), counts[split], image_size,
-                    with_depth)
-        atomic_write_json(directory / "skipped.json", skipped if split == "train" else [])
-        atomic_write_json(directory / "manifest.json", {**manifest, "split": split})
+                    with_depth, with_truth)
+        write_json(directory / "skipped.json", skipped if split == "train" else [])
+        write_json(directory / "manifest.json", {**manifest, "split": split})
     return manifest
 
 

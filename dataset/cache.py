@@ -10,6 +10,9 @@ Layout (FORMAT_VERSION = 1)::
     sources.json      [{"file", "identity", "reprojection_error_px", ...}] per image
     skipped.json      [{"file", "reason", "detail"}] per skipped file
     depths.npy        optional (N, H, W) float32 ray distance t, 0 = background (synthetic only)
+    true_cameras.npz  optional (faces): the generator's K (N, 3, 3), world_to_camera (N, 3, 4) float32
+    true_depths.npy   optional (faces): (N, H, W) float32 true ray distance t from the true camera
+    true_masks.npy    optional (faces): (N, H, W) uint8 exact coverage, 255 = foreground
     heldout/          optional: the same files for held-out views of training identities
 
 ``manifest.json`` is written last and removed first, so a directory with a manifest is complete.
@@ -30,23 +33,18 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import atomic_path, save_npy, save_npz, write_json
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "heldout")
+TRUTH_KEYS = ("true_mask", "true_depth", "true_K", "true_world_to_camera")  # record keys of the truth
+TRUTH_FILES = ("true_cameras.npz", "true_depths.npy", "true_masks.npy")
 SPLIT_FILES = ("manifest.json", "images.npy", "masks.npy", "cameras.npz", "identities.npy", "sources.json",
                "skipped.json")
 
 
 class CacheError(RuntimeError):
     """A prepared cache that cannot be read: missing, incomplete, corrupt or from a newer format."""
-
-
-def _json_default(value):
-    """numpy scalars and arrays inside records (fit summaries) become plain JSON numbers and lists."""
-    if isinstance(value, np.generic | np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 class LockedError(RuntimeError):
@@ -86,33 +84,6 @@ def directory_lock(directory: Path, wait: bool, what: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    """Write JSON to ``path`` via a temp file and os.replace, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
-    os.replace(tmp, path)
-
-
-def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez to ``path`` via a temp file and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to ``path`` via a temp file and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def split_dir(cache_dir: Path, split: str) -> Path:
     """``cache_dir`` for the training split, ``cache_dir/heldout`` for the held-out views."""
     if split not in SPLITS:
@@ -121,11 +92,13 @@ def split_dir(cache_dir: Path, split: str) -> Path:
 
 
 def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tuple[int, int],
-                with_depth: bool) -> None:
+                with_depth: bool, with_truth: bool = False) -> None:
     """Stream one split's chunks into the cache files without holding all images in memory.
 
     Each chunk is a dict: image (k, H, W, 3) uint8, mask (k, H, W) uint8, depth (k, H, W) float32
-    (when with_depth), K (k, 3, 3), world_to_camera (k, 3, 4), identity (k,), sources (list of k dicts).
+    (when with_depth), K (k, 3, 3), world_to_camera (k, 3, 4), identity (k,), sources (list of k dicts);
+    when with_truth also true_mask (k, H, W) uint8, true_depth (k, H, W) float32, true_K (k, 3, 3) and
+    true_world_to_camera (k, 3, 4) (the faces generator's truth, written to the TRUTH_FILES).
     Big arrays go to temp files through np.lib.format.open_memmap and are moved into place at the end.
     """
     if n < 1:
@@ -135,10 +108,22 @@ def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tup
     shapes = {"images": ((n, height, width, 3), np.uint8), "masks": ((n, height, width), np.uint8)}
     if with_depth:
         shapes["depths"] = ((n, height, width), np.float32)
-    temps = {name: directory / f".{name}.npy.tmp" for name in shapes}
-    maps = {name: np.lib.format.open_memmap(temps[name], mode="w+", dtype=dtype, shape=shape)
-            for name, (shape, dtype) in shapes.items()}
-    Ks, world_to_cameras, identities, sources = [], [], [], []
+    if with_truth:
+        shapes["true_depths"] = ((n, height, width), np.float32)
+        shapes["true_masks"] = ((n, height, width), np.uint8)
+    with contextlib.ExitStack() as moves:  # each temp file is moved into place when the stack closes
+        temps = {name: moves.enter_context(atomic_path(directory / f"{name}.npy")) for name in shapes}
+        maps = {name: np.lib.format.open_memmap(temps[name], mode="w+", dtype=dtype, shape=shape)
+                for name, (shape, dtype) in shapes.items()}
+        _fill_split(maps, chunks, n, directory, with_depth, with_truth)
+    if not with_depth and (directory / "depths.npy").exists():
+        (directory / "depths.npy").unlink()
+
+
+def _fill_split(maps: dict, chunks: Iterable[dict], n: int, directory: Path, with_depth: bool,
+                with_truth: bool) -> None:
+    """Copy the chunks into the memmaps and write the small per-image files (``write_split``)."""
+    Ks, world_to_cameras, identities, sources, true_Ks, true_world_to_cameras = [], [], [], [], [], []
     start = 0
     for chunk in chunks:
         k = len(chunk["identity"])
@@ -148,6 +133,11 @@ def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tup
         maps["masks"][start:start + k] = chunk["mask"]
         if with_depth:
             maps["depths"][start:start + k] = chunk["depth"]
+        if with_truth:
+            maps["true_depths"][start:start + k] = chunk["true_depth"]
+            maps["true_masks"][start:start + k] = chunk["true_mask"]
+            true_Ks.append(np.asarray(chunk["true_K"], np.float32))
+            true_world_to_cameras.append(np.asarray(chunk["true_world_to_camera"], np.float32))
         Ks.append(np.asarray(chunk["K"], np.float32))
         world_to_cameras.append(np.asarray(chunk["world_to_camera"], np.float32))
         identities.append(np.asarray(chunk["identity"], np.int64))
@@ -157,19 +147,21 @@ def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tup
         raise RuntimeError(f"internal error: expected {n} images for {directory}, got {start}")
     for array in maps.values():
         array.flush()
-    maps.clear()  # drop the memmaps before moving their files
-    for name, tmp in temps.items():
-        os.replace(tmp, directory / f"{name}.npy")
-    if not with_depth and (directory / "depths.npy").exists():
-        (directory / "depths.npy").unlink()
-    atomic_save_npz(directory / "cameras.npz", K=np.concatenate(Ks),
-                    world_to_camera=np.concatenate(world_to_cameras))
-    atomic_save_npy(directory / "identities.npy", np.concatenate(identities))
-    atomic_write_json(directory / "sources.json", sources)
+    maps.clear()  # drop the memmaps before their files are moved
+    if with_truth:
+        save_npz(directory / "true_cameras.npz", K=np.concatenate(true_Ks),
+                 world_to_camera=np.concatenate(true_world_to_cameras))
+    else:
+        for name in TRUTH_FILES:
+            (directory / name).unlink(missing_ok=True)
+    save_npz(directory / "cameras.npz", K=np.concatenate(Ks),
+             world_to_camera=np.concatenate(world_to_cameras))
+    save_npy(directory / "identities.npy", np.concatenate(identities))
+    write_json(directory / "sources.json", sources)
 
 
 MARKER = ".lolnerf-cache"  # written into a cache directory before anything in it is created or removed
-BUILD_FILES = (*SPLIT_FILES, "depths.npy", "partial", "heldout", ".lock", MARKER)
+BUILD_FILES = (*SPLIT_FILES, "depths.npy", *TRUTH_FILES, "partial", "heldout", ".lock", MARKER)
 
 
 def claim_cache_dir(out_dir: Path, data_root: Path | None = None) -> Path:
@@ -222,7 +214,7 @@ def remove_created(directory: Path, names: Iterable[str], patterns: Iterable[str
 
 def remove_split(directory: Path) -> None:
     """Delete a split folder (e.g. a stale ``heldout/``) as far as a build wrote it."""
-    remove_created(directory, (*SPLIT_FILES, "depths.npy"), (".*.tmp",))
+    remove_created(directory, (*SPLIT_FILES, "depths.npy", *TRUTH_FILES), (".*.tmp",))
 
 
 def remove_partial(partial: Path) -> None:
@@ -289,7 +281,8 @@ class PreparedDataset:
     """A prepared cache split, memory-mapped: nothing big is read until it is indexed.
 
     Attributes: images (N, H, W, 3) uint8 memmap, masks (N, H, W) uint8 memmap, depths (N, H, W) float32
-    memmap or None, K (N, 3, 3) float32, world_to_camera (N, 3, 4) float32, identities (N,) int64,
+    memmap or None, true_K / true_world_to_camera / true_depths / true_masks (the faces generator's truth,
+    else None), K (N, 3, 3) float32, world_to_camera (N, 3, 4) float32, identities (N,) int64,
     manifest (dict), fingerprint (str), n_identities (int, the size of the latent table, equal for both
     splits), image_size (H, W), background ("network" for photos, or an RGB list), sources (list, read
     on first use).
@@ -319,8 +312,8 @@ class PreparedDataset:
                              f"{FORMAT_VERSION}; update the code or prepare the dataset again.")
         if split == "heldout":
             if not self.manifest.get("counts", {}).get("heldout") or not directory.is_dir():
-                raise CacheError(f"{self.cache_dir} has no held-out split (heldout/); only synthetic and srn "
-                                 "datasets have held-out views.")
+                raise CacheError(f"{self.cache_dir} has no held-out split (heldout/); only the synthetic, "
+                                 "faces and srn datasets have held-out views.")
             heldout_manifest = self._read_json(directory / "manifest.json")
             if heldout_manifest.get("fingerprint") != self.manifest.get("fingerprint"):
                 raise CacheError(f"{directory} does not belong to the cache at {self.cache_dir} "
@@ -341,6 +334,17 @@ class PreparedDataset:
                              "again.") from None
         depth_path = directory / "depths.npy"
         self.depths = _load_array(depth_path, mmap=True) if depth_path.exists() else None
+        self.true_K = self.true_world_to_camera = self.true_depths = self.true_masks = None
+        if (directory / "true_cameras.npz").exists():  # the faces generator's truth, for evaluation
+            self.true_depths = _load_array(directory / "true_depths.npy", mmap=True)
+            self.true_masks = _load_array(directory / "true_masks.npy", mmap=True)
+            try:
+                with np.load(directory / "true_cameras.npz", allow_pickle=False) as truth:
+                    self.true_K = np.asarray(truth["K"], np.float32)
+                    self.true_world_to_camera = np.asarray(truth["world_to_camera"], np.float32)
+            except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                raise CacheError(f"Prepared cache file {directory / 'true_cameras.npz'} is corrupt ({err}); "
+                                 "prepare the dataset again.") from None
         self._sources_path = directory / "sources.json"
         if not self._sources_path.is_file():
             raise CacheError(f"Prepared cache file {self._sources_path} is missing; prepare the dataset "
@@ -369,6 +373,12 @@ class PreparedDataset:
                     "identities.npy": (self.identities.shape, (n,))}
         if self.depths is not None:
             expected["depths.npy"] = (self.depths.shape, (n, *self.images.shape[1:3]))
+        if self.true_K is not None:
+            expected.update({"true_depths.npy": (self.true_depths.shape, (n, *self.images.shape[1:3])),
+                             "true_masks.npy": (self.true_masks.shape, (n, *self.images.shape[1:3])),
+                             "true_cameras.npz K": (self.true_K.shape, (n, 3, 3)),
+                             "true_cameras.npz world_to_camera": (self.true_world_to_camera.shape,
+                                                                  (n, 3, 4))})
         problems += [f"{name} has shape {got}, expected {want}" for name, (got, want) in expected.items()
                      if tuple(got) != tuple(want)]
         if problems:

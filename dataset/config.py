@@ -20,7 +20,9 @@ class PrepareConfig:
         limit: prepare only the first ``limit`` source items in sorted order (None: all).
         views_per_identity: training views per identity (srn, synthetic); photos always have one.
         heldout_views: held-out views per identity (srn, synthetic); -1 means all remaining (srn).
-        synthetic_identities: number of identities the synthetic generator draws.
+        synthetic_identities: number of identities the synthetic or faces generator draws.
+        faces_render_size: side of the faces source's renders, which MediaPipe sees before they are
+            resized to ``resolution`` like photos (``dataset.faces``).
         srn_world_scale: SRN scenes are multiplied by this so the objects sit at radius ~1.5, like a head,
             inside the renderer's radius-2 sphere; None estimates it from the silhouettes and cameras
             (``dataset.srn.fit_scene``). Recorded in the manifest as world_scale, with the scene_fit.
@@ -41,7 +43,9 @@ class PrepareConfig:
     heldout_views: int = field(default=3, metadata={
         "help": "held-out views per identity (srn, synthetic); -1: all remaining (srn)"})
     synthetic_identities: int = field(default=64, metadata={
-        "help": "identities the synthetic generator draws"})
+        "help": "identities the synthetic or faces generator draws"})
+    faces_render_size: int = field(default=256, metadata={
+        "help": "faces: side of the rendered image MediaPipe sees, before it is resized to --resolution"})
     srn_world_scale: float | None = field(default=None, metadata={
         "help": "multiply SRN scenes by this; none: from the data, so the objects fit at radius 1.5 "
                 "(SRN cars: about 3)"})
@@ -53,7 +57,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         problems = [f"{name} must be at least {low} (got {getattr(self, name)})"
                     for name, low in (("resolution", 8), ("min_image_side", 1), ("chunk_size", 1),
-                                      ("views_per_identity", 1), ("synthetic_identities", 1))
+                                      ("views_per_identity", 1), ("synthetic_identities", 1),
+                                      ("faces_render_size", 64))
                     if getattr(self, name) < low]
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be at least 1 or None (got {self.limit})")

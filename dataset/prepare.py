@@ -2,6 +2,7 @@
 
     python -m dataset.prepare --dataset ffhq --data-root ~/data/ffhq --out runs/cache/ffhq64
     python -m dataset.prepare --dataset synthetic --out runs/cache/synthetic64
+    python -m dataset.prepare --dataset faces --out runs/cache/faces64
 
 ``train.py`` calls ``prepare_dataset`` with the same arguments when its cache is missing.
 """
@@ -24,12 +25,14 @@ from dataset.cache import (
     remove_partial,
 )
 from dataset.config import PrepareConfig
+from dataset.faces import FacesConfig, FacesSource
 from dataset.sources import PHOTO_SOURCES, REASONS, DataRootError, default_workers
 from dataset.srn import SrnSource
 from dataset.synthetic import SyntheticConfig, SyntheticSource
 
 SOURCES = {**PHOTO_SOURCES, "srn": SrnSource()}
-DATASETS = ("synthetic", *SOURCES)
+GENERATED = ("synthetic", "faces")  # sources without a data root: they draw their own identities
+DATASETS = (*GENERATED, *SOURCES)
 SUMMARY_SKIP_LINES = 50
 
 
@@ -38,6 +41,13 @@ def synthetic_config(config: PrepareConfig) -> SyntheticConfig:
     return SyntheticConfig(n_identities=config.synthetic_identities, train_views=config.views_per_identity,
                            heldout_views=max(config.heldout_views, 0), resolution=config.resolution,
                            seed=config.seed)
+
+
+def faces_config(config: PrepareConfig) -> FacesConfig:
+    """The faces generator's settings implied by a PrepareConfig."""
+    return FacesConfig(n_identities=config.synthetic_identities, train_views=config.views_per_identity,
+                       heldout_views=max(config.heldout_views, 0), resolution=config.resolution,
+                       render_size=config.faces_render_size, seed=config.seed)
 
 
 def format_summary(cache_dir: Path, up_to_date: bool = False) -> str:
@@ -80,6 +90,17 @@ def format_summary(cache_dir: Path, up_to_date: bool = False) -> str:
         size = manifest.get("image_size", ["?"])[-1]
         lines.append(f"Median reprojection error: {manifest['median_reprojection_error_px']:.3f} px "
                      f"(at {size} px).")
+    head = manifest.get("head_fit")
+    if head:  # photo datasets: do the faces lie inside the render sphere at their solved cameras?
+        radii = (f"face radius median {head['median_face_radius']:.3g}, largest "
+                 f"{head['max_face_radius']:.3g}; render sphere {head['render_radius']:g}")
+        if head["outside_render_sphere"]:
+            lines.append(f"Head fit: {head['outside_render_sphere']} of {head['photos']} photos put the face "
+                         f"beyond the render sphere at their solved cameras ({radii}); they are marked "
+                         "\"fits\": false under head_fit in sources.json.")
+        else:
+            lines.append(f"Head fit: every face lies inside the render sphere at its solved camera "
+                         f"({radii}).")
     lines.append(f"Cache: {Path(cache_dir).resolve()}")
     return "\n".join(lines)
 
@@ -88,6 +109,8 @@ def source_for(name: str, config: PrepareConfig):
     """The source component for a dataset name."""
     if name == "synthetic":
         return SyntheticSource(synthetic_config(config))
+    if name == "faces":
+        return FacesSource(faces_config(config))
     if name not in SOURCES:
         raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     return SOURCES[name]
@@ -104,7 +127,7 @@ def prepare_dataset(name: str, data_root: str | Path | None, out_dir: str | Path
     in parallel (default: one per core when the source is big enough to repay a worker's start-up,
     else 1; 1 runs in this process).
     ``stop_after_chunks`` stops the build (raising ``BuildInterrupted``) after that many new chunks, as
-    an interruption would: for tests. ``data_root`` is None for "synthetic".
+    an interruption would: for tests. ``data_root`` is None for "synthetic" and "faces".
 
     >>> prepare_dataset("synthetic", None, "runs/cache/synthetic64")  # doctest: +SKIP
     PosixPath('runs/cache/synthetic64')
@@ -175,8 +198,8 @@ class CacheMismatch(ValueError):
 def default_training_cache(dataset: str, data_root: str, resolution: int, synthetic_identities: int) -> Path:
     """Where training keeps a cache it prepares itself: beside the data root, named by source and size
     (under ``data/prepared/`` for the synthetic set)."""
-    if dataset == "synthetic":
-        return Path("data/prepared") / f"synthetic-{synthetic_identities}-{resolution}"
+    if dataset in GENERATED:
+        return Path("data/prepared") / f"{dataset}-{synthetic_identities}-{resolution}"
     root = Path(data_root).expanduser().resolve()
     return root.parent / f"{root.name}-prepared-{dataset}-{resolution}"
 
@@ -190,7 +213,7 @@ def prepared_from(cache_dir: str | Path) -> dict | None:
     name = manifest["source"].get("name", "")
     return {"dataset": name, "data_root": manifest["source"].get("data_root") or "",
             "resolution": int(manifest["image_size"][0]),
-            "synthetic_identities": int(manifest.get("n_identities", 0)) if name == "synthetic" else None}
+            "synthetic_identities": int(manifest.get("n_identities", 0)) if name in GENERATED else None}
 
 
 def _same(key: str, given, prepared) -> bool:
@@ -229,7 +252,7 @@ def cache_for_training(cache_dir: str | Path | None, wanted: dict, given: set[st
             print(f"[train] training on the prepared cache {cache_dir} as it is ({described}); "
                   "--rebuild-cache prepares it again.")
         return cache_dir, {key: value for key, value in prepared.items() if value is not None}
-    if wanted["dataset"] != "synthetic" and not wanted["data_root"]:
+    if wanted["dataset"] not in GENERATED and not wanted["data_root"]:
         raise DataRootError(f"--dataset {wanted['dataset']} needs --data-root DIR pointing at the photos.")
     settings = PrepareConfig(resolution=wanted["resolution"],
                              synthetic_identities=wanted["synthetic_identities"])
@@ -275,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dataset.prepare", usage=argparse.SUPPRESS,  # a mistake is one line
         description="Prepare a dataset cache for LOLNeRF training: "
-        "cameras from landmarks (photos), given cameras (srn) or exact cameras (synthetic).")
+        "cameras from landmarks (photos, faces), given cameras (srn) or exact cameras (synthetic).")
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="source format")
-    parser.add_argument("--data-root", default=None, help="source folder (not needed for synthetic)")
+    parser.add_argument("--data-root", default=None, help="source folder (not needed for synthetic, faces)")
     parser.add_argument("--out", required=True, help="cache directory to create or update")
     parser.add_argument("--preset", default="cpu", choices=("cpu", "paper"),
                         help="settings preset; the flags below override it (default: cpu)")

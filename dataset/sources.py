@@ -58,6 +58,71 @@ REASONS = {
 }
 
 
+RENDER_RADIUS = 2.0  # the renderer's bounding sphere (models.render.RenderConfig.radius; README, Scale)
+MAX_OUTSIDE_FRACTION = 0.05  # photos whose face may reach beyond the render sphere before a build stops
+
+
+def head_fit(pixels: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray) -> dict:
+    """Does the face lie inside the render sphere at its solved camera?
+
+    Args:
+        pixels: (P, 2) face points in the training image (Face Mesh's 468 points, the face oval up to the
+            forehead; or the fallback's keypoints and face box corners).
+        K: (3, 3) and world_to_camera: (3, 4), the solved camera at the training resolution.
+
+    Returns:
+        JSON-ready {"face_radius", "camera_distance", "fits"}: a face seen from distance d within an angle
+        a of the ray to the world origin lies at radius at least d · sin(a) (``dataset.srn`` bounds SRN
+        objects the same way), so face_radius = d · sin(largest a) over the points. It fits when that is
+        within the render sphere (radius ``RENDER_RADIUS``) and the camera is outside it. With the
+        shipped template (head units), a face's bound is about 1.5; a template in other units scales it.
+
+    >>> K = np.array([[128.0, 0, 32], [0, 128, 32], [0, 0, 1]])
+    >>> head_fit(np.array([[32.0, 32], [32, 62]]), K, np.c_[np.eye(3), [0, 0, 7]])["fits"]
+    True
+    """
+    rays = np.linalg.solve(K, np.c_[pixels, np.ones(len(pixels))].T)
+    rays /= np.linalg.norm(rays, axis=0, keepdims=True)
+    distance = float(np.linalg.norm(world_to_camera[:, 3]))
+    to_origin = world_to_camera[:, 3] / max(distance, 1e-12)  # the origin's direction, camera frame
+    angle = float(np.arccos(np.clip(to_origin @ rays, -1.0, 1.0)).max())
+    radius = distance * np.sin(min(angle, np.pi / 2))
+    return {"face_radius": round(float(radius), 4), "camera_distance": round(distance, 4),
+            "fits": bool(radius <= RENDER_RADIUS and distance > RENDER_RADIUS)}
+
+
+def face_points(landmarks) -> np.ndarray:
+    """(P, 2) pixels that outline a ``pose.FaceLandmarks`` face: the whole mesh, or (fallback) the
+    keypoints and the face box's corners."""
+    if landmarks.mesh is not None:
+        return landmarks.mesh[:, :2]
+    x0, y0, x1, y1 = landmarks.box
+    return np.concatenate([landmarks.points, [[x0, y0], [x1, y0], [x0, y1], [x1, y1]]])
+
+
+def head_fit_summary(fits: list[dict]) -> dict | None:
+    """The manifest's ``head_fit``: how many training photos' faces reach beyond the render sphere."""
+    if not fits:
+        return None
+    radii = np.array([f["face_radius"] for f in fits])
+    return {"photos": len(fits), "outside_render_sphere": int(sum(not f["fits"] for f in fits)),
+            "median_face_radius": round(float(np.median(radii)), 3),
+            "max_face_radius": round(float(radii.max()), 3), "render_radius": RENDER_RADIUS}
+
+
+def check_head_fit(summary: dict | None) -> None:
+    """Raise DataRootError (one sentence naming the fix) when more than ``MAX_OUTSIDE_FRACTION`` of the
+    photos put the face beyond the render sphere at their solved cameras."""
+    if not summary or summary["outside_render_sphere"] <= MAX_OUTSIDE_FRACTION * summary["photos"]:
+        return
+    raise DataRootError(
+        f"{summary['outside_render_sphere']} of {summary['photos']} photos put the face beyond the render "
+        f"sphere (radius {RENDER_RADIUS:g}) at their solved cameras (face radius up to "
+        f"{summary['max_face_radius']:.3g}, median {summary['median_face_radius']:.3g}; about 1.5 in head "
+        "units), so the landmark template is not in head units (outer eye corners 1.2 apart): use the "
+        "shipped template, or one written by python -m pose.fit_template, with --template.")
+
+
 def skip(item: str, reason: str, detail: str) -> ItemResult:
     """An ItemResult that records why ``item`` was skipped (one line in skipped.json and the summary)."""
     return ItemResult(item=item, skipped={"file": item, "reason": reason, "detail": detail})
@@ -180,6 +245,7 @@ class PhotoSource:
             "source": item,
             "reprojection_error_px": round(float(photo.reprojection_error_px), 4),
             "pose": photo.info,
+            "head_fit": head_fit(face_points(photo.landmarks), photo.K, photo.world_to_camera),
         }
         return ItemResult(item=item, records=[record])
 

@@ -251,22 +251,30 @@ class SrnSource:
         return ItemResult(item=item, records=records)
 
 
-def write_srn_layout(root: str | Path, config: SyntheticConfig, world_scale: float = 3.0) -> Path:
+def write_srn_layout(root: str | Path, config: SyntheticConfig, world_scale: float = 3.0,
+                     splits: tuple[str, ...] = ("train", "heldout"),
+                     instance_name: str = "instance_{:04d}") -> Path:
     """Render synthetic identities into the SRN layout (for tests and for checking the SRN loader).
 
-    Instance i gets ``train_views + heldout_views`` views; camera positions are divided by
-    ``world_scale`` so that reading them back with ``srn_world_scale=world_scale`` restores the
-    synthetic cameras exactly. Returns ``root``.
+    Instance i (folder ``instance_name.format(i)``) gets the views of ``splits`` among its
+    ``train_views + heldout_views`` (view files keep their index among all of them); camera positions
+    are divided by ``world_scale`` so that reading them back with ``srn_world_scale=world_scale``
+    restores the synthetic cameras exactly. Returns ``root``.
+
+        write_srn_layout(tmp, SyntheticConfig(n_identities=2, resolution=32), world_scale=1.0,
+                         splits=("heldout",), instance_name="identity_{:06d}")  # a synthetic cache's names
     """
     root = Path(root)
     K = default_intrinsics(config.resolution, config.resolution)
     for identity in range(config.n_identities):
-        instance = root / f"instance_{identity:04d}"
+        instance = root / instance_name.format(identity)
         (instance / "rgb").mkdir(parents=True, exist_ok=True)
         (instance / "pose").mkdir(exist_ok=True)
         (instance / "intrinsics.txt").write_text(
             f"{K[0, 0]} {K[0, 2]} {K[1, 2]} 0.\n0. 0. 0.\n1.\n{config.resolution} {config.resolution}\n")
         for view, record in enumerate(render_identity(config, identity)):
+            if record["split"] not in splits:
+                continue
             yaw, pitch = record["yaw_pitch_deg"]
             world_to_camera = orbit_camera(yaw, pitch, config.camera_distance)
             camera_to_world = np.eye(4)

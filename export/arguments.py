@@ -13,7 +13,8 @@ import argparse
 import math
 from collections.abc import Callable
 
-RENDER_ARCHES = ("auto", "cpu", "vulkan", "metal")
+RENDER_ARCHES = ("auto", "cpu", "vulkan", "metal", "cuda")
+RENDER_DEVICES = ("auto", "cuda", "mps", "xpu", "cpu")
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -64,13 +65,19 @@ def positive_float(text: str) -> float:
 
 
 def add_arch_flag(parser: argparse.ArgumentParser) -> None:
-    """``--arch`` for the scripts that render with the model's weights on the CPU (fit, render, evaluate).
+    """``--arch`` and ``--device`` for the scripts that render a trained model (fit, render, evaluate), as
+    ``train.py`` has them: ``--arch cuda`` (or ``auto`` on a CUDA machine) with ``--device auto`` puts the
+    model on the GPU and Taichi reads its tensors in place (``export.inference.start_renderer``).
 
-    Taichi CUDA reads CUDA tensors in place, and these scripts keep their tensors on the CPU, so ``cuda``
-    is not offered here; ``auto`` never picks it for them either (``export.inference.start_renderer``).
+    >>> parser = argparse.ArgumentParser(); add_arch_flag(parser)
+    >>> vars(parser.parse_args(["--arch", "cuda"]))
+    {'arch': 'cuda', 'device': 'auto'}
     """
     parser.add_argument("--arch", default="cpu", choices=RENDER_ARCHES,
-                        help="Taichi arch for the renderer (tensors stay on the CPU)")
+                        help="Taichi arch for the renderer (default cpu = x64; auto: CUDA, else a Vulkan "
+                             "GPU, else x64)")
+    parser.add_argument("--device", default="auto", choices=RENDER_DEVICES,
+                        help="torch device for the model (default auto: cuda with --arch cuda, else cpu)")
 
 
 def add_field_backend_flag(parser: argparse.ArgumentParser) -> None:

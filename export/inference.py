@@ -9,7 +9,6 @@ mesh a latent. fit.py, render.py and evaluate.py share these so they render exac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,33 +24,47 @@ from pose.conventions import CAMERA_DISTANCE
 DEFAULT_MESH_LEVEL = 10.0
 
 
-def start_renderer(arch: str = "cpu", verbose: bool = False) -> str:
-    """Start the Taichi renderer on ``arch`` ("auto" | "cpu" | "vulkan" | "cuda" | "metal"); returns the arch.
+def start_renderer(arch: str = "cpu", device: str = "auto", verbose: bool = False):
+    """Start the Taichi renderer on ``arch`` ("auto" | "cpu" | "vulkan" | "cuda" | "metal") with the torch
+    ``device`` for the model ("auto" | "cuda" | "mps" | "xpu" | "cpu", as ``train.py --device``); returns
+    the ``renderer.backend.Backend`` (``.arch``, ``.device``).
 
-    The CLIs default to "cpu" (x64) so results do not depend on which drivers a machine happens to have.
+    The CLIs default to "cpu" (x64) so results do not depend on which drivers a machine happens to have;
+    ``device="auto"`` pairs CUDA tensors with ``arch="cuda"`` and CPU tensors with the other arches.
+
+    >>> start_renderer("cpu").device   # doctest: +SKIP
+    device(type='cpu')
     """
-    import taichi as ti
+    from renderer.backend import Backend, init_backend, started_arch
 
-    from renderer.backend import init_backend
-
-    if arch != "auto" and ti.lang.impl.get_runtime().prog is not None:
-        running = ti.lang.impl.current_cfg().arch
-        names = {ti.cuda: "cuda", ti.vulkan: "vulkan", ti.metal: "metal", ti.x64: "cpu"}
-        if names.get(running) == arch:
-            return arch  # already there: restarting would only throw away compiled kernels
-    return init_backend(arch=arch, device="cpu", verbose=verbose).arch
+    if arch != "auto" and started_arch() == arch and device in ("auto", "cpu" if arch != "cuda" else "cuda"):
+        # Already there: restarting would only throw away compiled kernels.
+        return Backend(arch=arch, device=torch.device("cuda" if arch == "cuda" else "cpu"),
+                       reason="already running")
+    return init_backend(arch=arch, device=device, verbose=verbose)
 
 
-def use_field_backend(model: LoadedCheckpoint, requested: str, arch: str) -> str:
-    """Evaluate ``model``'s field with torch or Taichi kernels (``models.field_backend``: "auto" | "torch" |
-    "taichi", ``arch`` the running Taichi arch); swaps ``model.field`` (and a background network) in place
-    and returns why."""
+def model_device(model: LoadedCheckpoint) -> torch.device:
+    """The torch device the model's weights are on (its latent table's)."""
+    return model.latents.codes.device
+
+
+def use_field_backend(model: LoadedCheckpoint, requested: str, backend) -> str:
+    """Move ``model`` to ``backend.device`` and evaluate its field with torch or Taichi kernels
+    (``models.field_backend``: "auto" | "torch" | "taichi" on ``backend.arch``); swaps ``model.field``
+    (and a background network) in place and returns why.
+
+    >>> print(use_field_backend(model, "auto", start_renderer("cpu")))   # doctest: +SKIP
+    field MLP: torch (...)
+    """
     from models.field_backend import as_backend, background_as_backend, choose_field_backend
 
-    name, why = choose_field_backend(requested, arch, torch.device("cpu"))
+    for module in (model.field, model.background, model.latents):
+        module.to(backend.device)
+    name, why = choose_field_backend(requested, backend.arch, backend.device)
     model.field = as_backend(model.field, name)
     model.background = background_as_backend(model.background, name)
-    return f"field MLP: {name} ({why})"
+    return f"field MLP: {name} ({why}); model on {backend.device}"
 
 
 def use_skip_empty(model: LoadedCheckpoint, mode: str) -> str:
@@ -98,44 +111,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedCh
     return ckpt
 
 
-def _lookup(config: dict, *paths: Sequence[str]):
-    """First value found at any of the nested key paths, or None."""
-    for path in paths:
-        node = config
-        for key in path:
-            if not isinstance(node, dict) or key not in node:
-                break
-            node = node[key]
-        else:
-            return node
-    return None
-
-
 def training_cache(model: LoadedCheckpoint) -> Path | None:
-    """The prepared dataset the checkpoint was trained on (train.py records ``config["data"]["cache"]``)."""
-    found = _lookup(model.config, ("data", "cache"))
+    """The prepared dataset the checkpoint was trained on (``model.config.data.cache``; None when empty)."""
+    found = model.config.data.cache
     return Path(found) if found else None
 
 
 def training_resolution(model: LoadedCheckpoint) -> int:
-    """Side of the square training images: ``config["data"]["resolution"]``, else the cache's image size."""
-    found = _lookup(model.config, ("data", "resolution"))
-    if found:
-        return int(found)
-    cache = training_cache(model)
-    if cache is not None and cache.is_dir():
-        from dataset import PreparedDataset
-
-        return int(PreparedDataset(cache).image_size[0])
-    raise ValueError("The checkpoint's config records no training resolution and no readable cache.")
+    """Side of the square training images (``model.config.data.resolution``, which train.py sets to what
+    the training cache holds)."""
+    return int(model.config.data.resolution)
 
 
 def training_framing(model: LoadedCheckpoint) -> str:
-    """How training photos were cropped: from the config, else the training cache's preparation settings,
-    else "aligned" (the FFHQ / CelebA-HQ default)."""
-    found = _lookup(model.config, ("data", "framing"))
-    if found:
-        return str(found)
+    """How training photos were cropped: the training cache's preparation setting, else "aligned" (the
+    FFHQ / CelebA-HQ default). Framing is a preparation setting, so the training config does not hold it."""
+    found = None
     cache = training_cache(model)
     manifest = cache / "manifest.json" if cache is not None else None
     if manifest is not None and manifest.is_file():
@@ -174,7 +165,7 @@ def render_view(
     out = render_image(
         model.field,
         model.background,
-        torch.as_tensor(latent, dtype=torch.float32),
+        torch.as_tensor(latent, dtype=torch.float32).to(model_device(model)),
         torch.as_tensor(np.asarray(K), dtype=torch.float32),
         torch.as_tensor(np.asarray(world_to_camera), dtype=torch.float32),
         int(height),
@@ -210,6 +201,8 @@ def surface_level(model: LoadedCheckpoint, latent: torch.Tensor, height: int = 3
     import renderer
     from models.render import pixel_grid
 
+    device = model_device(model)
+    latent = torch.as_tensor(latent, dtype=torch.float32).to(device)
     K, w2c = default_camera(height, width)
     view = render_view(model, latent, K, w2c, height, width)
     opaque = view["opacity"].reshape(-1) > 0.5
@@ -217,13 +210,13 @@ def surface_level(model: LoadedCheckpoint, latent: torch.Tensor, height: int = 3
         return DEFAULT_MESH_LEVEL
     with torch.no_grad():
         rays = renderer.generate_rays(
-            pixel_grid(height, width),
-            torch.as_tensor(K),
-            torch.as_tensor(w2c),
+            pixel_grid(height, width, device),
+            torch.as_tensor(K, dtype=torch.float32, device=device),
+            torch.as_tensor(w2c, dtype=torch.float32, device=device),
             radius=model.render_config.radius,
         )
-        depth = torch.as_tensor(view["depth"].reshape(-1))
-        points = (rays.origins + depth[:, None] * rays.directions)[torch.as_tensor(opaque)]
+        depth = torch.as_tensor(view["depth"].reshape(-1), device=device)
+        points = (rays.origins + depth[:, None] * rays.directions)[torch.as_tensor(opaque, device=device)]
         sigma, _ = model.field(points, latent[None].expand(points.shape[0], -1))
     level = float(sigma.median())
     return level if math.isfinite(level) and level > 0 else DEFAULT_MESH_LEVEL
@@ -241,15 +234,16 @@ def latent_mesh(
 
     ``level=None`` picks the level with ``surface_level``. Raises ValueError when no density reaches it.
     """
-    latent = torch.as_tensor(latent, dtype=torch.float32)
+    device = model_device(model)
+    latent = torch.as_tensor(latent, dtype=torch.float32).to(device)
     if level is None:
         level = surface_level(model, latent)
 
     def density(points: torch.Tensor) -> torch.Tensor:
-        return model.field(points, latent[None].expand(points.shape[0], -1))[0]
+        return model.field(points.to(device), latent[None].expand(points.shape[0], -1))[0]
 
     def color(points: torch.Tensor) -> torch.Tensor:
-        return model.field(points, latent[None].expand(points.shape[0], -1))[1]
+        return model.field(points.to(device), latent[None].expand(points.shape[0], -1))[1]
 
     grid = density_grid(density, resolution, bound, chunk)
     mesh = extract_mesh(grid, bound, level)
@@ -260,26 +254,19 @@ def latent_mesh(
 
 def random_latents(model: LoadedCheckpoint, n: int, psi: float, seed: int) -> torch.Tensor:
     """New identities: Gaussian codes with the latent table's per-dimension mean and spread, truncated
-    towards the mean by ``psi`` (z' = z_mean + psi (z - z_mean)). Returns (n, L)."""
-    codes = model.latents.codes.detach()
+    towards the mean by ``psi`` (z' = z_mean + psi (z - z_mean)). Returns (n, L) on the CPU, drawn the
+    same on every device."""
+    codes = model.latents.codes.detach().cpu()
     mean = codes.mean(0)
     std = codes.std(0, unbiased=False) if codes.shape[0] > 1 else torch.ones_like(mean)
     generator = torch.Generator().manual_seed(int(seed))
     z = mean + std * torch.randn(n, codes.shape[1], generator=generator)
-    return model.latents.truncate(z, psi)
+    return model.latents.truncate(z.to(model_device(model)), psi).cpu()
 
 
 def training_losses(model: LoadedCheckpoint):
-    """The loss weights the checkpoint was trained with (``models.LossConfig``; defaults if unrecorded)."""
-    import dataclasses
-
-    from models import LossConfig
-
-    found = _lookup(model.config, ("loss",))
-    if not isinstance(found, dict):
-        return LossConfig()
-    names = {f.name for f in dataclasses.fields(LossConfig)}
-    return LossConfig(**{k: v for k, v in found.items() if k in names})
+    """The loss weights the checkpoint was trained with (``models.LossConfig``: ``model.config.loss``)."""
+    return model.config.loss
 
 
 def surface_depth(view: dict[str, np.ndarray]) -> np.ndarray:

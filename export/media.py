@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from export.outputs import atomic_path
+from common.atomic import atomic_path
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -152,7 +152,7 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     The format follows the suffix (OpenCV), so ``.png`` is expected; other suffixes such as ``.jpg`` work.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=True) as tmp:
         if not cv2.imwrite(str(tmp), cv2.cvtColor(to_uint8(image), cv2.COLOR_RGB2BGR)):
             raise OSError(f"OpenCV could not write {path}; check that the folder is writable.")
     return path
@@ -177,7 +177,7 @@ def save_mp4(path: str | Path, frames: Sequence[np.ndarray], fps: float = 24.0) 
     rgb = _check_frames(frames)
     h, w = rgb[0].shape[:2]
     H, W = h + h % 2, w + w % 2
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=True) as tmp:
         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (W, H))
         if not writer.isOpened():
             raise OSError(f"OpenCV has no MP4 encoder here, so {path} cannot be written; save a GIF instead.")
@@ -196,7 +196,7 @@ def save_gif(path: str | Path, frames: Sequence[np.ndarray], fps: float = 24.0) 
     path = Path(path)
     rgb = _check_frames(frames)
     images = [Image.fromarray(f) for f in rgb]
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=True) as tmp:
         images[0].save(
             tmp,
             format="GIF",

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from skimage.measure import marching_cubes
 
-from export.outputs import atomic_path
+from common.atomic import atomic_path
 
 
 @dataclass

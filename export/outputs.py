@@ -1,13 +1,12 @@
-"""Where results go: output folders are created, never overwritten silently; ``--force`` overwrites."""
+"""Where results go: output folders are created, never overwritten silently; ``--force`` overwrites.
+
+The files themselves are written by ``common.atomic`` (temp file, fsync, ``os.replace``).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -80,59 +79,3 @@ def claim_file(path: str | Path, force: bool = False) -> Path:
     except OSError as err:  # a parent that is a file, or a folder this process may not write to
         raise OutputExistsError(f"Cannot write {path} ({err.strerror}); choose another path.") from None
     return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path`` (same suffix, since writers pick formats by suffix); on success
-    it is renamed over ``path`` with ordinary permissions, on failure removed. Readers never see half a file.
-
-    >>> with atomic_path("/tmp/example.txt") as tmp:  # doctest: +SKIP
-    ...     tmp.write_text("done")
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write text atomically (temp file in the same folder, then os.replace)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Write JSON atomically; infinities (a perfect PSNR) are written as the string "inf"."""
-    return write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return "nan" if obj != obj else ("inf" if obj > 0 else "-inf")
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        return _json_safe(obj.item())
-    return obj
-
-
-def save_npy(path: str | Path, array) -> Path:
-    """np.save atomically."""
-    import numpy as np
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(array))
-    return Path(path)

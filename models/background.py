@@ -11,7 +11,7 @@ Pixel colour is ``fg + (1 - opacity) * bg`` (composited by ``renderer.composite`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,12 +21,17 @@ from models.field import encoded_size, positional_encoding
 
 @dataclass
 class BackgroundConfig:
-    """Shape of the background network (used only when the dataset says ``"network"``)."""
+    """Shape of the background network (used only when the dataset says ``"network"``: photos).
 
-    depth: int = 5
-    width: int = 256
-    n_frequencies: int = 4
-    include_input: bool = True
+        >>> BackgroundConfig.cpu().width
+        32
+    """
+
+    depth: int = field(default=5, metadata={"help": "background network layers (photo datasets only)"})
+    width: int = field(default=256, metadata={"help": "units per background layer"})
+    n_frequencies: int = field(default=4, metadata={
+        "help": "octaves of the ray direction's positional encoding"})
+    include_input: bool = field(default=True, metadata={"help": "also feed the raw ray direction"})
 
     @classmethod
     def paper(cls) -> BackgroundConfig:

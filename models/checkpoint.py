@@ -14,23 +14,23 @@ Payload (a plain dict of tensors, numbers, strings, lists and dicts):
     optimizers, schedulers             {name: state dict}
     step, metric                       int, float or None
     rng        {"torch", "python", ...}  (train.py adds the sampler's numpy state and its torch generator)
-    config     the run's full configuration as a plain dict (see train.py)
+    config     the run's full configuration, ``TrainConfig.to_json()`` (read back with ``from_json``, which
+               also reads the dicts earlier versions wrote)
     fingerprint  the dataset fingerprint (``PreparedDataset.fingerprint``)
 
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     ckpt.field, ckpt.background, ckpt.latents, ckpt.config, ckpt.step, ckpt.fingerprint, ckpt.render_config
+    ckpt.config.data.cache, ckpt.config.loss     # ckpt.config is a models.train_config.TrainConfig
 
-Writes go to a temporary file in the same directory, are fsync'ed, then ``os.replace``d over the target,
-so a write killed midway leaves every earlier checkpoint intact (the stray temp file is ignored and
-cleaned up by the next save).
+Writes go through ``common.atomic``: a temporary file with a unique name in the same directory, fsync'ed,
+then ``os.replace``d over the target (and the directory fsync'ed), so a write killed midway leaves every
+earlier checkpoint intact (the stray temp file is ignored and cleaned up by the next save).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -39,17 +39,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.atomic import atomic_write, is_temp_name
 from models.background import BackgroundConfig, BackgroundField, background_spec, make_background
 from models.field import ConditionedField, FieldConfig
 from models.latents import LatentTable
 from models.render import RenderConfig
+from models.train_config import TrainConfig
 
 CHECKPOINT_FORMAT = "lolnerf-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 BEST_NAME = "best.pt"
-TEMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(Exception):
@@ -60,13 +61,14 @@ class CheckpointError(Exception):
 class LoadedCheckpoint:
     """Modules rebuilt from a checkpoint (on ``map_location``, in eval mode) plus its metadata.
 
-    ``payload`` is the raw dict (optimiser/scheduler/RNG states) that ``train.py --resume`` needs.
+    ``config`` is the run's typed configuration (``render_config`` is ``config.render``); ``payload`` is
+    the raw dict (optimiser/scheduler/RNG states, the config as JSON) that ``train.py --resume`` needs.
     """
 
     field: ConditionedField
     background: nn.Module | None
     latents: LatentTable
-    config: dict
+    config: TrainConfig
     step: int
     fingerprint: str
     render_config: RenderConfig = dataclass_field(default_factory=RenderConfig)
@@ -75,33 +77,8 @@ class LoadedCheckpoint:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """``torch.save`` through ``common.atomic`` (unique temp file beside ``path``, fsync, rename)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def model_description(field: ConditionedField, background: nn.Module | None, latents: LatentTable) -> dict:
@@ -128,7 +105,8 @@ def build_modules(model: dict) -> tuple[ConditionedField, nn.Module | None, Late
 
 def checkpoint_payload(*, field: ConditionedField, background: nn.Module | None, latents: LatentTable,
                        optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], step: int,
-                       rng: dict, config: dict, fingerprint: str, metric: float | None = None) -> dict:
+                       rng: dict, config: TrainConfig, fingerprint: str,
+                       metric: float | None = None) -> dict:
     """Assemble the checkpoint dict (tensors are moved to CPU so any device can load it)."""
     def cpu_state(module: nn.Module) -> dict:
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -145,7 +123,7 @@ def checkpoint_payload(*, field: ConditionedField, background: nn.Module | None,
         "step": int(step),
         "metric": None if metric is None else float(metric),
         "rng": rng,
-        "config": config,
+        "config": config.to_json(),
         "fingerprint": str(fingerprint),
     }
 
@@ -192,10 +170,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Loa
     modules = [m for m in (field, background, latents) if m is not None]
     for module in modules:
         module.to(map_location).eval()
-    render = payload["config"].get("render") if isinstance(payload["config"], dict) else None
-    render_config = RenderConfig(**render) if render else RenderConfig()
-    return LoadedCheckpoint(field, background, latents, payload["config"], payload["step"],
-                            payload["fingerprint"], render_config, Path(path), payload)
+    config = TrainConfig.from_json(payload["config"] if isinstance(payload["config"], dict) else {})
+    return LoadedCheckpoint(field, background, latents, config, payload["step"], payload["fingerprint"],
+                            config.render, Path(path), payload)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -268,8 +245,9 @@ class CheckpointKeeper:
     def save(self, payload: dict) -> Path:
         """Write ``step_<step>.pt`` (and ``best.pt`` when its metric improves), then prune old steps."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stray in self.directory.glob(TEMP_PREFIX + "*"):  # left by a write that was killed
-            stray.unlink(missing_ok=True)
+        for stray in self.directory.iterdir():
+            if is_temp_name(stray.name):  # left by a write that was killed
+                stray.unlink(missing_ok=True)
         path = save_checkpoint(self.directory / f"step_{payload['step']:08d}.pt", payload)
         metric = payload.get("metric")
         if metric is not None and (self.best_metric is None or metric < self.best_metric):

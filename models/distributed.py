@@ -66,6 +66,20 @@ def gather_owned_rows(table: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[: b_hi - b_lo] for part, (b_lo, b_hi) in zip(parts, blocks, strict=True)])
 
 
+def any_rank(flag: torch.Tensor) -> bool:
+    """True on every rank when the 0-d bool tensor ``flag`` is true on any rank: one all-reduce on the
+    tensor's own device and one host read (the only sync it costs).
+
+    >>> any_rank(torch.tensor(False))
+    False
+    """
+    _, world_size = world()
+    if world_size > 1:
+        flag = flag.reshape(1).to(torch.float32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def all_agree(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank (stop/skip decisions must be collective)."""
     _, world_size = world()
@@ -74,3 +88,68 @@ def all_agree(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+# Long enough for rank 0 to prepare a dataset cache while the other ranks wait at the first barrier
+# (FFHQ at 256 px takes hours on a few cores); prepare the cache before launching to need less.
+DEFAULT_TIMEOUT_MINUTES = 12 * 60
+
+
+def env_rank() -> int:
+    """This process's global rank from torchrun's environment (RANK), usable before the process group
+    exists; 0 outside torchrun."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def pin_local_gpu(environ: dict | None = None) -> str | None:
+    """Make this rank see only its own GPU: ``CUDA_VISIBLE_DEVICES`` = the LOCAL_RANK-th visible GPU.
+
+    Taichi's CUDA backend always takes device 0 of what it sees, so without this every rank of one node
+    would land on GPU 0. It must run before the first CUDA call of the process (``torch.cuda.is_available()``
+    included): CUDA reads the variable once. Returns the GPU id now visible, or None outside torchrun.
+    Raises ValueError when LOCAL_RANK names more GPUs than ``CUDA_VISIBLE_DEVICES`` lists.
+
+    >>> env = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5"}
+    >>> pin_local_gpu(env), env["CUDA_VISIBLE_DEVICES"]
+    ('5', '5')
+    """
+    environ = os.environ if environ is None else environ
+    if int(environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in environ:
+        return None
+    local_rank = int(environ["LOCAL_RANK"])
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        chosen = str(local_rank)
+    else:
+        ids = [part.strip() for part in listed.split(",") if part.strip()]
+        if local_rank >= len(ids):
+            raise ValueError(f"local rank {local_rank} needs GPU number {local_rank + 1}, but "
+                             f"CUDA_VISIBLE_DEVICES={listed!r} lists {len(ids)}: start at most {len(ids)} "
+                             "processes per node (torchrun --nproc_per_node).")
+        chosen = ids[local_rank]
+    environ["CUDA_VISIBLE_DEVICES"] = chosen
+    return chosen
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The torch.distributed backend for the device the tensors really live on: NCCL for CUDA, gloo else.
+
+    Chosen from the device in use, not from ``torch.cuda.is_available()``: ``--arch cpu`` on a CUDA
+    machine keeps its tensors on the CPU, which NCCL cannot reduce.
+
+    >>> process_group_backend(torch.device("cpu"))
+    'gloo'
+    """
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def start_process_group(device: torch.device, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> str:
+    """``init_process_group`` with the backend for ``device`` and a timeout that covers rank 0's cache
+    preparation at the first barrier; on CUDA also selects the (pinned) GPU. Returns the backend name."""
+    from datetime import timedelta
+
+    name = process_group_backend(device)
+    if name == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=name, timeout=timedelta(minutes=timeout_minutes))
+    return name

@@ -27,6 +27,7 @@ higher training PSNR than ``whole`` (README, Training, Model).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 from torch import nn
@@ -35,16 +36,22 @@ from torch.nn import functional as F
 
 @dataclass
 class FieldConfig:
-    """Shape of the conditioned MLP.
+    """Shape of the conditioned MLP (each field's ``metadata["help"]`` is its documentation and its
+    ``train.py --help`` text).
 
-    ``n_frequencies=4`` gives sin/cos at 2^0..2^3 (plus raw xyz when ``include_input``).
+        >>> FieldConfig.cpu().depth, FieldConfig.paper().width
+        (4, 256)
     """
 
-    depth: int = 8
-    width: int = 256
-    n_frequencies: int = 4
-    include_input: bool = True
-    latent_mode: str = "chunks"  # "chunks" | "whole"
+    depth: int = dataclass_field(default=8, metadata={"help": "hidden layers of the field MLP"})
+    width: int = dataclass_field(default=256, metadata={"help": "units per hidden layer"})
+    n_frequencies: int = dataclass_field(default=4, metadata={
+        "help": "positional-encoding octaves: sin/cos at 2^0..2^(n-1)"})
+    include_input: bool = dataclass_field(default=True, metadata={
+        "help": "also feed the raw xyz to every layer"})
+    latent_mode: str = dataclass_field(default="chunks", metadata={
+        "help": "chunks (layer i sees the i-th slice of the latent, as the official code) | whole (every "
+                "layer sees all of it)"})
 
     @classmethod
     def paper(cls) -> FieldConfig:

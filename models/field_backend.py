@@ -28,6 +28,7 @@ from models.background import BackgroundConfig, BackgroundField, make_background
 from models.field import ConditionedField, FieldConfig
 
 FIELD_BACKENDS = ("auto", "torch", "taichi")
+DEVICE_STEPS = ("auto", "on", "off")
 
 
 def choose_field_backend(requested: str, arch: str, device: torch.device) -> tuple[str, str]:
@@ -52,6 +53,42 @@ def choose_field_backend(requested: str, arch: str, device: torch.device) -> tup
             return "torch", (f"auto: the only Vulkan device is a software driver ({devices[0].name}), "
                              "on which the torch field is faster")
     return "taichi", f"auto: Taichi {arch} is a GPU that torch cannot use, so the field runs there too"
+
+
+def choose_device_step(requested: str, field_backend: str, arch: str, device: torch.device,
+                       world_size: int, skip_empty: bool = False) -> tuple[bool, str]:
+    """(whether the step stays on the Taichi device (``models.device_step``), why).
+
+    ``auto`` keeps it on the device when the field runs as Taichi kernels on a Vulkan or Metal arch and
+    torch has no device there (every torch tensor would be copied per launch); ``on`` asks for it on
+    any arch (x64 too: the same kernels, no copies to save), ``off`` never. It needs the Taichi field
+    and one process, and it has no skip-empty rendering (``skip_empty``: ``--render-skip-empty on``,
+    which then trains on torch tensors under ``auto`` and is refused with ``on``).
+
+    >>> choose_device_step("auto", "taichi", "vulkan", torch.device("cpu"), 1)[0]
+    True
+    """
+    if requested not in DEVICE_STEPS:
+        raise ValueError(f"--device-step {requested!r} is not one of {', '.join(DEVICE_STEPS)}.")
+    if requested == "off":
+        return False, "asked for off"
+    missing = None
+    if field_backend != "taichi":
+        missing = "the field runs in torch (it needs --field-backend taichi)"
+    elif world_size > 1:
+        missing = "it runs in one process only (this run has several ranks)"
+    elif skip_empty:
+        missing = ("it has no skip-empty rendering (--render-skip-empty on trains on torch tensors; pass "
+                   "--render-skip-empty off to keep the step on the device)")
+    if requested == "on":
+        if missing:
+            raise ValueError(f"--device-step on cannot be served: {missing}.")
+        return True, "asked for on"
+    if missing:
+        return False, f"auto: {missing}"
+    if arch not in ("vulkan", "metal") or device.type != "cpu":
+        return False, f"auto: Taichi {arch} reads torch's {device.type} tensors in place, nothing to save"
+    return True, f"auto: on Taichi {arch} every torch tensor would be copied per launch"
 
 
 def make_field(cfg: FieldConfig, latent_dim: int, backend: str) -> nn.Module:

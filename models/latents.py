@@ -12,7 +12,7 @@ untouched, so identities outside a batch - or owned by another rank - do not mov
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,15 +22,18 @@ from torch import nn
 class LatentConfig:
     """Size and optimiser of the latent table.
 
-    ``lr=None`` means "the network's learning rate"; ``lr_scale`` multiplies whichever base is used.
+        >>> LatentConfig.cpu().optimizer, LatentConfig.paper().lr is None
+        ('adam', True)
     """
 
-    dim: int = 64
-    init_std: float = 0.0
-    optimizer: str = "sgd"  # "sgd" | "adam"
-    lr: float | None = None
-    lr_scale: float = 1.0
-    momentum: float = 0.0
+    dim: int = field(default=64, metadata={"help": "latent code size per identity"})
+    init_std: float = field(default=0.0, metadata={"help": "std of the initial codes (0: all zeros)"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adam, for the latent table"})
+    lr: float | None = field(default=None, metadata={
+        "help": "latent learning rate (none: the network's, following its schedule)"})
+    lr_scale: float = field(default=1.0, metadata={
+        "help": "multiplies the latent learning rate (whichever base is used)"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD momentum of the latent table"})
 
     @classmethod
     def paper(cls) -> LatentConfig:

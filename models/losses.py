@@ -13,18 +13,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class LossConfig:
-    """Loss weights; a weight of 0 drops that term (it is still reported, detached)."""
+    """Loss weights; a weight of 0 drops that term (it is still reported, detached).
 
-    rgb: float = 1.0
-    mask: float = 1.0
-    hard: float = 0.1
+        >>> LossConfig.cpu() == LossConfig.paper()
+        True
+    """
+
+    rgb: float = field(default=1.0, metadata={"help": "weight of the pixel MSE"})
+    mask: float = field(default=1.0, metadata={"help": "weight of (opacity - mask)^2"})
+    hard: float = field(default=0.1, metadata={
+        "help": "weight of the hard-surface loss -log(e^-|w| + e^-|1-w|) on sample weights"})
 
     @classmethod
     def paper(cls) -> LossConfig:

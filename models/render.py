@@ -8,7 +8,7 @@
 Each sample is evaluated by the network exactly once:
 1. coarse stratified samples -> field (with gradients);
 2. compositing of the detached coarse outputs gives the weights for importance sampling (no gradient);
-3. importance samples -> field (with gradients), the fine samples only. The same kernel pass
+3. importance samples -> field (with gradients), the fine samples only. The same call
    (``sample_importance_and_merge``) merges coarse + fine depths and gives the interval lengths; its
    ``order`` gathers the already computed sigma/rgb;
 4. ``renderer.composite`` over all samples, with gradients. The coarse pass has no loss of its own.
@@ -17,6 +17,7 @@ Each sample is evaluated by the network exactly once:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from types import ModuleType
 from typing import NamedTuple
 
@@ -28,19 +29,32 @@ import renderer
 
 @dataclass
 class RenderConfig:
-    """Samples per ray and the scene bounds (a sphere of ``radius`` around the origin)."""
+    """Samples per ray and the scene bounds (a sphere of ``radius`` around the origin).
 
-    n_coarse: int = 128
-    n_fine: int = 64
-    radius: float = 2.0
-    # Skipping empty and hidden samples (models.skip_empty; off unless benchmarks/quality.py holds).
-    skip_empty: bool = False
-    early_stop_eps: float = 1e-4
-    occupancy_resolution: int = 128
-    occupancy_every: int = 16
-    occupancy_warmup: int = 256
-    occupancy_codes: int = 4
-    occupancy_fraction: float = 0.125
+        >>> RenderConfig.cpu().n_coarse, RenderConfig.paper().n_coarse
+        (32, 128)
+    """
+
+    n_coarse: int = dataclass_field(default=128, metadata={"help": "stratified samples per ray"})
+    n_fine: int = dataclass_field(default=64, metadata={"help": "importance samples per ray"})
+    radius: float = dataclass_field(default=2.0, metadata={
+        "help": "bounding sphere radius around the origin (head units; the official L = 2 x radius)"})
+    # Skipping empty and hidden samples (models.skip_empty).
+    skip_empty: bool = dataclass_field(default=False, metadata={
+        "help": "on | off: march the class occupancy grid and composite packed samples with early stop "
+                "(models/skip_empty.py; README, Skipping empty space, has the speed and quality figures)"})
+    early_stop_eps: float = dataclass_field(default=1e-4, metadata={
+        "help": "skip-empty only: a ray stops once its transmittance falls below this"})
+    occupancy_resolution: int = dataclass_field(default=128, metadata={
+        "help": "skip-empty only: cells per side of the occupancy grid over the render sphere's cube"})
+    occupancy_every: int = dataclass_field(default=16, metadata={
+        "help": "skip-empty only: training steps between occupancy grid updates"})
+    occupancy_warmup: int = dataclass_field(default=256, metadata={
+        "help": "skip-empty only: every cell stays occupied for this many training steps"})
+    occupancy_codes: int = dataclass_field(default=4, metadata={
+        "help": "skip-empty only: latent codes per grid update (the mean code and a rotating subset)"})
+    occupancy_fraction: float = dataclass_field(default=0.125, metadata={
+        "help": "skip-empty only: random fraction of the cells re-evaluated per grid update"})
 
     @classmethod
     def paper(cls) -> RenderConfig:

@@ -16,14 +16,20 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
+import taichi as ti
 import torch
 from torch import nn
 
+from renderer.backend import TORCH_COPIES, started_arch
+
 
 def sync(device: torch.device) -> None:
-    """Wait for queued device work so wall-clock timers mean something on GPUs."""
+    """Wait for queued device work (torch's CUDA queue, Taichi's Vulkan/Metal queue) so wall-clock
+    timers mean something on GPUs."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if started_arch() in ("vulkan", "metal"):
+        ti.sync()
 
 
 class PhaseTimer:
@@ -151,11 +157,18 @@ def profile_steps(trainer, n_steps: int, trace_path, warmup: int = 2) -> dict[st
     timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
     trainer.module.field = timed
     steps, rays = [], 0
+    copied = {"torch tensors copied by Taichi (each way)": 0, "batch to the device": 0,
+              "loss sums from the device": 0}
     try:
         with profile(trace_path=trace_path, print_table=False) as prof:
             for _ in range(n_steps):
+                TORCH_COPIES.reset()
                 per, rays = timed_step(trainer, timed)
                 steps.append(per)
+                copied["torch tensors copied by Taichi (each way)"] += TORCH_COPIES.bytes
+                if trainer.device_step is not None:
+                    copied["batch to the device"] += trainer.device_step.transfers.uploaded
+                    copied["loss sums from the device"] += trainer.device_step.transfers.downloaded
     finally:
         trainer.module.field = timed.field
         trainer.timer = NullTimer()
@@ -171,8 +184,14 @@ def profile_steps(trainer, n_steps: int, trace_path, warmup: int = 2) -> dict[st
               f"{kept['fine_per_ray']:.1f} fine = {kept['field_per_ray']:.1f} field evaluations, of "
               f"{kept['dense_per_ray']:.0f} without skipping; occupied cells "
               f"{trainer.module.occupancy.grid.occupied_fraction():.1%}")
-    print("\nrenderer kernels (Taichi kernel profiler) and top torch operators (torch.profiler), all steps:")
+    print("\nkernels (source taichi: Taichi's kernel profiler; sync: each launch timed between ti.sync() "
+          "calls, on Vulkan/Metal) and top torch operators (torch.profiler), all steps:")
     print(prof.table())
+    path = "the device-resident step" if trainer.device_step is not None else "torch tensors"
+    print(f"\nhost <-> device bytes per step ({path}, Taichi {trainer.backend.arch}; 0 where the arch "
+          "reads torch tensors in place):")
+    for what, total in copied.items():
+        print(f"  {what:<44} {total / n_steps:>14,.0f} bytes")
     print(f"[profile] Chrome trace: {trace_path}")
     return per_step
 

@@ -19,10 +19,14 @@ hidden layer. Computation is float32, like the torch network.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from models.background import BackgroundField
+from models.taichi_field import torch_buffers
 from renderer.backend import to_kernel
 from renderer.dense import (
     Segment,
@@ -32,15 +36,71 @@ from renderer.dense import (
     dense_grad_params,
     encode_positions,
 )
+from renderer.device import Array
 
 
-def input_segments(enc: torch.Tensor, latents: torch.Tensor) -> list[Segment]:
+def input_segments(enc: Array, latents: Array) -> list[Segment]:
     """The first layer's input blocks in ``BackgroundField``'s concatenation order: [enc, latents].
 
     Shapes: enc (R, E), latents (R, L) -> segments of total width E + L (the latents are left out when
     L == 0). Example: the cpu preset with 64 latents reads [enc (27), latents (64)].
     """
     return [Segment(enc), Segment(latents)] if latents.shape[1] > 0 else [Segment(enc)]
+
+
+class BackgroundActivations(NamedTuple):
+    """rgb (R, 3), the encoding (R, E) and every hidden layer's output (R, W)."""
+
+    rgb: Array
+    enc: Array
+    hiddens: list[Array]
+
+
+def background_forward(
+    params: Sequence[Array], directions: Array, latents: Array, n_frequencies: int, include_input: bool,
+    buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers,
+) -> BackgroundActivations:
+    """The background network's forward pass on torch tensors or ``ti.ndarray``s alike.
+
+    Shapes: params as ``TaichiBackground.parameter_list``, directions (R, 3), latents (R, L) ->
+    ``BackgroundActivations``; ``buffers(name, shape)`` provides every array written.
+    """
+    n_rows, n_hidden = directions.shape[0], len(params) // 2 - 1
+    enc_width = 3 * (2 * n_frequencies + int(include_input))
+    enc = encode_positions(directions, n_frequencies, include_input,
+                           out=buffers("bg_enc", (n_rows, enc_width)))
+    segments = input_segments(enc, latents)
+    hiddens = []
+    for i in range(n_hidden):
+        hidden, _ = dense_forward(segments, params[2 * i], params[2 * i + 1], "relu",
+                                  out=buffers(f"bg_hidden{i}", (n_rows, params[2 * i].shape[0])))
+        hiddens.append(hidden)
+        segments = [Segment(hidden)]
+    rgb, _ = dense_forward(segments, params[-2], params[-1], "sigmoid", out=buffers("bg_rgb", (n_rows, 3)))
+    return BackgroundActivations(rgb, enc, hiddens)
+
+
+def background_backward(params: Sequence[Array], acts: BackgroundActivations, latents: Array, grad_rgb: Array,
+                        buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers,
+                        grads: Sequence[Array] | None = None,
+                        grad_latents: Array | None = None) -> tuple[list[Array], Array | None]:
+    """Parameter gradients (ADDED to ``grads`` buffers when given) and the latent gradient (written to
+    ``grad_latents`` (R, L) when given), from grad_rgb (R, 3)."""
+    hiddens, n_rows = acts.hiddens, grad_rgb.shape[0]
+    n_layers = len(hiddens) + 1
+    out: list[Array | None] = [None] * len(params)
+    grad_pre = act_backward("sigmoid", acts.rgb, None, grad_rgb, grad_pre=buffers("bg_g_rgb", (n_rows, 3)))
+    for i in reversed(range(n_layers)):
+        hidden_in = hiddens[i - 1] if i > 0 else None
+        segments = [Segment(hidden_in)] if hidden_in is not None else input_segments(acts.enc, latents)
+        w, b = (None, None) if grads is None else (grads[2 * i], grads[2 * i + 1])
+        out[2 * i], out[2 * i + 1] = dense_grad_params(grad_pre, segments, grad_weight=w, grad_bias=b)
+        if hidden_in is not None:
+            grad_pre = dense_grad_input(grad_pre, params[2 * i], relu_gate=hidden_in,
+                                        out=buffers(f"bg_g_hidden{i % 2}", (n_rows, hidden_in.shape[1])))
+        elif grad_latents is not None and latents.shape[1] > 0:
+            dense_grad_input(grad_pre, params[0], acts.enc.shape[1], latents.shape[1], out=grad_latents)
+    return out, grad_latents
 
 
 class TaichiBackgroundFunction(torch.autograd.Function):
@@ -53,20 +113,12 @@ class TaichiBackgroundFunction(torch.autograd.Function):
         out_device = latents.device
         latents_k = to_kernel(latents)
         weights = [to_kernel(p) for p in params]
-        n_hidden = len(weights) // 2 - 1
-        enc = encode_positions(to_kernel(directions), n_frequencies, include_input)
-        segments = input_segments(enc, latents_k)
-        hiddens = []
-        for i in range(n_hidden):
-            hidden, _ = dense_forward(segments, weights[2 * i], weights[2 * i + 1], "relu")
-            hiddens.append(hidden)
-            segments = [Segment(hidden)]
-        rgb, _ = dense_forward(segments, weights[-2], weights[-1], "sigmoid")
-        ctx.save_for_backward(latents_k, enc, rgb, *hiddens, *weights)
-        ctx.n_hidden = n_hidden
+        acts = background_forward(weights, to_kernel(directions), latents_k, n_frequencies, include_input)
+        ctx.save_for_backward(latents_k, acts.enc, acts.rgb, *acts.hiddens, *weights)
+        ctx.n_hidden = len(acts.hiddens)
         ctx.out_device = out_device
         ctx.latent_dtype = latents.dtype
-        return rgb.to(out_device)
+        return acts.rgb.to(out_device)
 
     @staticmethod
     def backward(ctx, grad_rgb):
@@ -74,19 +126,11 @@ class TaichiBackgroundFunction(torch.autograd.Function):
         latents, enc, rgb = saved[:3]
         hiddens = saved[3 : 3 + ctx.n_hidden]
         weights = saved[3 + ctx.n_hidden :]
-        n_layers = ctx.n_hidden + 1
-        grads: list[torch.Tensor | None] = [None] * len(weights)
-        grad_pre = act_backward("sigmoid", rgb, None, to_kernel(grad_rgb))
-        want_latents = ctx.needs_input_grad[1]
-        grad_latents = None
-        for i in reversed(range(n_layers)):
-            hidden_in = hiddens[i - 1] if i > 0 else None
-            segments = [Segment(hidden_in)] if hidden_in is not None else input_segments(enc, latents)
-            grads[2 * i], grads[2 * i + 1] = dense_grad_params(grad_pre, segments)
-            if hidden_in is not None:
-                grad_pre = dense_grad_input(grad_pre, weights[2 * i], relu_gate=hidden_in)
-            elif want_latents:
-                grad_latents = dense_grad_input(grad_pre, weights[0], enc.shape[1], latents.shape[1])
+        want_latents = ctx.needs_input_grad[1] and latents.shape[1] > 0
+        grad_latents = torch.empty_like(latents) if want_latents else None
+        acts = BackgroundActivations(rgb, enc, list(hiddens))
+        grads, grad_latents = background_backward(weights, acts, latents, to_kernel(grad_rgb),
+                                                  grad_latents=grad_latents)
         out = ctx.out_device
         grad_params = [g.to(out) for g in grads]
         if grad_latents is not None:

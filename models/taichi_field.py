@@ -18,6 +18,9 @@ input, so no separate mask pass runs. Computation is float32, like the torch fie
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -31,6 +34,7 @@ from renderer.dense import (
     dense_grad_params,
     encode_positions,
 )
+from renderer.device import Array
 
 
 def chunk_offsets(chunk_sizes: list[int], mode: str) -> list[int]:
@@ -47,87 +51,156 @@ def chunk_offsets(chunk_sizes: list[int], mode: str) -> list[int]:
     return offsets
 
 
-def layer_segments(hidden: torch.Tensor | None, latents: torch.Tensor, start: int, size: int,
-                   enc: torch.Tensor) -> list[Segment]:
+def layer_segments(hidden: Array | None, latents: Array, start: int, size: int, enc: Array,
+                   repeat: int = 1) -> list[Segment]:
     """The input blocks of one layer, in ``ConditionedField``'s concatenation order.
 
-    Shapes: hidden (N, W) or None (first layer), latents (N, L), enc (N, E) -> segments of total
-    width W + size + E (or size + E). Example: layer 1 of the cpu preset reads
-    [hidden (64), latents[:, 16:32], enc (27)].
+    Shapes: hidden (N, W) or None (first layer), latents (N / repeat, L) (one code per ``repeat``
+    consecutive rows: a ray's samples), enc (N, E) -> segments of total width W + size + E (or
+    size + E). Example: layer 1 of the cpu preset reads [hidden (64), latents[:, 16:32], enc (27)].
     """
     segments = [] if hidden is None else [Segment(hidden)]
-    return [*segments, Segment(latents, start, size), Segment(enc)]
+    return [*segments, Segment(latents, start, size, repeat), Segment(enc)]
+
+
+class FieldSpec(NamedTuple):
+    """What the kernels need to know of a field's configuration (hashable, for autograd's ctx)."""
+
+    n_frequencies: int
+    include_input: bool
+    offsets: tuple[int, ...]  # first latent column each layer reads
+    sizes: tuple[int, ...]  # latent columns each layer reads
+    mode: str  # "chunks" | "whole"
+
+
+class FieldActivations(NamedTuple):
+    """Outputs and what the backward pass reads: sigma (N, 1), rgb (N, 3), its pre-softplus (N, 1),
+    the encoding (N, E) and every hidden layer's output (N, W)."""
+
+    sigma: Array
+    rgb: Array
+    sigma_pre: Array
+    enc: Array
+    hiddens: list[Array]
+
+
+def torch_buffers(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Allocator for the torch-tensor path: a new float32 tensor on the kernels' device (name unused)."""
+    return torch.empty(shape, device=kernel_device())
+
+
+def field_forward(params: Sequence[Array], points: Array, latents: Array, spec: FieldSpec,
+                  buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers,
+                  repeat: int = 1) -> FieldActivations:
+    """The field's forward pass on torch tensors or ``ti.ndarray``s alike.
+
+    Shapes: params as ``TaichiField.parameter_list`` (weight (O, K), bias (O,) per layer, then the
+    density and colour heads), points (N, 3), latents (N / repeat, L): row n of the points reads code
+    n // repeat (a ray's samples share its code, never copied) -> ``FieldActivations``. ``buffers(name,
+    shape)`` provides every array written (a ``renderer.device.Workspace``'s ``get`` keeps them on the
+    device between steps).
+    """
+    n_rows = points.shape[0]
+    enc_width = 3 * (2 * spec.n_frequencies + int(spec.include_input))
+    enc = encode_positions(points, spec.n_frequencies, spec.include_input,
+                           out=buffers("enc", (n_rows, enc_width)))
+    hiddens, hidden = [], None
+    for i, (start, size) in enumerate(zip(spec.offsets, spec.sizes, strict=True)):
+        weight, bias = params[2 * i], params[2 * i + 1]
+        segments = layer_segments(hidden, latents, start, size, enc, repeat)
+        hidden, _ = dense_forward(segments, weight, bias, "relu",
+                                  out=buffers(f"hidden{i}", (n_rows, weight.shape[0])))
+        hiddens.append(hidden)
+    d = 2 * len(spec.sizes)
+    sigma, sigma_pre = dense_forward([Segment(hidden)], params[d], params[d + 1], "softplus", True,
+                                     out=buffers("sigma", (n_rows, 1)), pre=buffers("sigma_pre", (n_rows, 1)))
+    rgb, _ = dense_forward([Segment(hidden)], params[d + 2], params[d + 3], "sigmoid",
+                           out=buffers("rgb", (n_rows, 3)))
+    return FieldActivations(sigma, rgb, sigma_pre, enc, hiddens)
+
+
+def field_backward(params: Sequence[Array], acts: FieldActivations, latents: Array, grad_sigma: Array,
+                   grad_rgb: Array, spec: FieldSpec,
+                   buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers,
+                   grads: Sequence[Array] | None = None, grad_latents: Array | None = None,
+                   repeat: int = 1) -> tuple[list[Array], Array | None]:
+    """Gradients of every parameter and of the latents, from grad_sigma (N, 1) and grad_rgb (N, 3).
+
+    ``grads``: buffers shaped like ``params`` that the parameter gradients are ADDED to (None: new
+    zero-initialised tensors). ``grad_latents`` (N / repeat, L): a buffer the latent gradient is written
+    to, summed over each code's rows (None: no latent gradient). Returns (parameter gradients,
+    grad_latents).
+    """
+    hiddens = acts.hiddens
+    n_rows, n_hidden = acts.enc.shape[0], len(hiddens)
+    d = 2 * n_hidden
+    last = hiddens[-1]
+    width = last.shape[1]
+
+    def param_grads(k: int, g_pre: Array, segments: list[Segment]) -> None:
+        w, b = (None, None) if grads is None else (grads[k], grads[k + 1])
+        out[k], out[k + 1] = dense_grad_params(g_pre, segments, grad_weight=w, grad_bias=b)
+
+    out: list[Array | None] = [None] * len(params)
+    # Heads: softplus (from its pre-activation) and sigmoid (from its output).
+    g_sigma = act_backward("softplus", acts.sigma, acts.sigma_pre, grad_sigma,
+                           grad_pre=buffers("g_sigma", (n_rows, 1)))
+    g_rgb = act_backward("sigmoid", acts.rgb, None, grad_rgb, grad_pre=buffers("g_rgb", (n_rows, 3)))
+    param_grads(d, g_sigma, [Segment(last)])
+    param_grads(d + 2, g_rgb, [Segment(last)])
+    grad_pre = dense_grad_input(g_sigma, params[d], relu_gate=last, out=buffers("g_hidden0", (n_rows, width)))
+    dense_grad_input(g_rgb, params[d + 2], out=grad_pre, accumulate=True, relu_gate=last)
+    for i in reversed(range(n_hidden)):
+        hidden_in = hiddens[i - 1] if i > 0 else None
+        start, size = spec.offsets[i], spec.sizes[i]
+        param_grads(2 * i, grad_pre, layer_segments(hidden_in, latents, start, size, acts.enc, repeat))
+        hidden_width = 0 if hidden_in is None else width
+        if grad_latents is not None:
+            accumulate = spec.mode == "whole" and i != n_hidden - 1
+            dense_grad_input(grad_pre, params[2 * i], hidden_width, size, out=grad_latents, out_start=start,
+                             accumulate=accumulate, repeat=repeat)
+        if hidden_in is not None:  # two buffers in turn: the next layer's gradient never overwrites its input
+            grad_pre = dense_grad_input(grad_pre, params[2 * i], 0, width, relu_gate=hidden_in,
+                                        out=buffers(f"g_hidden{(n_hidden - i) % 2}", (n_rows, width)))
+    return out, grad_latents
 
 
 class TaichiFieldFunction(torch.autograd.Function):
     """Forward and hand-written backward of the field; ``params`` as ``TaichiField.parameter_list``."""
 
     @staticmethod
-    def forward(ctx, points, latents, cfg_info, *params):
-        n_frequencies, include_input, offsets, sizes, _ = cfg_info
+    def forward(ctx, points, latents, spec, repeat, *params):
         out_device = latents.device
         latents_k = to_kernel(latents)
         weights = [to_kernel(p) for p in params]
-        enc = encode_positions(to_kernel(points), n_frequencies, include_input)
-        hiddens = []
-        hidden = None
-        for i, (start, size) in enumerate(zip(offsets, sizes, strict=True)):
-            segments = layer_segments(hidden, latents_k, start, size, enc)
-            hidden, _ = dense_forward(segments, weights[2 * i], weights[2 * i + 1], "relu")
-            hiddens.append(hidden)
-        d = 2 * len(sizes)
-        sigma, sigma_pre = dense_forward([Segment(hidden)], weights[d], weights[d + 1], "softplus", True)
-        rgb, _ = dense_forward([Segment(hidden)], weights[d + 2], weights[d + 3], "sigmoid")
-        ctx.save_for_backward(latents_k, enc, sigma, sigma_pre, rgb, *hiddens, *weights)
-        ctx.cfg_info = cfg_info
-        ctx.n_hidden = len(hiddens)
+        acts = field_forward(weights, to_kernel(points), latents_k, spec, repeat=repeat)
+        ctx.save_for_backward(latents_k, acts.enc, acts.sigma, acts.sigma_pre, acts.rgb, *acts.hiddens,
+                              *weights)
+        ctx.spec, ctx.repeat = spec, repeat
+        ctx.n_hidden = len(acts.hiddens)
         ctx.out_device = out_device
         ctx.latent_dtype = latents.dtype
-        return sigma.view(-1).to(out_device), rgb.to(out_device)
+        return acts.sigma.view(-1).to(out_device), acts.rgb.to(out_device)
 
     @staticmethod
     def backward(ctx, grad_sigma, grad_rgb):
-        _, _, offsets, sizes, mode = ctx.cfg_info
         saved = [x.detach() for x in ctx.saved_tensors]
         latents, enc, sigma, sigma_pre, rgb = saved[:5]
         hiddens = saved[5 : 5 + ctx.n_hidden]
         weights = saved[5 + ctx.n_hidden :]
-        n_rows, device = latents.shape[0], kernel_device()
-        if grad_sigma is None:
-            grad_sigma = torch.zeros(n_rows, device=device)
-        if grad_rgb is None:
-            grad_rgb = torch.zeros(n_rows, 3, device=device)
-        d = 2 * ctx.n_hidden
-        last = hiddens[-1]
-
-        # Heads: softplus (from its pre-activation) and sigmoid (from its output).
-        g_sigma = act_backward("softplus", sigma, sigma_pre, to_kernel(grad_sigma).view(-1, 1))
-        g_rgb = act_backward("sigmoid", rgb, None, to_kernel(grad_rgb))
-        grads: list[torch.Tensor | None] = [None] * len(weights)
-        grads[d], grads[d + 1] = dense_grad_params(g_sigma, [Segment(last)])
-        grads[d + 2], grads[d + 3] = dense_grad_params(g_rgb, [Segment(last)])
-        grad_pre = dense_grad_input(g_sigma, weights[d], relu_gate=last)
-        dense_grad_input(g_rgb, weights[d + 2], out=grad_pre, accumulate=True, relu_gate=last)
-
+        n_rows, device = enc.shape[0], kernel_device()
+        grad_sigma = torch.zeros(n_rows, 1, device=device) if grad_sigma is None else to_kernel(grad_sigma)
+        grad_rgb = torch.zeros(n_rows, 3, device=device) if grad_rgb is None else to_kernel(grad_rgb)
+        acts = FieldActivations(sigma, rgb, sigma_pre, enc, list(hiddens))
         want_latents = ctx.needs_input_grad[1]
         grad_latents = torch.empty_like(latents) if want_latents else None
-        width = last.shape[1]
-        for i in reversed(range(ctx.n_hidden)):
-            hidden_in = hiddens[i - 1] if i > 0 else None
-            start, size = offsets[i], sizes[i]
-            segments = layer_segments(hidden_in, latents, start, size, enc)
-            grads[2 * i], grads[2 * i + 1] = dense_grad_params(grad_pre, segments)
-            hidden_width = 0 if hidden_in is None else width
-            if want_latents:
-                accumulate = mode == "whole" and i != ctx.n_hidden - 1
-                dense_grad_input(grad_pre, weights[2 * i], hidden_width, size, out=grad_latents,
-                                 out_start=start, accumulate=accumulate)
-            if hidden_in is not None:
-                grad_pre = dense_grad_input(grad_pre, weights[2 * i], 0, width, relu_gate=hidden_in)
+        grads, grad_latents = field_backward(weights, acts, latents, grad_sigma.view(-1, 1),
+                                             grad_rgb.view(-1, 3), ctx.spec, grad_latents=grad_latents,
+                                             repeat=ctx.repeat)
         out = ctx.out_device
         grad_params = [g.to(out) for g in grads]
         grad_latents = grad_latents.to(out, ctx.latent_dtype) if want_latents else None
-        return None, grad_latents, None, *grad_params
+        return None, grad_latents, None, None, *grad_params
 
 
 class TaichiField(nn.Module):
@@ -162,19 +235,24 @@ class TaichiField(nn.Module):
 
         Shapes: points (N, 3), latents (N, L) -> (sigma (N,) >= 0, rgb (N, 3) in (0, 1)); or, as
         ``ConditionedField``, points (R, S, 3) with one code per ray, latents (R, L) -> (R, S), (R, S, 3)
-        (the kernels read one latent row per sample, so here the codes are expanded per sample).
+        (each sample's kernel thread reads its ray's code: ``Segment.repeat``, no per-sample copy).
         """
         if latents.shape[-1] != self.latent_dim:
             raise ValueError(f"latents have {latents.shape[-1]} values per row; this field expects "
                              f"{self.latent_dim}.")
         if points.dim() == 3 and latents.dim() == 2 and points.shape[0] == latents.shape[0]:
             n_rays, n_samples, _ = points.shape
-            codes = latents[:, None, :].expand(n_rays, n_samples, -1).reshape(n_rays * n_samples, -1)
-            sigma, rgb = self(points.reshape(-1, 3), codes)
+            if n_samples == 0:
+                return points.new_zeros(n_rays, 0), points.new_zeros(n_rays, 0, 3)
+            sigma, rgb = TaichiFieldFunction.apply(points.reshape(-1, 3), latents, self.spec(), n_samples,
+                                                   *self.parameter_list())
             return sigma.view(n_rays, n_samples), rgb.view(n_rays, n_samples, 3)
         if points.shape[:-1] != latents.shape[:-1] or points.shape[-1] != 3 or points.dim() != 2:
             raise ValueError(f"TaichiField needs points (N, 3) and latents (N, L); got "
                              f"{tuple(points.shape)} and {tuple(latents.shape)}.")
-        cfg_info = (self.cfg.n_frequencies, self.cfg.include_input, tuple(self.chunk_offsets),
-                    tuple(self.chunk_sizes), self.cfg.latent_mode)
-        return TaichiFieldFunction.apply(points, latents, cfg_info, *self.parameter_list())
+        return TaichiFieldFunction.apply(points, latents, self.spec(), 1, *self.parameter_list())
+
+    def spec(self) -> FieldSpec:
+        """The configuration the kernels read (``field_forward`` / ``field_backward``)."""
+        return FieldSpec(self.cfg.n_frequencies, self.cfg.include_input, tuple(self.chunk_offsets),
+                         tuple(self.chunk_sizes), self.cfg.latent_mode)

@@ -1,12 +1,18 @@
-"""Training configuration: one dataclass per concern with ``paper`` and ``cpu`` presets, and the CLI.
+"""Training configuration: one dataclass per concern with ``paper`` and ``cpu`` presets, held together by
+``TrainConfig``, and the CLI generated from them.
 
-Sections (each a flat dict in the run's ``config.json`` and checkpoints): ``data``, ``run`` (flags without
-prefix: ``--steps``), and ``field``, ``background``, ``latent``, ``render``, ``loss``, ``optim``,
-``batch`` (flags with the section as prefix: ``--field-depth``).
+The run is configured by one typed ``TrainConfig`` (sections ``data``, ``run``, ``field``, ``background``,
+``latent``, ``render``, ``loss``, ``optim``, ``batch``, each a dataclass, plus the preset's name). It is
+turned into plain JSON only where it leaves the process: the run's ``config.json`` and the checkpoints
+(``to_json`` / ``from_json``; ``from_json`` also reads the dicts earlier versions wrote). Each field is
+documented once, in its declaration's ``metadata["help"]``; ``train.py --help`` is built from that.
+Flags: ``data`` and ``run`` values have no prefix (``--steps``), the others the section's
+(``--field-depth``).
 
-    config = preset_config("cpu"); config["run"]["steps"]      # 1000
+    config = TrainConfig.cpu(); config.run.steps                 # 1000
     args = build_parser().parse_args(["--steps", "50"])
-    config, overrides, preset = resolve_config(args, "cpu")
+    config, overrides, preset = resolve_config(args, "cpu")      # TrainConfig, {("run", "steps"): 50}, "cpu"
+    TrainConfig.from_json(config.to_json()) == config            # True
 """
 
 from __future__ import annotations
@@ -16,15 +22,20 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
+from typing import Any
 
 from dataset.prepare import DATASETS
 from models.background import BackgroundConfig
+from models.distributed import DEFAULT_TIMEOUT_MINUTES
 from models.field import FieldConfig
-from models.field_backend import FIELD_BACKENDS
+from models.field_backend import DEVICE_STEPS, FIELD_BACKENDS
 from models.latents import LatentConfig
 from models.losses import LossConfig
 from models.render import RenderConfig
+
+PRESETS = ("paper", "cpu")
 
 NAN_ENV = "LOLNERF_DEBUG_NAN_STEPS"
 
@@ -32,15 +43,21 @@ NAN_ENV = "LOLNERF_DEBUG_NAN_STEPS"
 @dataclass
 class OptimConfig:
     """Adam for the networks; the learning rate decays exponentially from lr_init to lr_final over
-    decay_steps (then stays). ``decay_steps=None`` means the run's length: it is fixed to ``run.steps``
-    when a run starts and saved with it, so ``--resume`` (even with a larger ``--steps``) keeps the
-    schedule the run began with."""
+    decay_steps, then stays.
 
-    lr_init: float = 5e-4
-    lr_final: float = 1e-4
-    decay_steps: int | None = None
-    beta1: float = 0.9
-    beta2: float = 0.999
+        >>> OptimConfig.cpu().lr_init, OptimConfig.paper().decay_steps is None
+        (0.002, True)
+    """
+
+    lr_init: float = dataclass_field(default=5e-4, metadata={"help": "network learning rate at step 0"})
+    lr_final: float = dataclass_field(default=1e-4, metadata={
+        "help": "network learning rate at the end of the decay"})
+    decay_steps: int | None = dataclass_field(default=None, metadata={
+        "help": "steps over which the learning rate decays from lr_init to lr_final, then stays; none "
+                "(the default) means the run's --steps, fixed when the run starts and saved with it, so "
+                "--resume (even with a larger --steps) keeps the schedule the run began with"})
+    beta1: float = dataclass_field(default=0.9, metadata={"help": "Adam beta1 (networks)"})
+    beta2: float = dataclass_field(default=0.999, metadata={"help": "Adam beta2 (networks)"})
 
     @classmethod
     def paper(cls) -> OptimConfig:
@@ -55,11 +72,15 @@ class OptimConfig:
 
 @dataclass
 class BatchConfig:
-    """Rays per step = identities × views × pixels (a random pixel subset of each chosen view)."""
+    """Rays per step = identities × views × pixels (a random pixel subset of each chosen view).
 
-    identities: int = 64
-    views: int = 2
-    pixels: int = 64
+        >>> b = BatchConfig.cpu(); b.identities * b.views * b.pixels
+        1024
+    """
+
+    identities: int = dataclass_field(default=64, metadata={"help": "identities per step"})
+    views: int = dataclass_field(default=2, metadata={"help": "views per identity per step"})
+    pixels: int = dataclass_field(default=64, metadata={"help": "random pixels per view per step"})
 
     @classmethod
     def paper(cls) -> BatchConfig:
@@ -74,13 +95,23 @@ class BatchConfig:
 
 @dataclass
 class DataConfig:
-    """What to train on. ``cache`` is the prepared-cache directory (default: derived from the dataset)."""
+    """What to train on.
 
-    dataset: str = "synthetic"
-    data_root: str = ""
-    cache: str = ""
-    resolution: int = 256
-    synthetic_identities: int = 1024
+        >>> DataConfig.cpu().resolution
+        64
+    """
+
+    dataset: str = dataclass_field(default="synthetic", metadata={"help": " | ".join(DATASETS)})
+    data_root: str = dataclass_field(default="", metadata={
+        "help": "folder with the source photos (not needed for synthetic)"})
+    cache: str = dataclass_field(default="", metadata={
+        "help": "prepared-cache directory (default: data/prepared/<source>-...; the run records the "
+                "resolved path). Other preparation settings (--srn-world-scale, --heldout-views, "
+                "--template, --framing, ...) are python -m dataset.prepare flags: prepare with them, then "
+                "train with --cache DIR"})
+    resolution: int = dataclass_field(default=256, metadata={"help": "side of the square training images"})
+    synthetic_identities: int = dataclass_field(default=1024, metadata={
+        "help": "identities of the built-in synthetic dataset"})
 
     @classmethod
     def paper(cls) -> DataConfig:
@@ -95,16 +126,24 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """Run length, seeds and the cadence of logs, previews and checkpoints."""
+    """Run length, seeds and the cadence of logs, previews and checkpoints.
 
-    steps: int = 500_000
-    seed: int = 0
-    log_every: int = 100
-    preview_every: int = 5000
-    preview_identities: int = 4
-    checkpoint_every: int = 5000
-    keep_last: int = 3
-    max_bad_steps: int = 20
+        >>> RunConfig.cpu().steps
+        1000
+    """
+
+    steps: int = dataclass_field(default=500_000, metadata={
+        "help": "train until this step (extend a run with --resume --steps N)"})
+    seed: int = dataclass_field(default=0, metadata={
+        "help": "seeds the networks, the latent table, the batches and the ray samples"})
+    log_every: int = dataclass_field(default=100, metadata={"help": "steps between metrics.jsonl lines"})
+    preview_every: int = dataclass_field(default=5000, metadata={"help": "steps between preview images"})
+    preview_identities: int = dataclass_field(default=4, metadata={"help": "identities in a preview"})
+    checkpoint_every: int = dataclass_field(default=5000, metadata={"help": "steps between checkpoints"})
+    keep_last: int = dataclass_field(default=3, metadata={
+        "help": "step checkpoints kept (best.pt is kept as well)"})
+    max_bad_steps: int = dataclass_field(default=20, metadata={
+        "help": "stop after this many NaN/inf losses in a row"})
 
     @classmethod
     def paper(cls) -> RunConfig:
@@ -121,6 +160,94 @@ class RunConfig:
 SECTIONS: dict[str, type] = {"data": DataConfig, "run": RunConfig, "field": FieldConfig,
                              "background": BackgroundConfig, "latent": LatentConfig, "render": RenderConfig,
                              "loss": LossConfig, "optim": OptimConfig, "batch": BatchConfig}
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration of a training run: one dataclass per concern, and the preset's name.
+
+    Passed whole from ``train.py`` to ``models.trainer.Trainer``; plain JSON only at the run's
+    ``config.json`` and in checkpoints (``to_json``, ``from_json``).
+
+        >>> config = TrainConfig.cpu()
+        >>> config.run.steps, config.field.width, config.preset
+        (1000, 64, 'cpu')
+        >>> config.to_json()["batch"]
+        {'identities': 16, 'views': 2, 'pixels': 32}
+    """
+
+    data: DataConfig = dataclass_field(default_factory=DataConfig)
+    run: RunConfig = dataclass_field(default_factory=RunConfig)
+    field: FieldConfig = dataclass_field(default_factory=FieldConfig)
+    background: BackgroundConfig = dataclass_field(default_factory=BackgroundConfig)
+    latent: LatentConfig = dataclass_field(default_factory=LatentConfig)
+    render: RenderConfig = dataclass_field(default_factory=RenderConfig)
+    loss: LossConfig = dataclass_field(default_factory=LossConfig)
+    optim: OptimConfig = dataclass_field(default_factory=OptimConfig)
+    batch: BatchConfig = dataclass_field(default_factory=BatchConfig)
+    preset: str = "paper"
+
+    @classmethod
+    def paper(cls) -> TrainConfig:
+        """Every section's paper preset (the official configuration)."""
+        return cls.named("paper")
+
+    @classmethod
+    def cpu(cls) -> TrainConfig:
+        """Every section's cpu preset (minutes on 2 CPU cores)."""
+        return cls.named("cpu")
+
+    @classmethod
+    def named(cls, preset: str) -> TrainConfig:
+        """The preset called ``preset`` ("paper" or "cpu")."""
+        if preset not in PRESETS:
+            raise ValueError(f"--preset must be 'paper' or 'cpu', not {preset!r}.")
+        return cls(**{name: getattr(section, preset)() for name, section in SECTIONS.items()}, preset=preset)
+
+    def value(self, section: str, key: str) -> Any:
+        """One value by its section and field name: ``config.value("run", "steps")``."""
+        return getattr(getattr(self, section), key)
+
+    def with_values(self, values: dict[tuple[str, str], Any]) -> TrainConfig:
+        """A copy with ``{(section, key): value}`` applied (the sections are copied, never shared).
+
+            >>> TrainConfig.cpu().with_values({("run", "steps"): 10}).run.steps
+            10
+        """
+        changes: dict[str, dict[str, Any]] = {}
+        for (section, key), value in values.items():
+            if section not in SECTIONS:
+                raise KeyError(f"no configuration section {section!r}")
+            changes.setdefault(section, {})[key] = value
+        copies = {name: dataclasses.replace(getattr(self, name), **changes.get(name, {}))
+                  for name in SECTIONS}
+        return dataclasses.replace(self, **copies)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON: ``{section: {field: value}}`` and ``"preset"`` (the format of config.json and of a
+        checkpoint's ``config``)."""
+        return {**{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}, "preset": self.preset}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        """Read ``to_json``'s dict back, including the dicts earlier versions wrote: a section or field
+        that is missing takes the recorded preset's value (paper when none is recorded), and a field this
+        version does not know is ignored.
+
+            >>> TrainConfig.from_json({"preset": "cpu", "run": {"steps": 7}}).run.steps
+            7
+        """
+        preset = data.get("preset") if data.get("preset") in PRESETS else "paper"
+        base = cls.named(preset)
+        values = {}
+        for name, section in SECTIONS.items():
+            saved = data.get(name)
+            if isinstance(saved, dict):
+                known = {f.name for f in dataclasses.fields(section)}
+                values.update({(name, key): value for key, value in saved.items() if key in known})
+        return base.with_values(values)
+
+
 NO_PREFIX = ("data", "run")
 # Values that may change when resuming (they do not change what is being learned, only for how long).
 RESUMABLE = {("run", "steps"), ("run", "log_every"), ("run", "preview_every"), ("run", "checkpoint_every"),
@@ -133,43 +260,10 @@ CHOICES = {("data", "dataset"): DATASETS, ("field", "latent_mode"): ("chunks", "
 AT_LEAST = {("data", "resolution"): 8, ("run", "seed"): 0, ("run", "preview_identities"): 0,
             ("field", "n_frequencies"): 0, ("background", "n_frequencies"): 0, ("render", "n_fine"): 0,
             ("render", "occupancy_warmup"): 0}
-POSITIVE = {("render", "radius"), ("optim", "lr_init"), ("optim", "lr_final"), ("latent", "lr"),
-            ("latent", "lr_scale")}
+POSITIVE = {("render", "radius"), ("render", "occupancy_fraction"), ("optim", "lr_init"),
+            ("optim", "lr_final"), ("latent", "lr"), ("latent", "lr_scale")}
 UNIT_INTERVAL = {("optim", "beta1"), ("optim", "beta2"), ("latent", "momentum")}  # [0, 1)
 WHOLE_OR_NONE = {("optim", "decay_steps")}  # None by default; a given value is a whole number
-
-
-# What a flag means, for --help (values whose name says it all are left out).
-FLAG_HELP = {
-    ("data", "dataset"): " | ".join(DATASETS),
-    ("data", "data_root"): "folder with the source photos (not needed for synthetic)",
-    ("data", "cache"): "prepared-cache directory (default: data/prepared/<source>-...). Other preparation "
-                       "settings (--srn-world-scale, --heldout-views, --template, --framing, ...) are "
-                       "python -m dataset.prepare flags: prepare with them, then train with --cache DIR",
-    ("data", "synthetic_identities"): "identities of the built-in synthetic dataset",
-    ("run", "steps"): "train until this step (extend a run with --resume --steps N)",
-    ("run", "max_bad_steps"): "stop after this many NaN/inf losses in a row",
-    ("run", "keep_last"): "step checkpoints kept (best.pt is kept as well)",
-    ("field", "latent_mode"): "chunks (one slice of the latent per layer) | whole",
-    ("field", "n_frequencies"): "positional-encoding octaves 2^0..2^(n-1)",
-    ("background", "depth"): "background network layers (photo datasets only)",
-    ("latent", "optimizer"): "sgd | adam, for the latent table",
-    ("latent", "lr"): "latent learning rate (none: the network's)",
-    ("latent", "lr_scale"): "multiplies the latent learning rate",
-    ("render", "n_coarse"): "stratified samples per ray",
-    ("render", "n_fine"): "importance samples per ray",
-    ("render", "radius"): "bounding sphere radius (head units)",
-    ("render", "skip_empty"): "on | off: march an occupancy grid and composite packed samples with early "
-                              "stop (models/skip_empty.py; README has the speed and quality figures)",
-    ("render", "early_stop_eps"): "stop a ray once its transmittance is below this (skip-empty only)",
-    ("loss", "mask"): "weight of (opacity - mask)^2",
-    ("loss", "hard"): "weight of the hard-surface loss on sample weights",
-    ("optim", "decay_steps"): "steps over which lr decays from lr_init to lr_final (none: the run's "
-                              "--steps, fixed when the run starts)",
-    ("batch", "identities"): "identities per step",
-    ("batch", "views"): "views per identity per step",
-    ("batch", "pixels"): "random pixels per view per step",
-}
 
 
 def config_problem(section: str, key: str, value) -> str | None:
@@ -197,20 +291,21 @@ def config_problem(section: str, key: str, value) -> str | None:
     return None
 
 
-def check_config(config: dict) -> None:
-    """One sentence (SystemExit) naming the first flag whose value cannot work, before any work starts."""
+def fields_of(config: TrainConfig):
+    """(section, key, value, dataclasses.Field) for every configuration value, in flag order."""
     for section, cls in SECTIONS.items():
-        for key, value in config.get(section, {}).items():
-            problem = config_problem(section, key, value)
-            if problem:
-                raise SystemExit(f"{flag_name(section, key)} {value!r} {problem} ({cls.__name__}.{key}).")
+        values = getattr(config, section)
+        for f in dataclasses.fields(cls):
+            yield section, f.name, getattr(values, f.name), f
 
 
-def preset_config(preset: str) -> dict[str, dict]:
-    """The whole configuration for a preset as a plain dict of sections."""
-    if preset not in ("paper", "cpu"):
-        raise ValueError(f"--preset must be 'paper' or 'cpu', not {preset!r}.")
-    return {name: dataclasses.asdict(getattr(cls, preset)()) for name, cls in SECTIONS.items()}
+def check_config(config: TrainConfig) -> None:
+    """One sentence (SystemExit) naming the first flag whose value cannot work, before any work starts."""
+    for section, key, value, _ in fields_of(config):
+        problem = config_problem(section, key, value)
+        if problem:
+            raise SystemExit(f"{flag_name(section, key)} {value!r} {problem} "
+                             f"({SECTIONS[section].__name__}.{key}).")
 
 
 def flag_name(section: str, key: str) -> str:
@@ -236,8 +331,16 @@ def parse_value(text: str, like):
     return text
 
 
+def flag_help(field: dataclasses.Field, cpu_value, paper_value) -> str:
+    """A flag's --help text: the field's documentation (its ``metadata["help"]``) and both presets'
+    defaults."""
+    meaning = field.metadata.get("help", "")
+    return (f"{meaning}; " if meaning else "") + f"cpu: {cpu_value!r}, paper: {paper_value!r}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI: run-level flags plus one flag per configuration value (defaults shown for both presets)."""
+    """The CLI: run-level flags plus one flag per configuration value, its help taken from the field's
+    declaration (defaults shown for both presets)."""
     parser = argparse.ArgumentParser(
         usage=argparse.SUPPRESS,  # a mistake is one line, "train.py: error: ..."; --help lists every flag
         description="Train LOLNeRF (auto-decoder NeRF) on a prepared dataset; with no arguments, on the "
@@ -247,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--rdzv_endpoint HOST:PORT train.py ... (identities are sharded across ranks).")
     parser.add_argument("--out", default=None,
                         help="run directory (default: runs/<dataset>-<preset>-<time>)")
-    parser.add_argument("--preset", choices=("paper", "cpu"), default=None,
+    parser.add_argument("--preset", choices=PRESETS, default=None,
                         help="configuration preset (default: paper on CUDA, cpu otherwise)")
     parser.add_argument("--arch", default="auto",
                         help="Taichi arch: auto|cuda|vulkan|metal|cpu (default auto: cuda when torch has "
@@ -258,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what evaluates the field MLP: torch, or Taichi kernels on the renderer's arch "
                              "(default auto: taichi on a Vulkan/Metal GPU that torch cannot use, else "
                              "torch; the start-up line says which and why; checkpoints load in either)")
+    parser.add_argument("--device-step", default="auto", choices=DEVICE_STEPS,
+                        help="keep the whole training step on the Taichi device (ti.ndarrays, Adam as a "
+                             "kernel; only the batch goes in and the loss comes out): on, off, or auto "
+                             "(default: on when the Taichi field runs on Vulkan/Metal with torch on the "
+                             "CPU, in one process); needs --field-backend taichi")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue from the latest checkpoint in --out, or from the given checkpoint "
                              "file or run directory")
@@ -267,36 +375,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="run N steps under the Taichi kernel profiler and torch.profiler, print where "
                              "the time went, write a Chrome trace, and exit")
+    parser.add_argument("--tf32", choices=("on", "off"), default="on",
+                        help="on CUDA GPUs with TF32 (compute capability 8.0+), let float32 matrix products "
+                             "use it (default on; the start-up line says what was set)")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MIN",
+                        help="torchrun only: minutes the other ranks wait at the first barrier while rank 0 "
+                             f"prepares the dataset cache (default {DEFAULT_TIMEOUT_MINUTES})")
     parser.add_argument("--debug-nan-steps", default=os.environ.get(NAN_ENV, ""), help=argparse.SUPPRESS)
-    paper, cpu = preset_config("paper"), preset_config("cpu")
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} ({cls.__name__})")
-        for key, value in paper[section].items():
-            meaning = FLAG_HELP.get((section, key))
-            help_text = (f"{meaning}; " if meaning else "") + f"cpu: {cpu[section][key]!r}, paper: {value!r}"
-            group.add_argument(flag_name(section, key), dest=f"{section}.{key}", default=None, metavar="V",
-                               type=str, help=help_text)
+    cpu = TrainConfig.cpu()
+    groups = {section: parser.add_argument_group(f"{section} ({cls.__name__})")
+              for section, cls in SECTIONS.items()}
+    for section, key, paper_value, f in fields_of(TrainConfig.paper()):
+        groups[section].add_argument(flag_name(section, key), dest=f"{section}.{key}", default=None,
+                                     metavar="V", type=str,
+                                     help=flag_help(f, cpu.value(section, key), paper_value))
     return parser
 
 
-def explicit_overrides(args: argparse.Namespace, base: dict[str, dict]) -> dict[tuple[str, str], object]:
+def explicit_overrides(args: argparse.Namespace, base: TrainConfig) -> dict[tuple[str, str], object]:
     """Config values given on the command line, parsed to the type of the preset's value."""
     found = {}
-    for section, values in base.items():
-        for key, like in values.items():
-            text = getattr(args, f"{section}.{key}")
-            if like is None and (section, key) in WHOLE_OR_NONE:
-                like = 0
-            if text is not None:
-                try:
-                    found[(section, key)] = parse_value(text, like)
-                except (ValueError, argparse.ArgumentTypeError) as err:
-                    raise SystemExit(f"{flag_name(section, key)} {text!r} is not valid ({err}); "
-                                     f"give a value like {like!r}.") from None
+    for section, key, like, _ in fields_of(base):
+        text = getattr(args, f"{section}.{key}")
+        if like is None and (section, key) in WHOLE_OR_NONE:
+            like = 0
+        if text is not None:
+            try:
+                found[(section, key)] = parse_value(text, like)
+            except (ValueError, argparse.ArgumentTypeError) as err:
+                raise SystemExit(f"{flag_name(section, key)} {text!r} is not valid ({err}); "
+                                 f"give a value like {like!r}.") from None
     return found
 
 
-def check_resume_compatible(saved: dict, overrides: dict, fingerprint: str, saved_fingerprint: str,
+def check_resume_compatible(saved: TrainConfig, overrides: dict, fingerprint: str, saved_fingerprint: str,
                             source: Path) -> None:
     """Refuse, in one sentence, a resume whose dataset or learning-relevant config differs."""
     if fingerprint != saved_fingerprint:
@@ -306,21 +418,41 @@ def check_resume_compatible(saved: dict, overrides: dict, fingerprint: str, save
     for (section, key), value in overrides.items():
         if (section, key) in RESUMABLE:
             continue
-        if saved.get(section, {}).get(key) != value:
+        if saved.value(section, key) != value:
             raise SystemExit(f"Cannot resume from {source}: {flag_name(section, key)} {value!r} differs from "
-                             f"the run's {saved.get(section, {}).get(key)!r}; drop the flag to resume, or "
+                             f"the run's {saved.value(section, key)!r}; drop the flag to resume, or "
                              f"start a new run with another --out.")
 
 
-def resolve_config(args: argparse.Namespace, device_type: str) -> tuple[dict, dict, str]:
+def resume_config(saved: TrainConfig, overrides: dict) -> TrainConfig:
+    """The configuration a resumed run continues with: the saved one, with only the RESUMABLE flags given
+    on the command line applied (the others are checked by ``check_resume_compatible``)."""
+    return saved.with_values({name: value for name, value in overrides.items() if name in RESUMABLE})
+
+
+def training_data(data: DataConfig, given: set[str] = frozenset(), rebuild: bool = False,
+                  verbose: bool = True) -> DataConfig:
+    """Open (or prepare) the cache ``data`` names, with ``dataset.prepare.training_cache``, and return
+    ``data`` as the cache holds it (dataset, data root, resolution, identities; ``cache`` resolved).
+
+    ``given`` holds the data fields set on the command line (a contradiction with an existing cache is
+    refused: ``dataset.prepare.CacheMismatch``). dataset/ sits below models/ and speaks plain dicts, so
+    the section crosses as one here.
+    """
+    from dataset.prepare import training_cache
+
+    values = dataclasses.asdict(data)
+    training_cache(values, given, rebuild, verbose)
+    return dataclasses.replace(data, **values)
+
+
+def resolve_config(args: argparse.Namespace, device_type: str) -> tuple[TrainConfig, dict, str]:
     """Preset + explicit flags -> (config, explicit overrides, preset name)."""
     preset = args.preset or ("paper" if device_type == "cuda" else "cpu")
-    config = preset_config(preset)
-    overrides = explicit_overrides(args, config)
-    for (section, key), value in overrides.items():
-        config[section][key] = value
+    base = TrainConfig.named(preset)
+    overrides = explicit_overrides(args, base)
+    config = base.with_values(overrides)
     check_config(config)
-    if config["optim"]["decay_steps"] is None:  # decay over the whole run (README: +0.8 dB at 3,000 steps)
-        config["optim"]["decay_steps"] = config["run"]["steps"]
-    config["preset"] = preset
+    if config.optim.decay_steps is None:  # decay over the whole run (README: +0.8 dB at 3,000 steps)
+        config.optim.decay_steps = config.run.steps
     return config, overrides, preset

@@ -1,18 +1,18 @@
 """The training loop of one process (``train.py`` sets it up; torchrun starts one per rank).
 
-    trainer = Trainer(config, run_dir, backend, resume_payload=None, nan_steps=set())
+    trainer = Trainer(config, run_dir, backend, resume_payload=None, nan_steps=set())   # config: TrainConfig
     reason = trainer.run(stop)     # "done" | "signal" | "diverged"
 
 A step: sample a pixel batch of this rank's identities -> rays -> ``render_rays`` through DDP (shared
 networks only) -> losses -> backward -> Adam on the networks, the latent table's own optimiser on its
-rows -> learning-rate schedules. A NaN/inf loss skips the step on every rank.
+rows -> learning-rate schedules. A NaN/inf loss skips the step on every rank. A step syncs with the host
+once (the finiteness check after backward); logged values are read every ``--log-every`` steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import sys
@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.background import BackgroundConfig, make_background
+from common.atomic import write_text
+from models.background import make_background
 from models.checkpoint import CheckpointKeeper, checkpoint_payload
-from models.distributed import all_agree, gather_owned_rows, owned_identities, world
-from models.field import FieldConfig
+from models.distributed import all_agree, any_rank, gather_owned_rows, owned_identities, world
 from models.field_backend import background_as_backend, make_field
-from models.latents import LatentConfig, LatentTable, make_latent_optimizer
-from models.losses import LossConfig, compute_losses, psnr_from_mse
+from models.latents import LatentTable, make_latent_optimizer
+from models.losses import compute_losses, psnr_from_mse
 from models.render import RenderConfig, render_rays
 from models.skip_empty import ClassOccupancy, render_rays_skip_empty
+from models.train_config import OptimConfig, TrainConfig
 
 
 class RenderModule(nn.Module):
@@ -58,10 +59,10 @@ class RenderModule(nn.Module):
                            ops=self.ops)
 
 
-def lr_factor(optim: dict):
+def lr_factor(optim: OptimConfig):
     """Multiplier on lr_init at a step: exponential decay to lr_final over decay_steps, then constant."""
-    ratio = optim["lr_final"] / optim["lr_init"]
-    decay = max(1, int(optim["decay_steps"]))
+    ratio = optim.lr_final / optim.lr_init
+    decay = max(1, int(optim.decay_steps))
     return lambda step: ratio ** (min(step, decay) / decay)
 
 
@@ -89,68 +90,86 @@ class StopRequest:
 
 
 class Trainer:
-    """One training run: builds everything from a config dict, then ``run()``s the loop."""
+    """One training run: builds everything from a ``TrainConfig``, then ``run()``s the loop."""
 
-    def __init__(self, config: dict, run_dir: Path, backend, resume_payload: dict | None,
+    def __init__(self, config: TrainConfig, run_dir: Path, backend, resume_payload: dict | None,
                  nan_steps: set[int], field_backend: str = "torch",
-                 write_preview: Callable[[Trainer], Path] | None = None):
+                 write_preview: Callable[[Trainer], Path] | None = None, device_step: bool = False):
         self.config, self.run_dir, self.backend = config, run_dir, backend
         self.preview_writer = write_preview  # a callback: previews are images, made outside models/
         self.device = backend.device
         self.rank, self.world_size = world()
         self.is_main = self.rank == 0
         self.nan_steps = nan_steps
-        run, data = config["run"], config["data"]
+        run, data = config.run, config.data
         from dataset import PixelBatchSampler, PreparedDataset
 
-        self.dataset = PreparedDataset(data["cache"], split="train")
+        self.dataset = PreparedDataset(data.cache, split="train")
         self.fingerprint = self.dataset.fingerprint
         n_ids = self.dataset.n_identities
         self.owned = owned_identities(n_ids, self.rank, self.world_size)
-        batch = config["batch"]
+        batch = config.batch
         self.sampler = PixelBatchSampler(
-            self.dataset, identities_per_batch=min(batch["identities"], len(self.owned)),
-            views_per_identity=batch["views"], pixels_per_view=batch["pixels"],
-            seed=run["seed"] * 1000 + self.rank,
+            self.dataset, identities_per_batch=min(batch.identities, len(self.owned)),
+            views_per_identity=batch.views, pixels_per_view=batch.pixels,
+            seed=run.seed * 1000 + self.rank,
             identity_subset=self.owned if self.world_size > 1 else None)
         # Same seed on every rank: identical initial networks (DDP also broadcasts them).
-        torch.manual_seed(run["seed"])
-        random.seed(run["seed"])
-        latent_dim = config["latent"]["dim"]
+        torch.manual_seed(run.seed)
+        random.seed(run.seed)
+        latent_dim = config.latent.dim
         # "torch" or "taichi" (models.field_backend): same parameters and initial weights either way.
-        self.field = make_field(FieldConfig(**config["field"]), latent_dim, field_backend)
+        self.field = make_field(config.field, latent_dim, field_backend)
         self.background = background_as_backend(make_background(
-            self.dataset.background, latent_dim, BackgroundConfig(**config["background"])), field_backend)
-        init_gen = torch.Generator().manual_seed(run["seed"] + 1)
-        self.latents = LatentTable(n_ids, latent_dim, config["latent"]["init_std"], init_gen)
+            self.dataset.background, latent_dim, config.background), field_backend)
+        init_gen = torch.Generator().manual_seed(run.seed + 1)
+        self.latents = LatentTable(n_ids, latent_dim, config.latent.init_std, init_gen)
         for module in (self.field, self.background, self.latents):
             module.to(self.device)
-        self.module = RenderModule(self.field, self.background, RenderConfig(**config["render"]))
+        self.module = RenderModule(self.field, self.background, config.render)
         if self.module.render_config.skip_empty:
             self.module.occupancy = ClassOccupancy(self.module.render_config)
         self.model: nn.Module = self.module
         if self.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        optim = config["optim"]
+        optim = config.optim
         self.optimizers = {
-            "networks": torch.optim.Adam(self.module.parameters(), lr=optim["lr_init"],
-                                         betas=(optim["beta1"], optim["beta2"])),
-            "latents": make_latent_optimizer(self.latents, LatentConfig(**config["latent"]),
-                                             optim["lr_init"]),
+            "networks": torch.optim.Adam(self.module.parameters(), lr=optim.lr_init,
+                                         betas=(optim.beta1, optim.beta2)),
+            "latents": make_latent_optimizer(self.latents, config.latent, optim.lr_init),
         }
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim))
                            for name, opt in self.optimizers.items()}
-        self.ray_generator = torch.Generator(device="cpu").manual_seed(run["seed"] * 1000 + 7 + self.rank)
+        self.ray_generator = torch.Generator(device="cpu").manual_seed(run.seed * 1000 + 7 + self.rank)
         self.timer = NullTimer()
         self.step = 0
         self.bad_in_row = 0
-        self.last_loss: float | None = None
-        self.keeper = CheckpointKeeper(run_dir, run["keep_last"]) if self.is_main else None
+        self.last_loss: torch.Tensor | None = None  # on the device; read at checkpoints only
+        self.keeper = CheckpointKeeper(run_dir, run.keep_last) if self.is_main else None
         if resume_payload is not None:
             self.restore(resume_payload)
-        n_ids_preview = min(run["preview_identities"], len(self.owned))
+        n_ids_preview = min(run.preview_identities, len(self.owned))
         self.preview_ids = self.owned[:n_ids_preview]
+        # models.device_step: the step on ti.ndarrays; the torch modules are then synced only for
+        # checkpoints and previews (sync_to_torch).
+        self.device_step = None
+        if device_step:
+            from models.device_step import DeviceTrainStep
+
+            if self.world_size > 1:
+                raise ValueError("the device-resident step runs in one process only.")
+            if self.module.occupancy is not None:
+                raise ValueError("the device-resident step has no skip-empty rendering: train with "
+                                 "--render-skip-empty off, or --device-step off.")
+            self.device_step = DeviceTrainStep(self.field, self.background, self.latents, self.optimizers,
+                                               self.module.render_config, config.loss)
+
+    def sync_to_torch(self) -> None:
+        """Bring the device-resident step's parameters and optimiser state into the torch modules (a
+        no-op on the torch path, where they live there already)."""
+        if self.device_step is not None:
+            self.device_step.to_torch()
 
     # ----- state -------------------------------------------------------------------------------------
     def restore(self, payload: dict) -> None:
@@ -179,6 +198,7 @@ class Trainer:
 
     def payload(self) -> dict | None:
         """Checkpoint payload on rank 0 (None elsewhere); collective: every rank must call it."""
+        self.sync_to_torch()
         table = gather_owned_rows(self.latents.codes)
         latent_opt = self.optimizers["latents"].state_dict()
         # state_dict() shares the live per-parameter dicts: build new ones, or the gathered rows of other
@@ -203,7 +223,8 @@ class Trainer:
             field=self.field, background=self.background, latents=latents, optimizers=optimizers,
             schedulers=self.schedulers, step=self.step,
             rng={"torch": torch.get_rng_state(), "python": random.getstate(), "ranks": ranks},
-            config=self.config, fingerprint=self.fingerprint, metric=self.last_loss)
+            config=self.config, fingerprint=self.fingerprint,
+            metric=None if self.last_loss is None else float(self.last_loss))
         payload["optimizers"]["latents"] = latent_opt
         if self.module.occupancy is not None:
             payload["occupancy"] = self.module.occupancy.state_dict()
@@ -220,6 +241,8 @@ class Trainer:
     def train_step(self) -> dict | None:
         """Sample a batch, render it, take an optimiser step. Returns metrics, or None for a skipped step."""
         timer = self.timer
+        if self.device_step is not None:
+            return self.device_train_step()
         with timer.phase("data"):
             batch = {k: v.to(self.device) for k, v in self.sampler.sample().items()}
         if self.module.occupancy is not None:  # the grid's update, every occupancy_every steps
@@ -233,47 +256,71 @@ class Trainer:
             out = self.model(rays, codes, self.ray_generator)
         with timer.phase("loss"):
             terms = compute_losses(out.color, out.opacity, out.weights, batch["rgb"], batch.get("mask"),
-                                   LossConfig(**self.config["loss"]))
+                                   self.config.loss)
             if self.step + 1 in self.nan_steps:
                 terms["total"] = terms["total"] * float("nan")
-            finite = bool(torch.isfinite(terms["total"]).item())
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        if all_agree(not finite, self.device):
-            return None
         with timer.phase("backward"):
             terms["total"].backward()
+            # The step's one host sync: is the loss finite on every rank? Checked after backward, so the
+            # GPU never waits between forward and backward; a skipped step's gradients are discarded by
+            # the next zero_grad. (Under DDP backward has already all-reduced them, on every rank alike.)
+            if any_rank(~torch.isfinite(terms["total"].detach())):
+                return None
         with timer.phase("optimiser"):
             for opt in self.optimizers.values():
                 opt.step()
             for sch in self.schedulers.values():
                 sch.step()
         timer.steps += 1
-        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        # Device tensors: read on the host (a sync) only when logged, every --log-every steps.
+        metrics = {k: v.detach() for k, v in terms.items()}
+        metrics["rays"] = int(batch["rgb"].shape[0])
+        return metrics
+
+    def device_train_step(self) -> dict | None:
+        """``train_step`` on the device-resident path: the batch goes in, the loss terms come out."""
+        with self.timer.phase("data"):
+            batch = self.sampler.sample()
+        self.device_step.timer = self.timer
+        self.device_step.transfers.reset()
+        terms = self.device_step.run(batch, self.ray_generator, poison=self.step + 1 in self.nan_steps)
+        if terms is None:
+            return None
+        for sch in self.schedulers.values():
+            sch.step()
+        self.timer.steps += 1
+        metrics = dict(terms)
         metrics["psnr"] = psnr_from_mse(metrics["rgb"])
         metrics["rays"] = int(batch["rgb"].shape[0])
+        metrics["bytes_to_device"] = self.device_step.transfers.uploaded
+        metrics["bytes_from_device"] = self.device_step.transfers.downloaded
         return metrics
 
     # ----- outputs -----------------------------------------------------------------------------------
     def write_preview(self) -> Path | None:
         """The preview for the fixed identities (rank 0), by the ``write_preview`` the trainer was given
         (``export.preview.write_preview`` in train.py); None without one."""
-        return self.preview_writer(self) if self.preview_writer is not None else None
+        if self.preview_writer is None:
+            return None
+        self.sync_to_torch()
+        return self.preview_writer(self)
 
     def run(self, stop: StopRequest) -> str:
         """The training loop; returns why it ended: 'done', 'signal' or 'diverged'."""
         from tqdm import tqdm
 
-        run = self.config["run"]
+        run = self.config.run
         if self.is_main:
             drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)
         log = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         tb = open_tensorboard(self.run_dir) if self.is_main else None
-        bar = tqdm(total=run["steps"], initial=self.step, disable=not self.is_main, dynamic_ncols=True,
+        bar = tqdm(total=run.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
                    desc="train")
         reason = "done"
         try:
-            while self.step < run["steps"]:
+            while self.step < run.steps:
                 started = time.perf_counter()
                 metrics = self.train_step()
                 seconds = time.perf_counter() - started
@@ -282,7 +329,7 @@ class Trainer:
                     self.step += 1
                     bar.update(1)
                     self.report_bad_step(log)
-                    if self.bad_in_row >= run["max_bad_steps"]:
+                    if self.bad_in_row >= run.max_bad_steps:
                         reason = "diverged"
                         break
                 else:
@@ -290,17 +337,19 @@ class Trainer:
                     self.step += 1
                     bar.update(1)
                     self.last_loss = metrics["total"]
-                    metrics["rays_per_s"] = metrics["rays"] * self.world_size / max(seconds, 1e-9)
-                    bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}",
-                                    rays_s=f"{metrics['rays_per_s']:.0f}")
-                    if log and (self.step % run["log_every"] == 0 or self.step == 1):
-                        self.log_metrics(log, tb, metrics, seconds)
+                    if self.step % run.log_every == 0 or self.step == 1:
+                        metrics = host_metrics(metrics)
+                        metrics["rays_per_s"] = metrics["rays"] * self.world_size / max(seconds, 1e-9)
+                        bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}",
+                                        rays_s=f"{metrics['rays_per_s']:.0f}")
+                        if log:
+                            self.log_metrics(log, tb, metrics, seconds)
                 if all_agree(stop.signal_name is not None, self.device):
                     reason = "signal"
                     break
-                if self.step % run["checkpoint_every"] == 0 and self.bad_in_row == 0:
+                if self.step % run.checkpoint_every == 0 and self.bad_in_row == 0:
                     self.save()
-                if self.is_main and self.step % run["preview_every"] == 0:
+                if self.is_main and self.step % run.preview_every == 0:
                     self.write_preview()
         finally:
             bar.close()
@@ -310,7 +359,7 @@ class Trainer:
                 tb.close()
         if reason != "diverged":
             self.save()
-            if self.is_main and self.step % run["preview_every"] != 0:
+            if self.is_main and self.step % run.preview_every != 0:
                 self.write_preview()
         return reason
 
@@ -320,6 +369,9 @@ class Trainer:
                   "hard": metrics["hard"], "psnr": metrics["psnr"], "rays_per_s": metrics["rays_per_s"],
                   "step_s": seconds, "lr": self.optimizers["networks"].param_groups[0]["lr"],
                   "time": time.time()}
+        for key in ("bytes_to_device", "bytes_from_device"):  # the device-resident step's transfers
+            if key in metrics:
+                record[key] = metrics[key]
         log.write(json.dumps(record) + "\n")
         log.flush()
         if tb:
@@ -331,12 +383,25 @@ class Trainer:
         if not self.is_main:
             return
         message = (f"[train] step {self.step}: loss is NaN/inf, step skipped "
-                   f"({self.bad_in_row} in a row, stopping at {self.config['run']['max_bad_steps']}).")
+                   f"({self.bad_in_row} in a row, stopping at {self.config.run.max_bad_steps}).")
         print(message, file=sys.stderr)
         if log:
             log.write(json.dumps({"step": self.step, "skipped": "non-finite loss",
                                   "in_a_row": self.bad_in_row, "time": time.time()}) + "\n")
             log.flush()
+
+
+def host_metrics(metrics: dict) -> dict:
+    """A step's metrics with the device tensors read into floats (one sync for all) and PSNR added.
+
+    >>> host_metrics({"rgb": torch.tensor(0.01), "rays": 8})["psnr"]
+    20.0
+    """
+    names = [k for k, v in metrics.items() if torch.is_tensor(v)]
+    values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist() if names else []
+    out = {**metrics, **dict(zip(names, values, strict=True))}
+    out["psnr"] = psnr_from_mse(out["rgb"])
+    return out
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -360,9 +425,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
         if entry.get("step", 0) <= step:
             kept.append(line)
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 class NullTimer:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import write_json
+
 EYE_DISTANCE = 1.2
 NOSE_DEPTH = 1.4
 HEAD_RADIUS = 1.5
@@ -87,9 +89,7 @@ def template_metadata(path: str | Path | None = None) -> dict:
 
 
 def save_template(points: dict[str, np.ndarray], path: str | Path, provenance: dict) -> None:
-    """Write a template JSON atomically (temp file + os.replace) in `load_template`'s format."""
-    import os
-
+    """Write a template JSON atomically (``common.atomic``) in `load_template`'s format."""
     path = Path(path)
     body = {
         "format": 1,
@@ -99,7 +99,5 @@ def save_template(points: dict[str, np.ndarray], path: str | Path, provenance: d
         "points": {name: np.round(np.asarray(p, np.float64), 6).tolist() for name, p in points.items()},
         "provenance": provenance,
     }
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
+    write_json(path, body)
     _read.cache_clear()

@@ -4,8 +4,11 @@
 [renderer] Taichi arch=cpu (x64), torch device=cpu: asked for cpu; torch device cpu pairs with Taichi cpu.
 
 ``auto`` takes CUDA when both torch and Taichi can use it, else Vulkan when a Vulkan GPU exists, else
-the CPU. A software Vulkan driver alone (Mesa's lavapipe) does not count for ``auto``: it is Vulkan
-emulated on the CPU and slower than the x64 backend, so ``auto`` says so and takes the CPU; ask for
+the CPU. ROCm builds of torch (AMD GPUs) also answer ``torch.cuda.is_available()``, but Taichi's CUDA
+backend cannot drive an AMD GPU: there ``auto`` skips CUDA, takes Vulkan, and keeps the torch tensors on
+the ROCm device (``cuda`` to torch), copied through the host around every kernel (docs/TAICHI.md).
+A software Vulkan driver alone (Mesa's lavapipe) does not count for ``auto``: it is Vulkan emulated on
+the CPU and slower than the x64 backend, so ``auto`` says so and takes the CPU; ask for
 ``arch="vulkan"`` to use it anyway (CI does, to test the Vulkan path).
 
 Asking for a backend the machine lacks raises :class:`BackendUnavailableError` with one sentence
@@ -19,6 +22,7 @@ for each kernel and the results copied back; the chosen backend's ``reason`` say
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import taichi as ti
@@ -62,10 +66,19 @@ def started_arch() -> str | None:
     return "cpu"
 
 
+_GENERATION = [0]  # bumped at every (re)start: arrays made by an earlier Taichi runtime are invalid
+
+
+def runtime_generation() -> int:
+    """How many times Taichi has been (re)started by this module; caches of ``ti.ndarray``s key on it."""
+    return _GENERATION[0]
+
+
 def _start(
     arch: str, kernel_profiler: bool = False, random_seed: int = 0, cpu_threads: int | None = None
 ) -> bool:
     """Start Taichi on ``arch``; True when it really runs there (not on Taichi's silent x64 fallback)."""
+    _GENERATION[0] += 1
     ti.reset()
     options = {"cpu_max_num_threads": cpu_threads} if cpu_threads else {}
     if arch == "cpu":
@@ -90,7 +103,21 @@ def _start(
     return True
 
 
+def torch_is_rocm() -> bool:
+    """True for a ROCm (AMD) build of torch: ``torch.version.hip`` is set, and its GPUs answer as ``cuda``.
+
+    >>> torch_is_rocm()   # a CUDA or CPU build of torch
+    False
+    """
+    return bool(getattr(torch.version, "hip", None))
+
+
 def _torch_cuda_missing() -> str | None:
+    if torch_is_rocm():
+        return (
+            f"this torch is a ROCm build (HIP {torch.version.hip}): its 'cuda' device is an AMD GPU, which "
+            "Taichi's CUDA backend cannot drive; choose arch='vulkan' (the torch device stays the AMD GPU)"
+        )
     if not torch.cuda.is_available():
         return (
             "torch sees no CUDA device (torch.cuda.is_available() is False): install an NVIDIA driver "
@@ -100,7 +127,7 @@ def _torch_cuda_missing() -> str | None:
 
 
 def _torch_device_missing(device: str) -> str | None:
-    if device == "cuda":
+    if device == "cuda" and not torch.cuda.is_available():  # a ROCm GPU is torch's "cuda" device too
         return _torch_cuda_missing()
     if device == "mps" and not torch.backends.mps.is_available():
         return "torch has no MPS device (Apple GPU on macOS): use device='cpu'"
@@ -197,7 +224,11 @@ def init_backend(
     else:
         started, reason = arch, _start_arch(arch, settings)
 
-    if device == "auto":
+    if device == "auto" and started == "vulkan" and torch_is_rocm() and torch.cuda.is_available():
+        device = "cuda"
+        reason += ("; torch device cuda (the ROCm GPU) beside Taichi vulkan, its tensors copied through the "
+                   "host around every renderer kernel")
+    elif device == "auto":
         device = "cuda" if started == "cuda" else "cpu"
         reason += f"; torch device {device} pairs with Taichi {started}"
     elif started != "cuda" and device != "cpu":
@@ -231,7 +262,48 @@ def to_kernel(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return tensor.detach().to(device=device, dtype=dtype).contiguous()
 
 
+class CopyCounter:
+    """Bytes of torch tensors that kernel launches hand to an arch that cannot read them in place (Vulkan,
+    Metal): Taichi copies each such argument to the device before the launch and back after it
+    (docs/TAICHI.md, Torch interop), so every byte counted here crossed the bus twice."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def reset(self) -> None:
+        self.bytes = 0
+
+
+TORCH_COPIES = CopyCounter()
+
+
+class SyncTimes:
+    """Per-kernel wall time of launches bracketed by ``ti.sync()`` (``enabled`` while profiling on an arch
+    whose Taichi kernel profiler is not used, see ``renderer.profiling``): {name: [calls, seconds]}."""
+
+    def __init__(self):
+        self.enabled = False
+        self.totals: dict[str, list] = {}
+
+    def clear(self) -> None:
+        self.totals = {}
+
+
+SYNC_TIMES = SyncTimes()
+
+
 def launch(name: str, kernel, *args) -> None:
     """Run a Taichi kernel inside a ``renderer.<name>`` torch.profiler range (shows in Chrome traces)."""
+    if started_arch() in ("vulkan", "metal"):
+        TORCH_COPIES.bytes += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
     with torch.profiler.record_function(f"renderer.{name}"):
+        if not SYNC_TIMES.enabled:
+            kernel(*args)
+            return
+        ti.sync()
+        start = time.perf_counter()
         kernel(*args)
+        ti.sync()
+        entry = SYNC_TIMES.totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - start

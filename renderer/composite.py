@@ -28,8 +28,18 @@ import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
 from renderer.composite_lanes import composite_backward_lanes, composite_forward_lanes
+from renderer.composite_per_ray import ray_upstream, store_background_grad, store_per_ray
 from renderer.lanes import LANES, aligned, as_lanes, lane_ready, lanes_active
-from renderer.specs import Composited, expand_background
+from renderer.specs import (
+    COLOR,
+    DEPTH,
+    GRAD_PER_RAY,
+    OPACITY,
+    PER_RAY,
+    TRANSMITTANCE,
+    Composited,
+    expand_background,
+)
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
@@ -38,9 +48,8 @@ f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
 # c is 3 * (ray * S + s) + c: fewer index computations per access than 2-D/3-D ndarray indexing,
 # which was slower on x64.
 # Per-ray values travel packed, to keep launches short (and Vulkan's per-argument copies few):
-# forward writes (R, 6) = colour (3), opacity, depth, final transmittance; backward reads (R, 5) =
-# upstream gradients of colour (3), opacity, depth.
-PER_RAY = 6
+# forward writes (R, PER_RAY) = colour (3), opacity, depth, final transmittance; backward reads
+# (R, GRAD_PER_RAY) = upstream gradients of colour (3), opacity, depth (slots named in renderer.specs).
 
 
 @ti.kernel
@@ -54,7 +63,7 @@ def composite_forward_kernel(
     per_ray: f32_2d,
     n_samples: ti.i32,
 ):
-    """Flat (R*S) sigmas, (R*S*3) rgbs, (R*S) t, deltas, (R, 3) background -> (R*S) weights, (R, 6)."""
+    """Flat (R*S) sigmas, (R*S*3) rgbs, (R*S) t, deltas, (R, 3) background -> (R*S) weights, (R, PER_RAY)."""
     for ray in range(background.shape[0]):
         first = ray * n_samples
         # Pass 1 has no loop-carried dependency, so it runs at full speed; the exps are parked in
@@ -74,13 +83,7 @@ def composite_forward_kernel(
             acc_w += w
             acc_d += w * t[i]
             transmittance *= survive
-        residual = 1.0 - acc_w
-        per_ray[ray, 0] = acc_r + residual * background[ray, 0]
-        per_ray[ray, 1] = acc_g + residual * background[ray, 1]
-        per_ray[ray, 2] = acc_b + residual * background[ray, 2]
-        per_ray[ray, 3] = acc_w
-        per_ray[ray, 4] = acc_d
-        per_ray[ray, 5] = transmittance
+        store_per_ray(per_ray, background, ray, acc_r, acc_g, acc_b, acc_w, acc_d, transmittance)
 
 
 @ti.kernel
@@ -99,12 +102,10 @@ def composite_backward_kernel(
     grad_background: f32_2d,
     n_samples: ti.i32,
 ):
-    """Reverse scan: saved forward values + (R, 5) upstream grads -> dsigma, drgb (flat), dbg (R, 3)."""
+    """Reverse scan: saved forward values + (R, GRAD_PER_RAY) upstream grads -> dsigma, drgb (flat),
+    dbg (R, 3)."""
     for ray in range(background.shape[0]):
-        g_r, g_g, g_b = grad_per_ray[ray, 0], grad_per_ray[ray, 1], grad_per_ray[ray, 2]
-        bg_term = g_r * background[ray, 0] + g_g * background[ray, 1] + g_b * background[ray, 2]
-        g_const = grad_per_ray[ray, 3] - bg_term
-        g_depth = grad_per_ray[ray, 4]
+        g_r, g_g, g_b, g_const, g_depth = ray_upstream(grad_per_ray, background, ray)
         first = ray * n_samples
         # Pass 1 (no loop-carried dependency): colour gradients, and each sample's g_i parked in
         # grad_sigmas. Pass 2 is the reverse scan.
@@ -117,7 +118,7 @@ def composite_backward_kernel(
             grad_rgbs[3 * i] = w * g_r
             grad_rgbs[3 * i + 1] = w * g_g
             grad_rgbs[3 * i + 2] = w * g_b
-        transmittance_after = per_ray[ray, 5]
+        transmittance_after = per_ray[ray, TRANSMITTANCE]
         suffix = 0.0
         last = first + n_samples - 1
         for k in range(n_samples):
@@ -127,10 +128,7 @@ def composite_backward_kernel(
             grad_sigmas[i] = deltas[i] * (g * transmittance_after - suffix)
             suffix += g * w
             transmittance_after += w
-        residual = 1.0 - per_ray[ray, 3]
-        grad_background[ray, 0] = residual * g_r
-        grad_background[ray, 1] = residual * g_g
-        grad_background[ray, 2] = residual * g_b
+        store_background_grad(grad_background, per_ray, ray, g_r, g_g, g_b)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -172,14 +170,15 @@ class CompositeFunction(torch.autograd.Function):
             )  # fmt: skip
         elif n_rays > 0:  # no samples: nothing is hit, the background shows through
             per_ray.zero_()
-            per_ray[:, :3] = bg_k
-            per_ray[:, 5] = 1.0
+            per_ray[:, COLOR : COLOR + 3] = bg_k
+            per_ray[:, TRANSMITTANCE] = 1.0
         ctx.save_for_backward(rgbs_k, t_k, deltas_k, bg_k, weights, per_ray)
         ctx.lanes = use_lanes
         ctx.out_device = out_device
         ctx.grad_dtypes = (sigmas.dtype, rgbs.dtype, background.dtype)  # computed in float32
         # Copies, not views of per_ray (which backward reads): callers may edit outputs in place.
-        color, opacity, depth = per_ray[:, :3].clone(), per_ray[:, 3].clone(), per_ray[:, 4].clone()
+        color = per_ray[:, COLOR : COLOR + 3].clone()
+        opacity, depth = per_ray[:, OPACITY].clone(), per_ray[:, DEPTH].clone()
         return tuple(x.to(out_device) for x in (color, opacity, depth, weights))
 
     @staticmethod
@@ -193,14 +192,10 @@ class CompositeFunction(torch.autograd.Function):
         grad_rgbs = torch.empty((n_rays, n_samples, 3), device=device)
         if n_rays > 0 and n_samples > 0:
             grad_background = torch.empty((n_rays, 3), device=device)
-            grad_per_ray = torch.cat(
-                [
-                    _upstream(grad_color, (n_rays, 3), device),
-                    _upstream(grad_opacity, (n_rays, 1), device),
-                    _upstream(grad_depth, (n_rays, 1), device),
-                ],
-                dim=1,
-            )
+            grad_per_ray = torch.empty((n_rays, GRAD_PER_RAY), device=device)
+            grad_per_ray[:, COLOR : COLOR + 3] = _upstream(grad_color, (n_rays, 3), device)
+            grad_per_ray[:, OPACITY] = _upstream(grad_opacity, (n_rays,), device)
+            grad_per_ray[:, DEPTH] = _upstream(grad_depth, (n_rays,), device)
             use_grad_weights = grad_weights is not None
             upstream_weights = _flat(grad_weights) if use_grad_weights else torch.zeros(LANES, device=device)
             use_lanes = ctx.lanes and lanes_active()
@@ -225,7 +220,7 @@ class CompositeFunction(torch.autograd.Function):
                     n_samples,
                 )  # fmt: skip
         else:
-            grad_background = _upstream(grad_color, (n_rays, 3), device) * (1 - per_ray[:, 3:4])
+            grad_background = _upstream(grad_color, (n_rays, 3), device) * (1 - per_ray[:, OPACITY, None])
         out, (d_sigma, d_rgb, d_bg) = ctx.out_device, ctx.grad_dtypes
         grad_background = grad_background.to(out, d_bg)
         return grad_sigmas.to(out, d_sigma), grad_rgbs.to(out, d_rgb), None, None, grad_background

@@ -18,6 +18,7 @@ slower (README, Benchmarks).
 
 import taichi as ti
 
+from renderer.composite_per_ray import ray_upstream, store_background_grad, store_per_ray
 from renderer.lanes import (
     exp_lanes,
     lanes_1d,
@@ -29,6 +30,7 @@ from renderer.lanes import (
     suffix_sum,
     sum_rgb,
 )
+from renderer.specs import TRANSMITTANCE
 
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
 
@@ -44,7 +46,7 @@ def composite_forward_lanes(
     per_ray: f32_2d,
     chunks: ti.i32,
 ):
-    """Lanes of sigmas, t, deltas (R*S/8), rgbs (3*R*S/8), (R, 3) background -> weights, (R, 6)."""
+    """Lanes of sigmas, t, deltas (R*S/8), rgbs (3*R*S/8), (R, 3) background -> weights, (R, PER_RAY)."""
     for ray in range(background.shape[0]):
         transmittance = 1.0
         acc_0 = ti.Vector([0.0] * 8)  # the three RGB parts of sum w c, interleaved like rgbs
@@ -67,14 +69,7 @@ def composite_forward_lanes(
         red = acc_0[0] + acc_0[3] + acc_0[6] + acc_1[1] + acc_1[4] + acc_1[7] + acc_2[2] + acc_2[5]
         green = acc_0[1] + acc_0[4] + acc_0[7] + acc_1[2] + acc_1[5] + acc_2[0] + acc_2[3] + acc_2[6]
         blue = acc_0[2] + acc_0[5] + acc_1[0] + acc_1[3] + acc_1[6] + acc_2[1] + acc_2[4] + acc_2[7]
-        opacity = acc_w.sum()
-        residual = 1.0 - opacity
-        per_ray[ray, 0] = red + residual * background[ray, 0]
-        per_ray[ray, 1] = green + residual * background[ray, 1]
-        per_ray[ray, 2] = blue + residual * background[ray, 2]
-        per_ray[ray, 3] = opacity
-        per_ray[ray, 4] = acc_d.sum()
-        per_ray[ray, 5] = transmittance
+        store_per_ray(per_ray, background, ray, red, green, blue, acc_w.sum(), acc_d.sum(), transmittance)
 
 
 @ti.kernel
@@ -93,19 +88,16 @@ def composite_backward_lanes(
     grad_background: f32_2d,
     chunks: ti.i32,
 ):
-    """Saved forward values + (R, 5) upstream grads -> lanes of dsigma, drgb, and dbg (R, 3)."""
+    """Saved forward values + (R, GRAD_PER_RAY) upstream grads -> lanes of dsigma, drgb, and dbg (R, 3)."""
     n_rays = background.shape[0]
     for reversed_ray in range(n_rays):
         ray = n_rays - 1 - reversed_ray
-        g_r, g_g, g_b = grad_per_ray[ray, 0], grad_per_ray[ray, 1], grad_per_ray[ray, 2]
-        bg_term = g_r * background[ray, 0] + g_g * background[ray, 1] + g_b * background[ray, 2]
-        g_const = grad_per_ray[ray, 3] - bg_term
-        g_depth = grad_per_ray[ray, 4]
+        g_r, g_g, g_b, g_const, g_depth = ray_upstream(grad_per_ray, background, ray)
         pattern_0 = rgb_pattern(g_r, g_g, g_b, 0)
         pattern_1 = rgb_pattern(g_r, g_g, g_b, 1)
         pattern_2 = rgb_pattern(g_r, g_g, g_b, 2)
         suffix_carry = 0.0  # sum_{i > chunk} g_i w_i
-        transmittance_carry = per_ray[ray, 5]  # T after this chunk's last sample
+        transmittance_carry = per_ray[ray, TRANSMITTANCE]  # T after this chunk's last sample
         last = ray * chunks + chunks - 1
         for k in range(chunks):
             c = last - k
@@ -126,7 +118,4 @@ def composite_backward_lanes(
             grad_sigmas[c] = deltas[c] * (g * transmittance_after - later_gw)
             suffix_carry += gw_suffix[0]
             transmittance_carry += w_suffix[0]
-        residual = 1.0 - per_ray[ray, 3]
-        grad_background[ray, 0] = residual * g_r
-        grad_background[ray, 1] = residual * g_g
-        grad_background[ray, 2] = residual * g_b
+        store_background_grad(grad_background, per_ray, ray, g_r, g_g, g_b)

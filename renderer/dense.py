@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import taichi as ti
 import torch
 
-from renderer.backend import kernel_device, launch, to_kernel
+from renderer.backend import kernel_device, launch
+from renderer.device import Array, as_kernel_arg, dummy_like, empty_like_kind, is_device_array
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
@@ -51,15 +52,18 @@ SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: z above it passes 
 
 @dataclass(frozen=True)
 class Segment:
-    """Columns ``start .. start + size - 1`` of a (N, C) float32 tensor: one block of a layer's input.
+    """Columns ``start .. start + size - 1`` of a (N / repeat, C) float32 tensor: one block of a layer's
+    input, whose row n is the tensor's row ``n // repeat``.
 
     ``size=None`` means all columns from ``start``. Example: the 16 latent values layer 1 sees,
-    ``Segment(latents, 16, 16)`` for latents (N, 64).
+    ``Segment(latents, 16, 16)`` for latents (N, 64); with one code per ray of S samples,
+    ``Segment(codes, 16, 16, repeat=S)`` for codes (N / S, 64), and no per-sample copy is made.
     """
 
-    tensor: torch.Tensor
+    tensor: Array
     start: int = 0
     size: int | None = None
+    repeat: int = 1
 
     @property
     def width(self) -> int:
@@ -140,13 +144,13 @@ def _mac_rows(
 
 @ti.kernel
 def _forward_kernel(
-    x0: f32_2d, s0: ti.i32, k0: ti.i32,
-    x1: f32_2d, s1: ti.i32, k1: ti.i32,
-    x2: f32_2d, s2: ti.i32, k2: ti.i32,
+    x0: f32_2d, s0: ti.i32, k0: ti.i32, r0: ti.i32,
+    x1: f32_2d, s1: ti.i32, k1: ti.i32, r1: ti.i32,
+    x2: f32_2d, s2: ti.i32, k2: ti.i32, r2: ti.i32,
     weight: f32_2d, bias: f32_1d, out: f32_2d, pre: f32_2d, keep_pre: ti.i32, act: ti.i32,
     tile: ti.template(),
 ):  # fmt: skip
-    """out[n, o] = act(bias[o] + sum over the three segments of x_s[n, s_s + j] * weight[o, off_s + j]).
+    """out[n, o] = act(bias[o] + sum over the 3 segments of x_s[n // r_s, s_s + j] * weight[o, off_s + j]).
 
     One thread per tile x tile block of outputs (tile rows x tile output columns).
     """
@@ -155,9 +159,9 @@ def _forward_kernel(
         rows = _tile_rows(tn * tile, n_rows, tile)
         outs = _tile_rows(to * tile, n_out, tile)
         acc = ti.Matrix([[bias[outs[t]] for t in ti.static(range(tile))] for _ in ti.static(range(tile))])
-        acc = _mac_rows(acc, x0, rows, s0, weight, outs, 0, k0, tile)
-        acc = _mac_rows(acc, x1, rows, s1, weight, outs, k0, k1, tile)
-        acc = _mac_rows(acc, x2, rows, s2, weight, outs, k0 + k1, k2, tile)
+        acc = _mac_rows(acc, x0, rows // r0, s0, weight, outs, 0, k0, tile)
+        acc = _mac_rows(acc, x1, rows // r1, s1, weight, outs, k0, k1, tile)
+        acc = _mac_rows(acc, x2, rows // r2, s2, weight, outs, k0 + k1, k2, tile)
         for r, t in ti.static(ti.ndrange(tile, tile)):
             n, o = tn * tile + r, to * tile + t
             if n < n_rows and o < n_out:
@@ -188,21 +192,24 @@ def _act_backward_kernel(out: f32_2d, pre: f32_2d, grad_out: f32_2d, grad_pre: f
 def _grad_input_kernel(
     grad_pre: f32_2d, weight: f32_2d, w_start: ti.i32,
     out: f32_2d, out_start: ti.i32, size: ti.i32, accumulate: ti.i32, gate: f32_2d, use_gate: ti.i32,
-    tile: ti.template(),
+    repeat: ti.i32, tile: ti.template(),
 ):  # fmt: skip
-    """out[n, out_start + j] (+)= [gate[n, j] > 0] * sum_o grad_pre[n, o] * weight[o, w_start + j].
+    """out[m, out_start + j] (+)= [gate[m, j] > 0] * sum over the rows n of m's block of ``repeat``
+    (m * repeat .. m * repeat + repeat - 1) of sum_o grad_pre[n, o] * weight[o, w_start + j].
 
-    One thread per tile x tile block of (row, column); the loop over o reads a row of W each step.
+    One thread per tile x tile block of (output row, column); the loop over o reads a row of W each
+    step. ``repeat`` > 1 sums the gradient of a segment read with ``Segment.repeat`` in the kernel.
     """
-    n_rows, n_out = grad_pre.shape[0], grad_pre.shape[1]
+    n_rows, n_out = grad_pre.shape[0] // repeat, grad_pre.shape[1]
     for tn, tj in ti.ndrange((n_rows + tile - 1) // tile, (size + tile - 1) // tile):
         rows = _tile_rows(tn * tile, n_rows, tile)
         cols = _tile_rows(tj * tile, size, tile)
         acc = ti.Matrix.zero(ti.f32, tile, tile)
-        for o in range(n_out):
-            gs = ti.Vector([grad_pre[rows[r], o] for r in ti.static(range(tile))])
-            ws = ti.Vector([weight[o, w_start + cols[t]] for t in ti.static(range(tile))])
-            acc += gs.outer_product(ws)
+        for k in range(repeat):
+            for o in range(n_out):
+                gs = ti.Vector([grad_pre[rows[r] * repeat + k, o] for r in ti.static(range(tile))])
+                ws = ti.Vector([weight[o, w_start + cols[t]] for t in ti.static(range(tile))])
+                acc += gs.outer_product(ws)
         for r, t in ti.static(ti.ndrange(tile, tile)):
             n, j = tn * tile + r, tj * tile + t
             if n < n_rows and j < size:
@@ -217,12 +224,13 @@ def _grad_input_kernel(
 
 @ti.func
 def _mac_columns(
-    acc, grad_pre: ti.template(), outs, x: ti.template(), cols, first, last, tile: ti.template()
+    acc, grad_pre: ti.template(), outs, x: ti.template(), cols, first, last, repeat, tile: ti.template()
 ):
-    """acc[r, t] += sum_{n = first}^{last - 1} grad_pre[n, outs[r]] * x[n, cols[t]] (both walk down)."""
+    """acc[r, t] += sum_{n = first}^{last - 1} grad_pre[n, outs[r]] * x[n // repeat, cols[t]]."""
     for n in range(first, last):
+        row = n // repeat
         gs = ti.Vector([grad_pre[n, outs[r]] for r in ti.static(range(tile))])
-        xs = ti.Vector([x[n, cols[t]] for t in ti.static(range(tile))])
+        xs = ti.Vector([x[row, cols[t]] for t in ti.static(range(tile))])
         acc += gs.outer_product(xs)
     return acc
 
@@ -239,9 +247,9 @@ def _add_weight_tile(grad_weight: ti.template(), acc, to, n_out, w_col, count, t
 @ti.kernel
 def _grad_params_kernel(
     grad_pre: f32_2d,
-    x0: f32_2d, s0: ti.i32, k0: ti.i32,
-    x1: f32_2d, s1: ti.i32, k1: ti.i32,
-    x2: f32_2d, s2: ti.i32, k2: ti.i32,
+    x0: f32_2d, s0: ti.i32, k0: ti.i32, r0: ti.i32,
+    x1: f32_2d, s1: ti.i32, k1: ti.i32, r1: ti.i32,
+    x2: f32_2d, s2: ti.i32, k2: ti.i32, r2: ti.i32,
     grad_weight: f32_2d, grad_bias: f32_1d, block_rows: ti.i32, tile: ti.template(),
 ):  # fmt: skip
     """grad_weight[o, c] += sum_n grad_pre[n, o] * input[n, c], grad_bias[o] += sum_n grad_pre[n, o].
@@ -259,17 +267,17 @@ def _grad_params_kernel(
         acc = ti.Matrix.zero(ti.f32, tile, tile)
         if tc < c0:
             cols = _tile_rows(s0 + tc * tile, s0 + k0, tile)
-            acc = _mac_columns(acc, grad_pre, outs, x0, cols, first, last, tile)
+            acc = _mac_columns(acc, grad_pre, outs, x0, cols, first, last, r0, tile)
             _add_weight_tile(grad_weight, acc, to, n_out, tc * tile, k0 - tc * tile, tile)
         elif tc < c0 + c1:
             c = tc - c0
             cols = _tile_rows(s1 + c * tile, s1 + k1, tile)
-            acc = _mac_columns(acc, grad_pre, outs, x1, cols, first, last, tile)
+            acc = _mac_columns(acc, grad_pre, outs, x1, cols, first, last, r1, tile)
             _add_weight_tile(grad_weight, acc, to, n_out, k0 + c * tile, k1 - c * tile, tile)
         elif tc < c0 + c1 + c2:
             c = tc - c0 - c1
             cols = _tile_rows(s2 + c * tile, s2 + k2, tile)
-            acc = _mac_columns(acc, grad_pre, outs, x2, cols, first, last, tile)
+            acc = _mac_columns(acc, grad_pre, outs, x2, cols, first, last, r2, tile)
             _add_weight_tile(grad_weight, acc, to, n_out, k0 + k1 + c * tile, k2 - c * tile, tile)
         else:
             sums = ti.Vector.zero(ti.f32, tile)
@@ -295,8 +303,10 @@ def tile_size() -> int:
     return TILE
 
 
-def _dummy() -> torch.Tensor:
-    return torch.zeros((1, 1), device=kernel_device())
+def _dummy(like: Array | None = None) -> Array:
+    """A (1, 1) placeholder for an unused array argument, of the same kind as ``like`` (a torch tensor
+    beside ndarrays would be copied to the device on every launch)."""
+    return dummy_like(like) if like is not None else torch.zeros((1, 1), device=kernel_device())
 
 
 def _segment_args(segments: list[Segment], n_rows: int) -> list:
@@ -305,42 +315,48 @@ def _segment_args(segments: list[Segment], n_rows: int) -> list:
         raise ValueError(f"a dense layer reads 1 to {MAX_SEGMENTS} input segments; got {len(segments)}.")
     args = []
     for seg in segments:
-        x = to_kernel(seg.tensor)
-        if x.dim() != 2 or x.shape[0] != n_rows:
-            raise ValueError(f"segment tensors must be (N={n_rows}, C); got {tuple(x.shape)}.")
+        x = as_kernel_arg(seg.tensor)
+        if seg.repeat < 1 or len(x.shape) != 2 or x.shape[0] * seg.repeat != n_rows:
+            raise ValueError(f"segment tensors must be (N / repeat = {n_rows} / {seg.repeat}, C); got "
+                             f"{tuple(x.shape)}.")
         if seg.start < 0 or seg.start + seg.width > x.shape[1]:
             raise ValueError(f"segment columns {seg.start}..{seg.start + seg.width} exceed {x.shape[1]}.")
-        args += [x, seg.start, seg.width]
+        args += [x, seg.start, seg.width, seg.repeat]
     for _ in range(MAX_SEGMENTS - len(segments)):
-        args += [_dummy(), 0, 0]
+        args += [_dummy(segments[0].tensor), 0, 0, 1]
     return args
 
 
-def encode_positions(points: torch.Tensor, n_frequencies: int, include_input: bool = True) -> torch.Tensor:
+def encode_positions(points: Array, n_frequencies: int, include_input: bool = True,
+                     out: Array | None = None) -> Array:
     """NeRF positional encoding [x, sin(2^k x), cos(2^k x)], k = 0..n_frequencies-1 (no gradient).
 
     Shapes: points (N, D) -> (N, D * (2 * n_frequencies + include_input)); column order as
     ``models.field.positional_encoding`` (all sines of frequency k for every dimension, then cosines).
+    ``out``: a buffer to write into (a ``ti.ndarray`` on the device-resident path).
 
     >>> encode_positions(torch.zeros(2, 3), 4).shape
     torch.Size([2, 27])
     """
-    x = to_kernel(points)
+    x = as_kernel_arg(points)
     width = x.shape[1] * (2 * n_frequencies + int(include_input))
-    out = torch.empty((x.shape[0], width), device=x.device)
-    if x.numel() > 0:
+    if out is None:
+        out = empty_like_kind(x, (x.shape[0], width))
+    if x.shape[0] > 0:
         launch("encode_positions", _encode_kernel, x, out, n_frequencies, int(include_input))
     return out
 
 
 def dense_forward(
-    segments: list[Segment], weight: torch.Tensor, bias: torch.Tensor, act: str = "none",
-    keep_pre: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    segments: list[Segment], weight: Array, bias: Array, act: str = "none",
+    keep_pre: bool = False, out: Array | None = None, pre: Array | None = None,
+) -> tuple[Array, Array | None]:  # fmt: skip
     """``act(concat(segments) @ weight.T + bias)`` without building the concatenation.
 
     Shapes: segments of total width K (each (N, C_s)), weight (O, K), bias (O,) -> (y (N, O), z) where
     z is the pre-activation (N, O) when ``keep_pre`` (needed by ``act_backward`` for softplus), else None.
+    ``out`` and ``pre``: buffers to write into instead of new tensors (every argument may be a
+    ``ti.ndarray``, for the device-resident path).
 
     >>> y, _ = dense_forward([Segment(torch.ones(2, 3))], torch.ones(4, 3), torch.zeros(4), "relu")
     >>> y
@@ -348,30 +364,34 @@ def dense_forward(
             [3., 3., 3., 3.]])
     """
     code = _act_code(act)
-    weight_k, bias_k = to_kernel(weight), to_kernel(bias)
-    n_rows = segments[0].tensor.shape[0]
+    weight_k, bias_k = as_kernel_arg(weight), as_kernel_arg(bias)
+    n_rows = segments[0].tensor.shape[0] * segments[0].repeat
     if sum(s.width for s in segments) != weight_k.shape[1]:
         raise ValueError(
             f"segments give {sum(s.width for s in segments)} columns; weight has {weight_k.shape[1]}."
         )
     args = _segment_args(segments, n_rows)
-    out = torch.empty((n_rows, weight_k.shape[0]), device=weight_k.device)
-    pre = torch.empty_like(out) if keep_pre else _dummy()
-    if out.numel() > 0:
+    shape = (n_rows, weight_k.shape[0])
+    if out is None:
+        out = empty_like_kind(weight_k, shape)
+    if keep_pre and pre is None:
+        pre = empty_like_kind(weight_k, shape)
+    pre_arg = pre if keep_pre else _dummy(weight_k)
+    if n_rows > 0 and shape[1] > 0:
         launch(
             "dense_forward", _forward_kernel,
-            *args, weight_k, bias_k, out, pre, int(keep_pre), code, tile_size(),
+            *args, weight_k, bias_k, out, pre_arg, int(keep_pre), code, tile_size(),
         )  # fmt: skip
     return out, (pre if keep_pre else None)
 
 
 def act_backward(
-    act: str, out: torch.Tensor, pre: torch.Tensor | None, grad_out: torch.Tensor
-) -> torch.Tensor:
+    act: str, out: Array, pre: Array | None, grad_out: Array, grad_pre: Array | None = None
+) -> Array:
     """Gradient wrt the pre-activation: ``grad_out * act'(z)``.
 
     Shapes: out (N, O) (the layer's output), pre (N, O) (needed for softplus, else may be None),
-    grad_out (N, O) -> (N, O).
+    grad_out (N, O) -> (N, O), written into ``grad_pre`` when given.
 
     >>> act_backward("relu", torch.tensor([[0.0, 2.0]]), None, torch.tensor([[5.0, 5.0]]))
     tensor([[0., 5.]])
@@ -379,61 +399,78 @@ def act_backward(
     code = _act_code(act)
     if code == 2 and pre is None:
         raise ValueError("act_backward('softplus') needs the pre-activation (dense_forward keep_pre=True).")
-    out_k, grad_k = to_kernel(out), to_kernel(grad_out)
-    pre_k = to_kernel(pre) if pre is not None else _dummy()
-    grad_pre = torch.empty_like(grad_k)
-    if grad_pre.numel() > 0:
+    out_k, grad_k = as_kernel_arg(out), as_kernel_arg(grad_out)
+    pre_k = as_kernel_arg(pre) if pre is not None else _dummy(grad_k)
+    if grad_pre is None:
+        grad_pre = empty_like_kind(grad_k, tuple(grad_k.shape))
+    if grad_k.shape[0] > 0:
         launch("dense_act_backward", _act_backward_kernel, out_k, pre_k, grad_k, grad_pre, code)
     return grad_pre
 
 
 def dense_grad_input(
-    grad_pre: torch.Tensor, weight: torch.Tensor, w_start: int = 0, size: int | None = None,
-    out: torch.Tensor | None = None, out_start: int = 0, accumulate: bool = False,
-    relu_gate: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+    grad_pre: Array, weight: Array, w_start: int = 0, size: int | None = None,
+    out: Array | None = None, out_start: int = 0, accumulate: bool = False,
+    relu_gate: Array | None = None, repeat: int = 1,
+) -> Array:  # fmt: skip
     """Gradient wrt one input segment: ``grad_pre @ weight[:, w_start : w_start + size]``.
 
     Shapes: grad_pre (N, O), weight (O, K) -> (N, size) written into ``out[:, out_start:]`` (a new
     (N, size) tensor when ``out`` is None), added to what is there when ``accumulate``. ``relu_gate``
     (N, size) zeroes entries where it is <= 0: pass the ReLU output that fed this segment, and the
-    result is already the gradient wrt that ReLU's pre-activation.
+    result is already the gradient wrt that ReLU's pre-activation. ``repeat`` > 1: the gradient of a
+    ``Segment(..., repeat=repeat)``, summed over each block of ``repeat`` rows -> (N / repeat, size).
 
     >>> dense_grad_input(torch.ones(1, 2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     tensor([[4., 6.]])
     """
-    grad_k, weight_k = to_kernel(grad_pre), to_kernel(weight)
+    grad_k, weight_k = as_kernel_arg(grad_pre), as_kernel_arg(weight)
     size = weight_k.shape[1] - w_start if size is None else size
+    if repeat < 1 or grad_k.shape[0] % repeat:
+        raise ValueError(f"repeat {repeat} must be at least 1 and divide the {grad_k.shape[0]} rows.")
     if out is None:
-        out = torch.empty((grad_k.shape[0], size), device=grad_k.device)
+        out = empty_like_kind(grad_k, (grad_k.shape[0] // repeat, size))
         out_start, accumulate = 0, False
-    gate = to_kernel(relu_gate) if relu_gate is not None else _dummy()
+    gate = as_kernel_arg(relu_gate) if relu_gate is not None else _dummy(grad_k)
     if grad_k.shape[0] > 0 and size > 0:
         launch(
             "dense_grad_input", _grad_input_kernel,
             grad_k, weight_k, w_start, out, out_start, size, int(accumulate),
-            gate, int(relu_gate is not None), tile_size(),
+            gate, int(relu_gate is not None), repeat, tile_size(),
         )  # fmt: skip
     return out
 
 
 def dense_grad_params(
-    grad_pre: torch.Tensor, segments: list[Segment], block_rows: int = BLOCK_ROWS
-) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_pre: Array, segments: list[Segment], block_rows: int = BLOCK_ROWS,
+    grad_weight: Array | None = None, grad_bias: Array | None = None,
+) -> tuple[Array, Array]:  # fmt: skip
     """Weight and bias gradients: ``grad_pre.T @ concat(segments)`` and ``grad_pre.sum(0)``.
 
-    Shapes: grad_pre (N, O), segments of total width K -> (dW (O, K), db (O,)).
+    Shapes: grad_pre (N, O), segments of total width K -> (dW (O, K), db (O,)). Given ``grad_weight``
+    and ``grad_bias`` buffers, the gradients are ADDED to what they hold (the kernel accumulates with
+    atomics), so one buffer can collect several evaluations of a layer (coarse and fine samples).
 
     >>> dw, db = dense_grad_params(torch.ones(3, 1), [Segment(torch.ones(3, 2))])
     >>> dw, db
     (tensor([[3., 3.]]), tensor([3.]))
     """
-    grad_k = to_kernel(grad_pre)
+    grad_k = as_kernel_arg(grad_pre)
     n_rows, n_out = grad_k.shape
     args = _segment_args(segments, n_rows)
     k_total = sum(s.width for s in segments)
-    grad_weight = torch.zeros((n_out, k_total), device=grad_k.device)
-    grad_bias = torch.zeros((n_out,), device=grad_k.device)
+    if (grad_weight is None) != (grad_bias is None):
+        raise ValueError("dense_grad_params takes both grad_weight and grad_bias buffers, or neither.")
+    if grad_weight is None and is_device_array(grad_k):
+        grad_weight, grad_bias = empty_like_kind(grad_k, (n_out, k_total)), empty_like_kind(grad_k, (n_out,))
+        grad_weight.fill(0)
+        grad_bias.fill(0)
+    elif grad_weight is None:
+        grad_weight = torch.zeros((n_out, k_total), device=grad_k.device)
+        grad_bias = torch.zeros((n_out,), device=grad_k.device)
+    elif tuple(grad_weight.shape) != (n_out, k_total) or tuple(grad_bias.shape) != (n_out,):
+        raise ValueError(f"gradient buffers must be ({n_out}, {k_total}) and ({n_out},); got "
+                         f"{tuple(grad_weight.shape)} and {tuple(grad_bias.shape)}.")
     if n_rows > 0 and n_out > 0:
         launch(
             "dense_grad_params", _grad_params_kernel,

@@ -19,6 +19,12 @@ CPU and Vulkan profilers record durations but no timestamps. Open it in chrome:/
 Taichi's kernel profiler can only be switched on by ``ti.init``: start the renderer with
 ``init_backend(..., kernel_profiler=True)``. If it is off, ``profile`` restarts Taichi on the same
 arch with it on; that is safe for the renderer (its kernels use no Taichi fields, they recompile).
+
+On Vulkan and Metal the kernel profiler is not used (``uses_kernel_profiler``): with Taichi 1.7.4 on
+Vulkan it crashed the device-resident step (a segfault in ``ti.sync`` during ``ndarray.from_numpy``,
+docs/TAICHI.md). There every launch is bracketed by ``ti.sync()`` instead (``renderer.backend.
+SYNC_TIMES``) and its rows say ``sync``: wall time of the kernel including the dispatch and the wait,
+an upper bound on the GPU time, with nothing queued behind it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from pathlib import Path
 import taichi as ti
 import torch
 
-from renderer.backend import ensure_started, init_backend
+from common.atomic import atomic_path
+from renderer.backend import SYNC_TIMES, ensure_started, init_backend
 
 # Taichi names compiled tasks "<kernel>_c<id>_<n>_kernel_<i>_<kind>" (x64, CUDA) or
 # "<kernel>_c<id>_<n>_<i>_t<j>" (Vulkan); rows group by <kernel>.
@@ -66,6 +73,21 @@ class Profile:
             for r in self.rows
         ]
         return "\n".join(lines)
+
+
+def uses_kernel_profiler(arch: str) -> bool:
+    """Whether ``profile`` times kernels with Taichi's kernel profiler on ``arch`` (else with syncs).
+
+    >>> uses_kernel_profiler("cpu"), uses_kernel_profiler("vulkan")
+    (True, False)
+    """
+    return arch not in ("vulkan", "metal")
+
+
+def sync_timed_rows() -> list[KernelRow]:
+    """Per-kernel totals of the sync-bracketed launches since ``SYNC_TIMES`` was last cleared."""
+    return [KernelRow("sync", name, calls, seconds * 1e3, seconds * 1e3 / calls)
+            for name, (calls, seconds) in SYNC_TIMES.totals.items()]
 
 
 def kernel_profiler_enabled() -> bool:
@@ -112,10 +134,8 @@ def torch_op_rows(prof: torch.profiler.profile, limit: int) -> list[KernelRow]:
 
 
 def _write_trace_atomically(prof: torch.profiler.profile, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    prof.export_chrome_trace(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:  # torch picks gzip by the suffix
+        prof.export_chrome_trace(str(tmp))
 
 
 @contextmanager
@@ -127,17 +147,27 @@ def profile(
     On exit prints the per-kernel table (unless ``print_table=False``), fills ``Profile.rows`` and,
     with ``trace_path``, writes the Chrome trace JSON there (atomically).
     """
-    enable_kernel_profiler()
-    ti.sync()
-    ti.profiler.clear_kernel_profiler_info()
+    by_profiler = uses_kernel_profiler(ensure_started())
+    if by_profiler:
+        enable_kernel_profiler()
+        ti.sync()
+        ti.profiler.clear_kernel_profiler_info()
+    else:
+        ti.sync()
+        SYNC_TIMES.clear()
+        SYNC_TIMES.enabled = True
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     result = Profile(trace_path=Path(trace_path) if trace_path is not None else None)
-    with torch.profiler.profile(activities=activities) as torch_prof:
-        yield result
-        ti.sync()
-    result.rows = sorted(taichi_kernel_rows(), key=lambda r: r.total_ms, reverse=True)
+    try:
+        with torch.profiler.profile(activities=activities) as torch_prof:
+            yield result
+            ti.sync()
+    finally:
+        SYNC_TIMES.enabled = False
+    rows = taichi_kernel_rows() if by_profiler else sync_timed_rows()
+    result.rows = sorted(rows, key=lambda r: r.total_ms, reverse=True)
     result.rows += torch_op_rows(torch_prof, torch_rows)
     if result.trace_path is not None:
         _write_trace_atomically(torch_prof, result.trace_path)

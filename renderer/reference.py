@@ -123,7 +123,9 @@ def sample_stratified(
     elif generator is None:
         u = torch.full((n_rays, n_samples), 0.5, dtype=near.dtype, device=near.device)
     else:
-        u = torch.rand((n_rays, n_samples), generator=generator, dtype=near.dtype, device=near.device)
+        # Drawn on the generator's own device (a CPU generator may drive CUDA rays), then moved.
+        u = torch.rand((n_rays, n_samples), generator=generator, dtype=near.dtype,
+                       device=generator.device).to(near.device)
     bins = torch.arange(n_samples, dtype=near.dtype, device=near.device)
     return near[:, None] + (far - near)[:, None] * (bins + u) / n_samples
 
@@ -139,7 +141,7 @@ def importance_uniforms(
     if jitter is None and generator is None:
         jitter = torch.full((n_rays, n_samples), 0.5, device=device)
     elif jitter is None:
-        jitter = torch.rand((n_rays, n_samples), generator=generator, device=device)
+        jitter = torch.rand((n_rays, n_samples), generator=generator, device=generator.device).to(device)
     return (torch.arange(n_samples, dtype=torch.float32, device=device) + jitter) / n_samples
 
 

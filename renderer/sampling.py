@@ -1,6 +1,10 @@
 """Sample placement along rays as Taichi kernels: stratified, importance, merge and interval lengths.
 
-Every function is one kernel launch, works per ray in parallel, and carries no gradient (sample
+Each kernel does one job, per ray in parallel: stratified samples, the inverse CDF (importance samples
+and their bins), a merge (of any two sorted lists, or of coarse and importance samples by their bins,
+with the interval lengths the compositing needs), interval lengths (``interval`` is their one
+definition). On x64 the stratified samples and the interval lengths also have 8-lane versions
+(``renderer.lanes``). The public functions launch one or two of them, and carry no gradient (sample
 positions are under stop-gradient in LOLNeRF). Random numbers are hashed inside the kernels from one
 key that each call draws from the caller's generator (a PCG hash of the sample index), so a seed gives
 the same samples on every backend; ``reference.hashed_uniforms`` computes the same numbers in torch.
@@ -23,6 +27,8 @@ from renderer.specs import (
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
+i32_2d = ti.types.ndarray(dtype=ti.i32, ndim=2)
+i64_1d = ti.types.ndarray(dtype=ti.i64, ndim=1)
 i64_2d = ti.types.ndarray(dtype=ti.i64, ndim=2)
 
 TINY = 1.1754944e-38  # smallest normal float32: guards divisions by a zero-length interval
@@ -78,16 +84,41 @@ def stratified_lanes(
 
 
 @ti.func
-def place(t_all: ti.template(), order: ti.template(), ray, k, value, source, take):
-    """Write (value, source) to slot k of the ray's merged list, and keep it only if ``take``: returns
-    the next free slot. Branch-free: a slot written but not kept is overwritten by the next one."""
-    t_all[ray, k] = value
-    order[ray, k] = source
-    return k + ti.cast(take, ti.i32)
+def interval(here, after):
+    """The length from ``here`` to ``after`` (the next sample, far, or a bin's right edge), never
+    negative: the one definition behind every interval length and bin width here. Works on floats and
+    on ``Lanes`` alike, so the scalar and the 8-lane kernels give the same numbers bit for bit."""
+    return ti.max(after - here, 0.0)
+
+
+@ti.func
+def row_intervals(t: ti.template(), deltas: ti.template(), first, count, end):
+    """Interval lengths of one ray's samples t[first : first + count] of a flat array into deltas (the
+    same slots): each sample's ``interval`` to the next one, the last one's to ``end`` (far)."""
+    last = first + count - 1
+    for i in range(first, last):
+        deltas[i] = interval(t[i], t[i + 1])
+    deltas[last] = interval(t[last], end)
+
+
+@ti.func
+def bin_right(t: ti.template(), ray, i, n_bins, far):
+    """Right edge of importance bin i: the midpoint of coarse samples i and i + 1, far for the last bin."""
+    right = far
+    if i < n_bins - 1:
+        right = 0.5 * (t[ray, i] + t[ray, i + 1])
+    return right
+
+
+@ti.func
+def bin_mass(weight, left, right, eps_per_length):
+    """Mass of the bin [left, right]: its coarse weight (negative ones count as 0) plus the epsilon share
+    of its width."""
+    return ti.max(weight, 0.0) + eps_per_length * interval(left, right)
 
 
 @ti.kernel
-def importance_kernel(
+def inverse_cdf_kernel(
     t: f32_2d,
     weights: f32_2d,
     near: f32_1d,
@@ -95,29 +126,15 @@ def importance_kernel(
     mixed_key: ti.u32,
     use_jitter: ti.i32,
     t_fine: f32_2d,
-    merged: ti.template(),
-    t_all: f32_2d,
-    order: i64_2d,
-    deltas: f32_2d,
-    lane_deltas: ti.template(),
-    t_all_lanes: lanes_1d,
-    deltas_lanes: lanes_1d,
+    bins: i32_2d,
 ):
-    """Inverse CDF by a two-pointer walk (the uniforms are sorted): (R, S) t, weights -> (R, F) t_fine.
+    """Inverse CDF by a two-pointer walk (the uniforms are sorted): (R, S) t, weights, near, far (R,)
+    -> (R, F) t_fine and bins, the bin each fine sample lies in (what ``merge_binned_kernel`` merges by).
 
-    Bin i spans [left_i, right_i] = [near | mid(t[i-1], t[i]), mid(t[i], t[i+1]) | far]; its mass is
-    ``max(w_i, 0) + eps * width_i / (far - near)``. The walk carries the current bin's edges and its
-    mass, so each bin is visited once per ray: O(S + F).
-
-    With ``merged`` (a compile-time flag) the walk also writes ``merge_samples_with_deltas(t, t_fine,
-    far)`` into (R, S+F) t_all, order and deltas, which needs no search: coarse sample t_i lies in bin
-    i, so every coarse sample before the current bin is ``<=`` the fine sample being placed, and every
-    one after it is ``>=``. The walk places t_i when it leaves bin i, or before the first fine sample of
-    bin i that is ``>= t_i``, both without a data-dependent branch (``place``); a loop catches the ties
-    of degenerate rays (equal coarse samples), so the result is the stable merge exactly. The interval
-    lengths follow in a last pass over the row, 8 at a time on x64 (``lane_deltas``; the *_lanes
-    arguments are lane views of t_all and deltas). Merging inside the walk saves ``merge_kernel``'s
-    separate launch and its second sweep over the samples (README, Benchmarks, has the comparison).
+    Bin i spans [left_i, right_i] = [near | mid(t[i-1], t[i]), mid(t[i], t[i+1]) | far] (``bin_right``);
+    its mass is ``bin_mass``. The walk carries the current bin's edges and mass, so each bin is visited
+    once per ray: O(S + F). A ray with no mass (near == far) puts every sample at near, in bin 0.
+    Uniforms are hashed from ``mixed_key`` (``hash_uniform``) unless use_jitter is 0 (then u = 0.5).
     """
     n_bins = t.shape[1]
     n_fine = t_fine.shape[1]
@@ -133,12 +150,8 @@ def importance_kernel(
         i = 0
         cdf_below = 0.0
         left = lo
-        right = hi
-        if n_bins > 1:
-            right = 0.5 * (t[ray, 0] + t[ray, 1])
-        mass = ti.max(weights[ray, 0], 0.0) + eps_per_length * ti.max(right - left, 0.0)
-        k = 0  # merged slots filled
-        placed = 0  # coarse samples placed
+        right = bin_right(t, ray, 0, n_bins, hi)
+        mass = bin_mass(weights[ray, 0], left, right, eps_per_length)
         for j in range(n_fine):
             sample = lo  # a miss (near == far) has no mass: every sample sits at near
             if total > 0.0:
@@ -147,92 +160,101 @@ def importance_kernel(
                     v = hash_uniform(ray * n_fine + j, mixed_key)
                 u = (j + v) * u_scale
                 while i < n_bins - 1 and cdf_below + mass <= u:
-                    if ti.static(merged):  # leaving bin i: t_i comes before every later sample
-                        k = place(t_all, order, ray, k, t[ray, i], i, placed <= i)
-                        placed = ti.max(placed, i + 1)
                     cdf_below += mass
                     i += 1
                     left = right
-                    right = hi
-                    if i < n_bins - 1:
-                        right = 0.5 * (t[ray, i] + t[ray, i + 1])
-                    mass = ti.max(weights[ray, i], 0.0) + eps_per_length * ti.max(right - left, 0.0)
+                    right = bin_right(t, ray, i, n_bins, hi)
+                    mass = bin_mass(weights[ray, i], left, right, eps_per_length)
                 frac = 0.0
                 if mass > 0.0:
                     frac = ti.min(ti.max((u - cdf_below) / mass, 0.0), 1.0)
-                sample = left + frac * ti.max(right - left, 0.0)
+                sample = left + frac * interval(left, right)
             t_fine[ray, j] = sample
-            if ti.static(merged):
-                coarse = t[ray, i]
-                take = (placed <= i) & (coarse <= sample)  # ties: the coarse sample first (stable)
-                k = place(t_all, order, ray, k, coarse, i, take)
-                placed = ti.select(take, i + 1, placed)
-                while placed < n_bins and t[ray, placed] <= sample:  # only on degenerate (tied) rays
-                    k = place(t_all, order, ray, k, t[ray, placed], placed, True)
-                    placed += 1
-                k = place(t_all, order, ray, k, sample, n_bins + j, True)
-        if ti.static(merged):
-            while placed < n_bins:
-                k = place(t_all, order, ray, k, t[ray, placed], placed, True)
+            bins[ray, j] = i
+
+
+@ti.func
+def place(t_all: ti.template(), order: ti.template(), k, value, source, take):
+    """Write (value, source) to flat slot k of the merged list, and keep it only if ``take``: returns
+    the next free slot. Branch-free: a slot written but not kept is overwritten by the next one."""
+    t_all[k] = value
+    order[k] = source
+    return k + ti.cast(take, ti.i32)
+
+
+@ti.kernel
+def merge_binned_kernel(
+    t: f32_2d, t_fine: f32_2d, bins: i32_2d, far: f32_1d, t_all: f32_1d, order: i64_1d, deltas: f32_1d
+):
+    """The stable merge of each ray's coarse samples (R, S) with its importance samples (R, F), given
+    the bin of every importance sample (``inverse_cdf_kernel``), and far (R,) -> the compositing input:
+    flat (R*(S+F)) t_all, order and deltas, the numbers of ``merge_kernel`` (order indexes
+    [coarse | fine], ties put the coarse sample first) and ``deltas_kernel``.
+
+    No search is needed, because coarse sample t_i lies in bin i: for a fine sample in bin b, every
+    coarse sample of an earlier bin is ``<=`` it (t_{b-1} <= left_b), and only t_b needs a comparison.
+    So, for each fine sample in order: place the coarse samples of the bins before b not placed yet
+    (the first one branch-free, since in dense regions there is at most one), then t_b if it is
+    ``<=`` the fine sample, then the fine sample. A later coarse sample can only tie with it (equal
+    coarse samples of a degenerate ray make zero-width bins, or the fine sample rounds onto the next
+    edge): a loop that almost never runs places those first, so the result is the stable merge exactly.
+    Slots are written without data-dependent branches (``place``); the outputs are flat so the slot
+    index is a running counter. The interval lengths (``row_intervals``) follow per ray while its merged
+    row is still in cache, which was faster than a separate launch of ``deltas_lanes`` (README).
+    """
+    n_bins = t.shape[1]
+    n_fine = t_fine.shape[1]
+    for ray in range(t.shape[0]):
+        first = ray * (n_bins + n_fine)
+        k = first  # next slot
+        placed = 0  # coarse samples placed
+        for j in range(n_fine):
+            b = bins[ray, j]
+            sample = t_fine[ray, j]
+            behind = placed < b
+            k = place(t_all, order, k, t[ray, ti.min(placed, n_bins - 1)], placed, behind)
+            placed += ti.cast(behind, ti.i32)
+            while placed < b:
+                k = place(t_all, order, k, t[ray, placed], placed, True)
                 placed += 1
-            width = n_bins + n_fine
-            if ti.static(lane_deltas):
-                chunks = width // LANES
-                for c in range(ray * chunks, ray * chunks + chunks):
-                    here = t_all_lanes[c]
-                    after = hi
-                    if c + 1 < ray * chunks + chunks:
-                        after = t_all_lanes[c + 1][0]
-                    deltas_lanes[c] = ti.max(shift_down(here, 1, after) - here, 0.0)
-            else:
-                for m in range(width - 1):
-                    deltas[ray, m] = ti.max(t_all[ray, m + 1] - t_all[ray, m], 0.0)
-                deltas[ray, width - 1] = ti.max(hi - t_all[ray, width - 1], 0.0)
+            take = (placed <= b) & (t[ray, b] <= sample)  # ties: the coarse sample first (stable)
+            k = place(t_all, order, k, t[ray, b], b, take)
+            placed = ti.select(take, b + 1, placed)
+            while placed < n_bins and t[ray, placed] <= sample:  # only on ties
+                k = place(t_all, order, k, t[ray, placed], placed, True)
+                placed += 1
+            k = place(t_all, order, k, sample, n_bins + j, True)
+        while placed < n_bins:
+            k = place(t_all, order, k, t[ray, placed], placed, True)
+            placed += 1
+        row_intervals(t_all, deltas, first, n_bins + n_fine, far[ray])
 
 
 @ti.func
 def merge_step(
-    t_a: ti.template(),
-    t_b: ti.template(),
-    t_all: ti.template(),
-    order: ti.template(),
-    deltas: ti.template(),
-    ray,
-    k,
-    i,
-    j,
-    a,
-    b,
-    previous,
+    t_a: ti.template(), t_b: ti.template(), t_all: ti.template(), order: ti.template(), ray, k, i, j, a, b
 ):
     """Emit output k of one ray's merge from the list heads a = t_a[i], b = t_b[j]; return the new state.
 
     Ties take ``a`` (a stable merge); an exhausted list's head is +inf. Branch-free: which list to
-    take is data-dependent and would be mispredicted half the time. With deltas (a non-empty array),
-    output k also completes interval k - 1 (k = 0 writes a placeholder that k = 1 overwrites).
+    take is data-dependent and would be mispredicted half the time.
     """
     n_a = t_a.shape[1]
     n_b = t_b.shape[1]
     take_a = a <= b
-    value = ti.select(take_a, a, b)
-    t_all[ray, k] = value
+    t_all[ray, k] = ti.select(take_a, a, b)
     order[ray, k] = ti.select(take_a, i, n_a + j)
-    if deltas.shape[1] > 0:
-        deltas[ray, ti.max(k - 1, 0)] = ti.max(value - previous, 0.0)
     i_next = ti.select(take_a, i + 1, i)
     j_next = ti.select(take_a, j, j + 1)
     a_next = ti.select(i_next < n_a, t_a[ray, ti.min(i_next, n_a - 1)], ti.math.inf)
     b_next = ti.select(j_next < n_b, t_b[ray, ti.min(j_next, n_b - 1)], ti.math.inf)
-    return i_next, j_next, a_next, b_next, value
+    return i_next, j_next, a_next, b_next
 
 
 @ti.kernel
-def merge_kernel(
-    t_a: f32_2d, t_b: f32_2d, far: f32_1d, t_all: f32_2d, order: i64_2d, deltas: f32_2d, half: ti.i32
-):
-    """Stable two-list merge per ray: (R, S), (R, F) sorted -> (R, S+F) sorted and source indices, and,
-    when ``deltas`` is (R, S+F) rather than (R, 0), the interval lengths (as ``deltas_kernel``) in the
-    same pass: one launch and one sweep instead of two.
+def merge_kernel(t_a: f32_2d, t_b: f32_2d, t_all: f32_2d, order: i64_2d, half: ti.i32):
+    """Stable two-list merge per ray, for any two sorted lists: (R, S), (R, F) -> (R, S+F) sorted and
+    source indices (into [t_a | t_b]).
 
     Each merge is a chain of dependent steps (compare, then load the next head), so one thread
     interleaves two rays' merges, so that one ray's steps fill the other's wait for its loads.
@@ -245,24 +267,32 @@ def merge_kernel(
         ray0 = pair
         # With an odd R the last pair has no partner and merges its own ray twice (same values).
         ray1 = ti.select(pair + half < n_rays, pair + half, pair)
-        i0, j0, a0, b0, p0 = 0, 0, t_a[ray0, 0], t_b[ray0, 0], 0.0
-        i1, j1, a1, b1, p1 = 0, 0, t_a[ray1, 0], t_b[ray1, 0], 0.0
+        i0, j0, a0, b0 = 0, 0, t_a[ray0, 0], t_b[ray0, 0]
+        i1, j1, a1, b1 = 0, 0, t_a[ray1, 0], t_b[ray1, 0]
         for k in range(width):
-            i0, j0, a0, b0, p0 = merge_step(t_a, t_b, t_all, order, deltas, ray0, k, i0, j0, a0, b0, p0)
-            i1, j1, a1, b1, p1 = merge_step(t_a, t_b, t_all, order, deltas, ray1, k, i1, j1, a1, b1, p1)
-        if deltas.shape[1] > 0:
-            deltas[ray0, width - 1] = ti.max(far[ray0] - p0, 0.0)
-            deltas[ray1, width - 1] = ti.max(far[ray1] - p1, 0.0)
+            i0, j0, a0, b0 = merge_step(t_a, t_b, t_all, order, ray0, k, i0, j0, a0, b0)
+            i1, j1, a1, b1 = merge_step(t_a, t_b, t_all, order, ray1, k, i1, j1, a1, b1)
 
 
 @ti.kernel
 def deltas_kernel(t: f32_1d, far: f32_1d, deltas: f32_1d, n_samples: ti.i32):
-    """Flat t (R*S), far (R,) -> flat deltas (R*S): next sample (or far) minus this one, never negative."""
+    """Flat t (R*S), far (R,) -> flat deltas (R*S): ``interval`` to the next sample (the last: to far)."""
     for ray in range(far.shape[0]):
-        last = ray * n_samples + n_samples - 1
-        for i in range(ray * n_samples, last):
-            deltas[i] = ti.max(t[i + 1] - t[i], 0.0)
-        deltas[last] = ti.max(far[ray] - t[last], 0.0)
+        row_intervals(t, deltas, ray * n_samples, n_samples, far[ray])
+
+
+@ti.kernel
+def deltas_lanes(t: lanes_1d, far: f32_1d, deltas: lanes_1d, chunks: ti.i32):
+    """``deltas_kernel`` 8 samples at a time, for x64 (``renderer.lanes``): lanes of t (R*S/8), far (R,)
+    -> lanes of deltas (R*S/8), bit for bit."""
+    for ray in range(far.shape[0]):
+        end = ray * chunks + chunks
+        for c in range(ray * chunks, end):
+            here = t[c]
+            after = far[ray]
+            if c + 1 < end:
+                after = t[c + 1][0]
+            deltas[c] = interval(here, shift_down(here, 1, after))
 
 
 def _mixed_key(generator: torch.Generator | None) -> int:
@@ -324,7 +354,8 @@ def sample_importance(
     >>> sample_importance(t, w, 2, torch.tensor([0.0]), torch.tensor([4.0]))
     tensor([[2.2500, 2.7500]])
     """
-    return _importance(t, weights, n_samples, near, far, generator, merged=False)[0]
+    t_fine, _ = _inverse_cdf(t, weights, n_samples, near, far, generator)
+    return t_fine.to(t.device)
 
 
 def sample_importance_and_merge(
@@ -335,9 +366,11 @@ def sample_importance_and_merge(
     far: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sample_importance``, then ``merge_samples_with_deltas(t, t_fine, far)``, in one kernel pass:
-    -> t_fine (R, F), t_all (R, S+F), order (R, S+F) int64, deltas (R, S+F); the same numbers as the
-    two calls with the same generator state.
+    """``sample_importance``, then ``merge_samples_with_deltas(t, t_fine, far)``, without the merge's
+    search: -> t_fine (R, F), t_all (R, S+F), order (R, S+F) int64, deltas (R, S+F); the same numbers
+    as the two calls with the same generator state. Two launches: ``inverse_cdf_kernel``, which also
+    records each fine sample's bin, then ``merge_binned_kernel``, which merges by those bins and adds
+    the interval lengths.
 
     >>> t = torch.tensor([[0.5, 1.5, 2.5, 3.5]]); w = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     >>> near, far = torch.tensor([0.0]), torch.tensor([4.0])
@@ -345,18 +378,30 @@ def sample_importance_and_merge(
     >>> order, deltas
     (tensor([[0, 1, 4, 2, 5, 3]]), tensor([[1.0000, 0.7500, 0.2500, 0.2500, 0.7500, 0.5000]]))
     """
-    return _importance(t, weights, n_samples, near, far, generator, merged=True)
+    t_fine, bins = _inverse_cdf(t, weights, n_samples, near, far, generator)
+    n_rays, width = t.shape[0], t.shape[1] + n_samples
+    device = kernel_device()
+    t_all = torch.empty((n_rays, width), device=device)
+    order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
+    deltas = torch.empty((n_rays, width), device=device)
+    if n_rays > 0:
+        launch(
+            "sample_importance_and_merge", merge_binned_kernel,
+            to_kernel(t), t_fine, bins, to_kernel(far), t_all.view(-1), order.view(-1), deltas.view(-1),
+        )  # fmt: skip
+    return tuple(x.to(t.device) for x in (t_fine, t_all, order, deltas))
 
 
-def _importance(
+def _inverse_cdf(
     t: torch.Tensor,
     weights: torch.Tensor,
     n_samples: int,
     near: torch.Tensor,
     far: torch.Tensor,
     generator: torch.Generator | None,
-    merged: bool,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inverse_cdf_kernel`` after the argument checks: -> t_fine (R, F) and bins (R, F) int32, on the
+    kernel device."""
     _check_rays(near, far)
     if t.dim() != 2 or weights.shape != t.shape or t.shape[0] != near.shape[0]:
         raise ValueError(
@@ -368,21 +413,14 @@ def _importance(
     n_rays = t.shape[0]
     device = kernel_device()
     t_fine = torch.empty((n_rays, n_samples), device=device)
-    width = t.shape[1] + n_samples if merged else 0  # (R, 0) placeholders when not merging
-    t_all = torch.empty((n_rays, width), device=device)
-    order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
-    deltas = torch.empty((n_rays, width), device=device)
-    lane_deltas = merged and width % LANES == 0 and lanes_active() and aligned(t_all, deltas)
-    unused = torch.zeros((1, LANES), device=device)
-    lane_views = (as_lanes(t_all), as_lanes(deltas)) if lane_deltas else (unused, unused)
+    bins = torch.empty((n_rays, n_samples), dtype=torch.int32, device=device)
     if n_rays > 0:
         launch(
-            "sample_importance_and_merge" if merged else "sample_importance", importance_kernel,
+            "sample_importance", inverse_cdf_kernel,
             to_kernel(t), to_kernel(weights), to_kernel(near), to_kernel(far), _mixed_key(generator),
-            int(generator is not None), t_fine, merged, t_all, order, deltas, lane_deltas, *lane_views,
+            int(generator is not None), t_fine, bins,
         )  # fmt: skip
-    out = (t_fine, t_all, order, deltas) if merged else (t_fine,)
-    return tuple(x.to(t.device) for x in out)
+    return t_fine, bins
 
 
 def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,24 +432,29 @@ def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, t
     >>> merge_samples(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0]]))
     (tensor([[0., 1., 2.]]), tensor([[0, 2, 1]]))
     """
-    return _merge(t_a, t_b, None)[:2]
+    t_all, order = _merge(t_a, t_b)
+    return t_all.to(t_a.device), order.to(t_a.device)
 
 
 def merge_samples_with_deltas(
     t_a: torch.Tensor, t_b: torch.Tensor, far: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``merge_samples`` and ``sample_deltas`` of the merged list in one kernel pass:
-    (R, S), (R, F), far (R,) -> t_all (R, S+F), order (R, S+F) int64, deltas (R, S+F).
+    """``merge_samples``, then ``sample_deltas`` of the merged list (two launches, no round trip through
+    the caller's device): (R, S), (R, F), far (R,) -> t_all (R, S+F), order (R, S+F) int64, deltas
+    (R, S+F).
 
     >>> merge_samples_with_deltas(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0]]), torch.tensor([4.0]))
     (tensor([[0., 1., 2.]]), tensor([[0, 2, 1]]), tensor([[1., 1., 2.]]))
     """
     if far.shape != (t_a.shape[0],):
         raise ValueError(f"far must have shape ({t_a.shape[0]},); got {tuple(far.shape)}.")
-    return _merge(t_a, t_b, far)
+    t_all, order = _merge(t_a, t_b)
+    deltas = _intervals(t_all, to_kernel(far), "merge_samples_with_deltas.deltas")
+    return tuple(x.to(t_a.device) for x in (t_all, order, deltas))
 
 
-def _merge(t_a: torch.Tensor, t_b: torch.Tensor, far: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def _merge(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_kernel`` after the argument checks: -> t_all, order on the kernel device."""
     if t_a.dim() != 2 or t_b.dim() != 2 or t_a.shape[0] != t_b.shape[0]:
         raise ValueError(
             f"merge_samples needs two (R, S) and (R, F) tensors with the same R; got {tuple(t_a.shape)} "
@@ -421,22 +464,17 @@ def _merge(t_a: torch.Tensor, t_b: torch.Tensor, far: torch.Tensor | None) -> tu
     device = kernel_device()
     t_all = torch.empty((n_rays, width), device=device)
     order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
-    deltas = torch.empty((n_rays, width if far is not None else 0), device=device)
     if n_rays > 0 and t_a.shape[1] > 0 and t_b.shape[1] > 0:
-        far_k = to_kernel(far) if far is not None else torch.zeros(n_rays, device=device)
-        launch("merge_samples", merge_kernel, to_kernel(t_a), to_kernel(t_b), far_k, t_all, order, deltas,
-               (n_rays + 1) // 2)  # fmt: skip
+        launch("merge_samples", merge_kernel, to_kernel(t_a), to_kernel(t_b), t_all, order, (n_rays + 1) // 2)
     elif n_rays > 0:  # one list is empty: the other is already the merge
         t_all.copy_(to_kernel(t_a if t_a.shape[1] else t_b))
         order.copy_(torch.arange(width, device=device).expand(n_rays, width))
-        if far is not None:
-            deltas = sample_deltas(t_all, far)
-    out = (t_all, order) if far is None else (t_all, order, deltas)
-    return tuple(x.to(t_a.device) for x in out)
+    return t_all, order
 
 
 def sample_deltas(t_all: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
-    """Interval lengths: t (R, S), far (R,) -> deltas (R, S), ``t[i+1] - t[i]`` and last ``far - t[-1]``.
+    """Interval lengths: t (R, S), far (R,) -> deltas (R, S), ``t[i+1] - t[i]`` and last ``far - t[-1]``
+    (never negative).
 
     >>> sample_deltas(torch.tensor([[1.0, 1.5, 3.0]]), torch.tensor([4.0]))
     tensor([[0.5000, 1.5000, 1.0000]])
@@ -445,14 +483,19 @@ def sample_deltas(t_all: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"sample_deltas needs t (R, S) and far (R,); got {tuple(t_all.shape)} and {tuple(far.shape)}."
         )
+    return _intervals(to_kernel(t_all), to_kernel(far), "sample_deltas").to(t_all.device)
+
+
+def _intervals(t_all: torch.Tensor, far: torch.Tensor, name: str) -> torch.Tensor:
+    """Interval lengths of a contiguous kernel-device (R, S) t_all, far (R,) -> (R, S) deltas on the
+    kernel device: ``deltas_lanes`` on x64 when S is a multiple of 8 and the data is aligned, else
+    ``deltas_kernel`` (the same numbers)."""
     deltas = torch.empty(t_all.shape, device=kernel_device())
-    if t_all.numel() > 0:
-        launch(
-            "sample_deltas",
-            deltas_kernel,
-            to_kernel(t_all).view(-1),
-            to_kernel(far),
-            deltas.view(-1),
-            t_all.shape[1],
-        )
-    return deltas.to(t_all.device)
+    if t_all.numel() == 0:
+        return deltas
+    width = t_all.shape[1]
+    if width % LANES == 0 and lanes_active() and aligned(t_all, deltas):
+        launch(name, deltas_lanes, as_lanes(t_all), far, as_lanes(deltas), width // LANES)
+    else:
+        launch(name, deltas_kernel, t_all.view(-1), far, deltas.view(-1), width)
+    return deltas

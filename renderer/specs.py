@@ -21,6 +21,14 @@ IMPORTANCE_EPS = 1e-5
 PCG_MULTIPLIER, PCG_INCREMENT, PCG_OUTPUT = 747796405, 2891336453, 277803737
 U32 = 0xFFFFFFFF
 
+# Per-ray slots of the compositing kernels' packed per-ray arrays (one tensor, so one launch argument
+# and on Vulkan one copy): the forward writes (R, PER_RAY) = colour (3 slots from COLOR), opacity,
+# depth, final transmittance; the backward reads the upstream gradients of the first three outputs as
+# (R, GRAD_PER_RAY), in the same slots.
+COLOR, OPACITY, DEPTH, TRANSMITTANCE = 0, 3, 4, 5
+PER_RAY = 6
+GRAD_PER_RAY = 5
+
 
 class Rays(NamedTuple):
     """A batch of rays: origins (R, 3), unit directions (R, 3), near (R,), far (R,).

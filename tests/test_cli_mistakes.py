@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+import torch
 
 import evaluate
 import fit
@@ -29,12 +30,12 @@ PARSE_MISTAKES = {
     "render chunk 0": (render.main, ["--chunk", "0"], "--chunk: 0 must be at least 1"),
     "render random -2": (render.main, ["--random", "-2"], "--random: -2 must be at least 0"),
     "render arch bogus": (render.main, ["--arch", "bogus"], "--arch: invalid choice"),
-    "render arch cuda": (render.main, ["--arch", "cuda"], "--arch: invalid choice"),
+    "render device bogus": (render.main, ["--device", "bogus"], "--device: invalid choice"),
     "render frames 0": (render.main, ["--frames", "0"], "--frames: 0 must be at least 1"),
     "render fps 0": (render.main, ["--fps", "0"], "--fps: 0 must be positive"),
     "render fps nan": (render.main, ["--fps", "nan"], "--fps: nan must be a finite number"),
     "fit arch bogus": (fit.main, ["--arch", "bogus", "p.jpg"], "--arch: invalid choice"),
-    "fit arch cuda": (fit.main, ["--arch", "cuda", "p.jpg"], "--arch: invalid choice"),
+    "fit device bogus": (fit.main, ["--device", "bogus", "p.jpg"], "--device: invalid choice"),
     "fit video size -4": (fit.main, ["--video-size", "-4", "p.jpg"], "--video-size: -4 must be at least 8"),
     "fit steps 0": (fit.main, ["--steps", "0", "p.jpg"], "--steps: 0 must be at least 1"),
     "fit frames 0": (fit.main, ["--frames", "0", "p.jpg"], "--frames: 0 must be at least 1"),
@@ -97,7 +98,7 @@ def test_evaluate_json_under_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_the_scripts_show_no_traceback(tmp_path):
-    for script, flags in (("render.py", ["--chunk", "0"]), ("fit.py", ["--arch", "cuda", "p.jpg"]),
+    for script, flags in (("render.py", ["--chunk", "0"]), ("fit.py", ["--device", "bogus", "p.jpg"]),
                           ("evaluate.py", ["--max-images", "0"])):
         run = subprocess.run([sys.executable, str(ROOT / script), "--checkpoint", "x.pt", "--out",
                               str(tmp_path / "o"), *flags], capture_output=True, text=True, cwd=ROOT,
@@ -178,3 +179,15 @@ def test_evaluate_refuses_another_dataset_with_as_many_identities(tiny_run, tmp_
     assert code == 2 and len(err) == 1 and "--allow-other-cache" in err[0], err
     assert evaluate.main([*argv, "--allow-other-cache"]) == 0
     assert "Reconstruction (train views)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: --arch cuda would run")
+def test_arch_cuda_without_cuda_is_one_line(tiny_run, tmp_path, capsys):
+    """render/fit/evaluate accept --arch cuda (and --device, as train.py); without CUDA: one sentence."""
+    ckpt = str(latest_checkpoint(tiny_run))
+    for main, argv in ((render.main, ["--out", str(tmp_path / "r")]), (evaluate.main, []),
+                       (fit.main, ["--out", str(tmp_path / "f"), "p.jpg"])):
+        code = main(["--checkpoint", ckpt, "--arch", "cuda", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "arch='cuda' is unavailable" in err[0], (main, err)
+    assert not (tmp_path / "r").exists()

@@ -42,6 +42,29 @@ def test_srn_tree_layout(srn_root):
     assert np.loadtxt(instance / "pose" / "000000.txt").size == 16
 
 
+def test_srn_layout_of_only_the_heldout_views_under_the_synthetic_cache_names(tmp_path):
+    """What tests/test_evaluate.py scores through --views: the held-out views only, in folders named like
+    a synthetic cache's sources, cameras at scale 1."""
+    import cv2
+
+    from dataset.srn import read_camera
+
+    synth = SyntheticConfig(n_identities=2, train_views=1, heldout_views=2, resolution=16, seed=3)
+    root = write_srn_layout(tmp_path / "srn", synth, world_scale=1.0, splits=("heldout",),
+                            instance_name="identity_{:06d}")
+    assert sorted(p.name for p in root.iterdir()) == ["identity_000000", "identity_000001"]
+    for identity in range(2):
+        records = render_identity(synth, identity)
+        files = sorted((root / f"identity_{identity:06d}" / "rgb").glob("*.png"))
+        heldout = [view for view, record in enumerate(records) if record["split"] == "heldout"]
+        assert [int(f.stem) for f in files] == heldout == [1, 2]
+        for f in files:
+            record = records[int(f.stem)]
+            assert np.array_equal(cv2.imread(str(f))[..., ::-1], record["image"])
+            camera = read_camera(f.parent.parent / "pose" / f"{f.stem}.txt", 1.0)
+            assert np.allclose(camera, record["world_to_camera"], atol=1e-6)
+
+
 def test_srn_loader_reads_cameras_images_and_splits(srn_root, tmp_path):
     cache = _build(srn_root, tmp_path / "cache")
     train, heldout = PreparedDataset(cache), PreparedDataset(cache, split="heldout")

@@ -1,4 +1,5 @@
-"""evaluate.py: every metric is reported on the tiny run, and the numbers are right on known answers."""
+"""evaluate.py and export.evaluation: every metric is reported on the tiny run, and the numbers are right
+on known answers."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import json
 import math
 from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import pytest
 
 import evaluate
+from export import evaluation
 from export.inference import start_renderer
 from export.metrics import lpips_status
 from models.checkpoint import latest_checkpoint
@@ -26,7 +27,7 @@ def test_score_view_on_known_answers():
     depth[:2] = 0.0  # background rows: no ground truth there
     mask = (depth > 0).astype(np.float32)
     opacity = np.ones((16, 16), np.float32)
-    perfect = evaluate.score_view(
+    perfect = evaluation.score_view(
         {"color": image, "opacity": opacity, "depth": depth}, image, mask, depth, None
     )
     assert perfect["psnr"] == math.inf and perfect["ssim"] == pytest.approx(1.0)
@@ -37,7 +38,7 @@ def test_score_view_on_known_answers():
     # scored at their surface depth (depth / opacity), so the same error appears there too.
     half = opacity * 0.5
     shifted = {"color": image + 0.1, "opacity": half, "depth": (depth + 0.3) * half}
-    scores = evaluate.score_view(shifted, image, mask, depth, None)
+    scores = evaluation.score_view(shifted, image, mask, depth, None)
     assert scores["psnr"] == pytest.approx(20.0, abs=1e-4)
     assert scores["depth_rmse"] == pytest.approx(0.3, abs=1e-5)
     valid = depth[mask > 0]
@@ -51,34 +52,19 @@ def test_mean_image_baseline_and_summary_on_known_answers():
     train = SimpleNamespace(images=images, depths=depths)
     K, w2c = np.eye(3), np.zeros((3, 4))
     views = [(0, images[0], None, K, w2c, depths[0]), (1, images[1], None, K, w2c, depths[1])]
-    records = evaluate.mean_image_baseline(train, views)
+    records = evaluation.mean_image_baseline(train, views)
     # The mean image is 120 everywhere: 20/255 off for both views; the mean depth 7 is 1 off.
     expected = -10 * math.log10((20 / 255) ** 2)
     assert records[0]["psnr"] == pytest.approx(expected) and records[1]["psnr"] == pytest.approx(expected)
     assert records[0]["depth_rmse"] == pytest.approx(1.0)
     assert records[1]["depth_abs_rel"] == pytest.approx(1 / 8)
-    summary = evaluate.summarise(records)
+    summary = evaluation.summarise(records)
     assert summary["n_views"] == 2 and summary["depth_abs_rel"] == pytest.approx((1 / 6 + 1 / 8) / 2)
-
-
-def write_srn_copy(heldout, folder) -> None:
-    """Write the held-out split in the SRN layout (cam-to-world poses, intrinsics.txt, rgb/*.png)."""
-    for i in range(len(heldout)):
-        instance = folder / f"identity_{int(heldout.identities[i]):06d}"
-        (instance / "rgb").mkdir(parents=True, exist_ok=True)
-        (instance / "pose").mkdir(exist_ok=True)
-        K = heldout.K[i]
-        (instance / "intrinsics.txt").write_text(f"{K[0, 0]} {K[0, 2]} {K[1, 2]} 0.\n0. 0. 0.\n1.\n64 64\n")
-        c2w = np.linalg.inv(np.vstack([heldout.world_to_camera[i], [0, 0, 0, 1]]))
-        np.savetxt(instance / "pose" / f"{i:06d}.txt", c2w.reshape(1, 16))
-        cv2.imwrite(
-            str(instance / "rgb" / f"{i:06d}.png"), cv2.cvtColor(heldout.images[i], cv2.COLOR_RGB2BGR)
-        )
 
 
 @pytest.mark.slow
 def test_evaluate_reports_every_metric_on_the_tiny_run(tiny_run, tmp_path, capsys, monkeypatch):
-    from dataset import PreparedDataset
+    from dataset import PreparedDataset, SyntheticConfig, write_srn_layout
 
     start_renderer("cpu")
     ckpt = latest_checkpoint(tiny_run)
@@ -127,11 +113,13 @@ def test_evaluate_reports_every_metric_on_the_tiny_run(tiny_run, tmp_path, capsy
     # This run also takes the other LPIPS branch from the one above: with the check answering "available"
     # and a stand-in metric (a constant: the network and its weights are never needed), LPIPS must
     # appear in every rendered evaluation, per view, in the table and in the note.
-    monkeypatch.setattr(evaluate, "lpips_status", lambda: (True, "LPIPS stand-in computed (test)."))
-    monkeypatch.setattr(evaluate, "Lpips", lambda: lambda pred, target: 0.375)
-    cache = PreparedDataset(results["cache"], "heldout")
-    srn = tmp_path / "srn"
-    write_srn_copy(cache, srn)
+    monkeypatch.setattr(evaluation, "lpips_status", lambda: (True, "LPIPS stand-in computed (test)."))
+    monkeypatch.setattr(evaluation, "Lpips", lambda: lambda pred, target: 0.375)
+    # The dataset's own SRN writer renders the same held-out views, in folders named like the training
+    # sources, with cameras in the cache's world (scale 1).
+    synthetic = PreparedDataset(results["cache"]).manifest["settings"]["synthetic"]
+    srn = write_srn_layout(tmp_path / "srn", SyntheticConfig(**synthetic), world_scale=1.0,
+                           splits=("heldout",), instance_name="identity_{:06d}")
     out_srn = tmp_path / "eval_srn.json"
     assert (
         evaluate.main(

@@ -61,7 +61,8 @@ def test_training_with_the_taichi_field_learns_and_its_checkpoint_loads_in_torch
     original = TaichiField.forward
     monkeypatch.setattr(TaichiField, "forward", lambda self, *a: calls.append(1) or original(self, *a))
     run_dir = _train(tmp_path / "run", cache, "--steps", "60", "--optim-lr-init", "5e-3",
-                     "--optim-decay-steps", "1000", "--field-backend", "taichi", arch=arch)
+                     "--optim-decay-steps", "1000", "--field-backend", "taichi", "--device-step", "off",
+                     arch=arch)  # the torch-tensor path (tests/test_device_step.py has the other)
     assert "[train] field MLP: taichi (asked for taichi)" in capsys.readouterr().out
     assert len(calls) >= 2 * 60  # coarse and fine samples of every step went through the kernels
     rows = [r for r in metrics(run_dir) if "psnr" in r]

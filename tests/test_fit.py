@@ -28,7 +28,7 @@ def model(tiny_run):
 def test_fitting_a_heldout_view_comes_within_3db_of_the_training_reconstruction(model):
     from dataset import PreparedDataset
 
-    cache = model.config["data"]["cache"]
+    cache = model.config.data.cache
     train, heldout = PreparedDataset(cache, "train"), PreparedDataset(cache, "heldout")
     index = 0
     identity = int(heldout.identities[index])
@@ -101,7 +101,7 @@ def test_fit_cli_on_real_photos_writes_every_output_and_reports_bad_photos(
     monkeypatch.setattr(fit, "write_outputs", recording)
     # Besides the photos, one held-out synthetic view from the training cache: the one input this
     # model can actually reconstruct, so the one where a fit that does not fit can be seen.
-    from_cache = ["--from-cache", str(model.config["data"]["cache"]), "--split", "heldout", "--index", "0"]
+    from_cache = ["--from-cache", str(model.config.data.cache), "--split", "heldout", "--index", "0"]
     code = fit.main([*argv, str(astronaut), str(blank), str(grace), str(not_image), *from_cache])
     printed = capsys.readouterr().out
     assert code == 1  # two inputs failed; the good ones were still fitted

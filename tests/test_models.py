@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import renderer
+from common.atomic import is_temp_name
 from models import (
     BackgroundConfig,
     BackgroundField,
@@ -40,6 +41,7 @@ from models.checkpoint import (
 )
 from models.distributed import gather_owned_rows, owned_range
 from models.field import latent_chunk_sizes
+from models.train_config import TrainConfig
 
 FOCAL, SIZE = 64.0, 32
 
@@ -233,7 +235,8 @@ def make_payload(step: int, metric: float | None = None, background=None) -> dic
     return checkpoint_payload(field=field, background=background, latents=latents,
                               optimizers={"networks": opt}, schedulers={"networks": sch}, step=step,
                               rng={"torch": torch.get_rng_state()},
-                              config={"render": {"n_coarse": 8, "n_fine": 4, "radius": 2.0}},
+                              config=TrainConfig.paper().with_values({("render", "n_coarse"): 8,
+                                                                      ("render", "n_fine"): 4}),
                               fingerprint="abc", metric=metric)
 
 
@@ -325,10 +328,10 @@ def test_checkpoint_write_killed_midway_leaves_previous_loadable(tmp_path):
     assert latest_checkpoint(tmp_path) == first
     assert load_checkpoint(first).step == 1
     assert load_checkpoint(best).step == 1
-    strays = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    strays = [p for p in (tmp_path / "checkpoints").iterdir() if is_temp_name(p.name)]
     assert len(strays) == 2  # the half-written temp files, ignored by every reader
     keeper.save(make_payload(3, 0.4))  # the next save cleans them up
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if is_temp_name(p.name)]
 
 
 # ----- sharding ------------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ def upstream_for(n_rays: int, n_samples: int, seed: int) -> list[torch.Tensor]:
 
 
 def assert_close(actual, expected, rtol=1e-5, atol=1e-5):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    """Values equal within tolerances; an expected value made on another device is compared where the
+    actual one is (test_outputs_stay_on_the_arch_device checks where outputs land)."""
+    torch.testing.assert_close(actual, expected.to(actual.device), rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- rays
@@ -124,7 +126,7 @@ def test_stratified_within_bins_seeded_and_matching_reference(arch):
     t = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(7))
     again = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(7))
     other = renderer.sample_stratified(near, far, 16, torch.Generator().manual_seed(8))
-    jitter = ref.hashed_uniforms(4, 16, torch.Generator().manual_seed(7), "cpu")
+    jitter = ref.hashed_uniforms(4, 16, torch.Generator().manual_seed(7), near.device)
     expected = ref.sample_stratified(near, far, 16, jitter=jitter)
     assert torch.equal(t, again) and not torch.equal(t, other)
     assert_close(t, expected)
@@ -159,19 +161,10 @@ def test_importance_matches_reference(arch):
         assert torch.all(fine[:4] == near[:4, None])
 
 
-@pytest.mark.parametrize("n_coarse, n_fine", [(32, 24), (13, 5)])  # x64: deltas 8 at a time, or not
-def test_importance_and_merge_equals_importance_then_merge(arch, n_coarse, n_fine, monkeypatch):
-    """The fused kernel is exactly sample_importance + merge_samples_with_deltas, ties and misses included."""
-    sampling_module = importlib.import_module("renderer.sampling")
-    launch = sampling_module.launch
-    lane_flags = []  # the compile-time ``lane_deltas`` flag of every fused launch
-
-    def recording(name, kernel, *args):
-        if name == "sample_importance_and_merge":
-            lane_flags.append(args[11])  # after t, weights, near, far, key, jitter, t_fine, merged, 3 outputs
-        return launch(name, kernel, *args)
-
-    monkeypatch.setattr(sampling_module, "launch", recording)
+@pytest.mark.parametrize("n_coarse, n_fine", [(32, 24), (13, 5)])
+def test_importance_and_merge_equals_importance_then_merge(arch, n_coarse, n_fine):
+    """The merge by bins is exactly sample_importance + merge_samples_with_deltas (the general merge),
+    ties and misses included."""
     rays = 40
     g = torch.Generator().manual_seed(4)
     near = 4 + torch.rand(rays, generator=g)
@@ -197,10 +190,6 @@ def test_importance_and_merge_equals_importance_then_merge(arch, n_coarse, n_fin
         assert_close(fused[1], expected[1], atol=1e-4)
         assert_close(fused[3], expected[3], atol=2e-4)
         assert torch.equal(fused[1].gather(1, fused[2].argsort(1))[:, :n_coarse], t)
-    # 56 merged samples take the 8-at-a-time delta pass on x64 (the only arch with lanes), 18 never do:
-    # both passes give the same numbers, so only this count shows which one the checks above ran.
-    lanes_expected = arch == "cpu" and (n_coarse + n_fine) % 8 == 0
-    assert lane_flags == [lanes_expected] * 2, (arch, n_coarse, n_fine, lane_flags)
 
 
 def test_hashed_uniforms_are_uniform_seeded_and_fresh_per_call(arch):
@@ -524,6 +513,7 @@ def lane_launches(monkeypatch, keep_taichi_arch):
         (composite_module, "composite_forward_lanes"),
         (composite_module, "composite_backward_lanes"),
         (sampling_module, "stratified_lanes"),
+        (sampling_module, "deltas_lanes"),
     ]:
         kernel = getattr(module, name)
 
@@ -617,3 +607,137 @@ def test_stratified_lanes_match_scalar_kernel_bit_for_bit(lane_launches, monkeyp
     assert lane_launches["stratified_lanes"] == 4
     for got, want in zip(with_lanes, scalar, strict=True):
         assert torch.equal(got, want)
+
+
+def test_deltas_lanes_match_scalar_kernel_bit_for_bit(lane_launches, monkeypatch):
+    """sample_deltas and the merges' interval lengths, 8 at a time on x64 and one at a time elsewhere."""
+    batch = random_batch(37, 24, seed=7)
+    t, far = batch["t"].clone(), batch["far"].clone()
+    t[0, 5:9] = t[0, 5]  # zero-length intervals across a lane boundary
+    t[1, -1] = far[1] + 1  # a sample past far: the last interval is clamped to 0
+    fine = torch.sort(5 + 4 * torch.rand(37, 16, generator=torch.Generator().manual_seed(8)), 1).values
+
+    def run():
+        return (renderer.sample_deltas(t, far), renderer.merge_samples_with_deltas(t, fine, far)[2])
+
+    with_lanes, scalar = run_both_paths(monkeypatch, run)
+    assert lane_launches["deltas_lanes"] == 2
+    for got, want in zip(with_lanes, scalar, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(with_lanes[0], ref.sample_deltas(t, far))
+
+
+def test_sampling_kernels_take_taichi_ndarrays(arch):
+    """The sampling kernels run with every array argument a ``ti.ndarray`` (kept in device memory between
+    launches), and give the torch-tensor path's numbers: stratified -> inverse CDF -> merge by bins ->
+    interval lengths, and the general merge."""
+    import taichi as ti
+
+    from renderer import sampling
+    from renderer.specs import draw_key, mix_key
+
+    def nd(x: torch.Tensor):
+        dtype = {torch.float32: ti.f32, torch.int32: ti.i32, torch.int64: ti.i64}[x.dtype]
+        array = ti.ndarray(dtype, tuple(x.shape))
+        array.from_numpy(x.numpy())
+        return array
+
+    n_rays, n_coarse, n_fine = 21, 16, 8
+    width = n_coarse + n_fine
+    g = torch.Generator().manual_seed(9)
+    near = 4 + torch.rand(n_rays, generator=g)
+    far = near + 1 + 3 * torch.rand(n_rays, generator=g)
+    far[0] = near[0]  # a miss
+    weights = torch.rand(n_rays, n_coarse, generator=g) ** 4
+    expected_t = renderer.sample_stratified(near, far, n_coarse, torch.Generator().manual_seed(1))
+    expected = renderer.sample_importance_and_merge(
+        expected_t, weights, n_fine, near, far, torch.Generator().manual_seed(2)
+    )
+    near_nd, far_nd, weights_nd = nd(near), nd(far), nd(weights)
+    t_nd = ti.ndarray(ti.f32, (n_rays * n_coarse,))
+    mixed = mix_key(draw_key(torch.Generator().manual_seed(1)))  # what sample_stratified draws
+    sampling.stratified_kernel(near_nd, far_nd, mixed, 1, t_nd, n_coarse)
+    t = torch.from_numpy(t_nd.to_numpy()).view(n_rays, n_coarse)
+    assert torch.equal(t, expected_t)
+
+    t_2d = nd(t)
+    t_fine, bins = ti.ndarray(ti.f32, (n_rays, n_fine)), ti.ndarray(ti.i32, (n_rays, n_fine))
+    mixed = mix_key(draw_key(torch.Generator().manual_seed(2)))
+    sampling.inverse_cdf_kernel(t_2d, weights_nd, near_nd, far_nd, mixed, 1, t_fine, bins)
+    t_all, order = ti.ndarray(ti.f32, (n_rays * width,)), ti.ndarray(ti.i64, (n_rays * width,))
+    deltas = ti.ndarray(ti.f32, (n_rays * width,))
+    sampling.merge_binned_kernel(t_2d, t_fine, bins, far_nd, t_all, order, deltas)
+    got = [torch.from_numpy(x.to_numpy()).view(n_rays, -1) for x in (t_fine, t_all, order, deltas)]
+    for g_, e in zip(got, expected, strict=True):
+        assert torch.equal(g_, e)
+    separate = ti.ndarray(ti.f32, (n_rays * width,))
+    sampling.deltas_kernel(t_all, far_nd, separate, width)
+    assert torch.equal(torch.from_numpy(separate.to_numpy()).view(n_rays, width), expected[3])
+
+    merged, merged_order = ti.ndarray(ti.f32, (n_rays, width)), ti.ndarray(ti.i64, (n_rays, width))
+    sampling.merge_kernel(t_2d, t_fine, merged, merged_order, (n_rays + 1) // 2)
+    assert torch.equal(torch.from_numpy(merged.to_numpy()), expected[1])
+    assert torch.equal(torch.from_numpy(merged_order.to_numpy()), expected[2])
+
+
+def test_composite_kernels_take_taichi_ndarrays(arch):
+    """The scalar compositing kernels run with every array argument a ``ti.ndarray`` and give, bit for
+    bit, the numbers of ``composite`` (which launches the same kernels here on every arch: 7 samples per
+    ray are no whole number of lanes)."""
+    import taichi as ti
+
+    from renderer.specs import GRAD_PER_RAY, PER_RAY
+
+    composite_module = importlib.import_module("renderer.composite")  # renderer.composite is the function
+
+    def nd(x: torch.Tensor):
+        array = ti.ndarray(ti.f32, tuple(x.shape))
+        array.from_numpy(x.contiguous().numpy())
+        return array
+
+    def back(array, shape):
+        return torch.from_numpy(array.to_numpy()).view(shape)
+
+    b = random_batch(13, 7, seed=3)
+    n_rays, n_samples = b["sigmas"].shape
+    flat = [nd(b[k].reshape(-1)) for k in ("sigmas", "rgbs", "t", "deltas")]
+    background = nd(b["background"])
+    weights, per_ray = ti.ndarray(ti.f32, (n_rays * n_samples,)), ti.ndarray(ti.f32, (n_rays, PER_RAY))
+    composite_module.composite_forward_kernel(*flat, background, weights, per_ray, n_samples)
+    upstream = upstream_for(n_rays, n_samples, seed=4)
+    grad_per_ray = nd(torch.cat([upstream[0], upstream[1][:, None], upstream[2][:, None]], 1))
+    assert grad_per_ray.shape == (n_rays, GRAD_PER_RAY)
+    grad_sigmas = ti.ndarray(ti.f32, (n_rays * n_samples,))
+    grad_rgbs = ti.ndarray(ti.f32, (n_rays * n_samples * 3,))
+    grad_background = ti.ndarray(ti.f32, (n_rays, 3))
+    composite_module.composite_backward_kernel(
+        flat[1], flat[2], flat[3], background, weights, per_ray, grad_per_ray, nd(upstream[3].reshape(-1)),
+        1, grad_sigmas, grad_rgbs, grad_background, n_samples,
+    )  # fmt: skip
+    out, grads = composite_with_grads(
+        renderer.composite, b["sigmas"], b["rgbs"], b["t"], b["deltas"], b["background"], upstream
+    )
+    per_ray_t = back(per_ray, (n_rays, PER_RAY))
+    got = [per_ray_t[:, :3], per_ray_t[:, 3], per_ray_t[:, 4], back(weights, (n_rays, n_samples)),
+           back(grad_sigmas, (n_rays, n_samples)), back(grad_rgbs, (n_rays, n_samples, 3)),
+           back(grad_background, (n_rays, 3))]  # fmt: skip
+    for g_, e in zip(got, (*out, *grads), strict=True):
+        assert torch.equal(g_, e)
+
+
+def test_outputs_stay_on_the_arch_device(arch):
+    """Inputs on the arch's torch device (CUDA for cuda, read in place) give outputs and gradients there."""
+    from conftest import arch_device
+
+    device = arch_device(arch)
+    batch = random_batch(8, 16, seed=31)
+    assert batch["sigmas"].device.type == device.type
+    out, grads = composite_with_grads(renderer.composite, batch["sigmas"], batch["rgbs"], batch["t"],
+                                      batch["deltas"], batch["background"], upstream_for(8, 16, 32))
+    for tensor in (*out, *grads):
+        assert tensor.device.type == device.type
+    K, w2c = random_cameras(1, 3)
+    rays = renderer.generate_rays(torch.zeros(4, 2), K[0], w2c[0], radius=RADIUS)
+    assert rays.origins.device.type == device.type
+    t = renderer.sample_stratified(rays.near, rays.far, 8, torch.Generator().manual_seed(0))
+    assert t.device.type == device.type

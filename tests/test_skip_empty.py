@@ -129,3 +129,25 @@ def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, k
     del model.payload["occupancy"]
     assert "estimated now" in use_skip_empty(model, "on")
     assert use_skip_empty(model, "off") == "empty-space skipping: off" and model.occupancy is None
+
+
+def test_the_device_step_is_not_chosen_with_skipping_and_refused_when_asked_for(tmp_path, keep_taichi_arch):
+    """--device-step has no skip-empty path: auto trains on torch tensors, on is one clear error (train.py
+    says it before preparing any data)."""
+    from tiny_run import TINY_ARGS, train_in_process
+
+    from models.field_backend import choose_device_step
+
+    cpu = torch.device("cpu")
+    assert choose_device_step("auto", "taichi", "vulkan", cpu, 1)[0]
+    chosen, why = choose_device_step("auto", "taichi", "vulkan", cpu, 1, skip_empty=True)
+    assert not chosen and "--render-skip-empty" in why
+    with pytest.raises(ValueError, match="no skip-empty rendering"):
+        choose_device_step("on", "taichi", "cpu", cpu, 1, skip_empty=True)
+    with pytest.raises(SystemExit, match="--device-step on cannot be served: it has no skip-empty"):
+        train_in_process([
+            "--arch", "cpu", "--device", "cpu", "--out", str(tmp_path / "run"),
+            "--cache", str(tmp_path / "cache"), "--steps", "2", *TINY_ARGS,
+            "--field-backend", "taichi", "--device-step", "on", "--render-skip-empty", "on",
+        ])  # fmt: skip
+    assert not (tmp_path / "cache").exists()  # refused before any preparation

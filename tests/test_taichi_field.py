@@ -129,12 +129,26 @@ def test_dense_layer_and_encoding_match_torch(arch):
     assert_close(encode_positions(points, 4), positional_encoding(points, 4), "encoding", rtol=1e-6)
 
 
-def test_one_code_per_ray_matches_torch(arch):
-    """The (R, S, 3) points with (R, L) codes form that models.render uses, both fields alike."""
-    reference, field = make_pair(FieldConfig(depth=2, width=16), 8, seed=5)
+@pytest.mark.parametrize("mode", ["chunks", "whole"])
+def test_one_code_per_ray_matches_torch(arch, mode):
+    """The (R, S, 3) points with (R, L) codes form that models.render uses, both fields alike: values and
+    every gradient, the codes' summed over each ray's samples in the kernel (``Segment.repeat``)."""
+    reference, field = make_pair(FieldConfig(depth=3, width=16, latent_mode=mode), 8, seed=5)
     g = torch.Generator().manual_seed(6)
     points, codes = torch.rand(7, 5, 3, generator=g) * 4 - 2, torch.randn(7, 8, generator=g)
-    (ref_sigma, ref_rgb), (sigma, rgb) = reference(points, codes), field(points, codes)
-    assert sigma.shape == (7, 5) and rgb.shape == (7, 5, 3)
+    up_sigma, up_rgb = torch.randn(7, 5, generator=g), torch.randn(7, 5, 3, generator=g)
+    results = []
+    for module in (reference, field):
+        module.zero_grad()
+        lat = codes.clone().requires_grad_()
+        sigma, rgb = module(points, lat)
+        torch.autograd.backward([sigma, rgb], [up_sigma, up_rgb])
+        results.append((sigma.detach(), rgb.detach(), lat.grad.clone(),
+                        {name: p.grad.clone() for name, p in module.named_parameters()}))
+    (ref_sigma, ref_rgb, ref_lat, ref_grads), (sigma, rgb, lat_grad, grads) = results
+    assert sigma.shape == (7, 5) and rgb.shape == (7, 5, 3) and lat_grad.shape == (7, 8)
     assert_close(sigma, ref_sigma, "sigma")
     assert_close(rgb, ref_rgb, "rgb")
+    assert_close(lat_grad, ref_lat, "d codes")
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], f"d {name}")

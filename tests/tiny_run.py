@@ -2,7 +2,7 @@
 
     run_dir = make_tiny_run(tmp_path)           # trains once, on Taichi x64, in about a minute
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
-    ckpt.config["data"]["cache"]                # the prepared synthetic cache, with heldout/ views
+    ckpt.config.data.cache                      # the prepared synthetic cache, with heldout/ views
 
 The run: 16 synthetic identities at 64 × 64 px (1 training view each, 3 held-out views), the cpu-preset
 4 × 64 field, 16 + 16 samples per ray, 8 identities × 2 views × 32 px per step, 600 steps at Adam
