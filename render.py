@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from common.atomic import save_npy
+from common.conventions import CAMERA_DISTANCE
 from export.arguments import (
     add_arch_flag,
     add_field_backend_flag,
@@ -63,7 +64,6 @@ from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_pn
 from export.mesh import preview_mesh, write_ply
 from export.outputs import OutputExistsError, claim_dir, inside, output_name
 from models.checkpoint import CheckpointError, LoadedCheckpoint
-from pose.conventions import CAMERA_DISTANCE
 from renderer.backend import BackendUnavailableError
 
 OUTPUT_KINDS = ("frames", "grid", "mp4", "gif", "depth", "mesh", "latent")

@@ -40,10 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.atomic import write_json  # noqa: E402
+from common.conventions import default_intrinsics, orbit_camera  # noqa: E402
 from dataset import faces  # noqa: E402 (after the sys.path line, so it runs from any directory)
 from pose import NoFaceError, detect_landmarks, load_template, solve_camera, yaw_pitch_roll  # noqa: E402
 from pose.camera import project  # noqa: E402
-from pose.conventions import default_intrinsics, orbit_camera  # noqa: E402
 from pose.landmarks import MESH_INDICES  # noqa: E402
 from pose.refine import refine_template  # noqa: E402
 

@@ -23,9 +23,10 @@ Every stage is a subprocess with its own time limit (``STAGE_BUDGETS_S``), insid
 (``--budget`` seconds, default 450) so that the whole check stays under 8 minutes. On a machine without
 an NVIDIA GPU that torch can use, it checks its arguments and imports, says so in one line and exits 0.
 
-Nothing here imports ``pose/``'s MediaPipe code or needs MediaPipe: the stages import the renderer,
-models, the synthetic dataset and the benchmarks only (tests/test_gpu_check.py blocks mediapipe and
-checks this).
+Nothing here needs MediaPipe or loads ``pose/``'s code: the stages import the renderer, models, the
+synthetic dataset and the benchmarks; of ``pose/`` only its settings dataclass (``pose.config``, which
+``PrepareConfig`` embeds; ``pose/__init__`` imports its names on first use) is loaded
+(tests/test_gpu_check.py blocks mediapipe and checks both).
 """
 
 from __future__ import annotations

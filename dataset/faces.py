@@ -22,7 +22,7 @@ triangles with barycentric texture lookup; nothing here uses ``renderer/``):
   landmarks (vertex i takes the photo's colour at its landmark i), times a per-identity skin tone;
   Lambertian shading under a per-identity world light is baked per vertex, so a point has the same
   colour from every view. The background is a random colour gradient with low-frequency noise.
-- **Cameras** follow ``pose.conventions``: ``orbit_camera(yaw, pitch, CAMERA_DISTANCE)``, yaw in
+- **Cameras** follow ``common.conventions``: ``orbit_camera(yaw, pitch, CAMERA_DISTANCE)``, yaw in
   ±``max_yaw_deg`` (35°) and pitch in ±``max_pitch_deg`` (15°), ``default_intrinsics`` (focal
   2 × width, principal point at the centre).
 - **Kept renders.** A view is kept only when MediaPipe Face Mesh finds a face in it and the landmark
@@ -46,7 +46,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from pose.conventions import CAMERA_DISTANCE, default_intrinsics, orbit_camera
+from common.conventions import CAMERA_DISTANCE, default_intrinsics, orbit_camera
 
 # Bump when the generator changes what it draws, so caches built by an older generator are rebuilt.
 GENERATOR_VERSION = 1
@@ -66,7 +66,7 @@ class FacesConfig:
         render_size: side of the rendered image MediaPipe sees (Face Mesh needs a face of about 100 px).
         supersample: colour and coverage are rendered at ``supersample`` × ``render_size`` and averaged.
         camera_distance: distance of every camera from the origin (head units).
-        max_yaw_deg, max_pitch_deg: camera angles are uniform in ± these (``pose.conventions``).
+        max_yaw_deg, max_pitch_deg: camera angles are uniform in ± these (``common.conventions``).
         shape_noise: amplitude (head units) of the smooth random bumps added to each identity's shape.
         max_attempts: cameras drawn per view until MediaPipe finds the face and the solve is accepted.
         seed: seeds every random choice.
@@ -343,7 +343,7 @@ def rasterise(vertices: np.ndarray, triangles: np.ndarray, K: np.ndarray, world_
 
     Args:
         vertices: (V, 3) world points; triangles: (T, 3) vertex indices.
-        K: (3, 3) intrinsics in pixels; world_to_camera: (3, 4) [R | t], OpenCV (``pose.conventions``).
+        K: (3, 3) intrinsics in pixels; world_to_camera: (3, 4) [R | t], OpenCV (``common.conventions``).
         height, width: image size.
 
     Returns:
@@ -461,7 +461,7 @@ def render_view(identity: FaceIdentity, config: FacesConfig, yaw: float, pitch: 
 
     Returns a dict: image (render_size, render_size, 3) uint8; true_mask (r, r) uint8 coverage × 255;
     true_depth (r, r) float32 ray distance t; true_K (3, 3) and true_world_to_camera (3, 4) float32 at
-    r = ``config.resolution`` (``pose.conventions``).
+    r = ``config.resolution`` (``common.conventions``).
     """
     world_to_camera = orbit_camera(yaw, pitch, config.camera_distance)
     image, coverage = render_face(identity, default_intrinsics(config.render_size, config.render_size),

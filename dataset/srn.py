@@ -28,10 +28,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.conventions import default_intrinsics, orbit_camera
 from dataset.config import PrepareConfig
 from dataset.sources import DataRootError, ItemResult, default_workers, skip, walk
 from dataset.synthetic import SyntheticConfig, render_identity
-from pose.conventions import default_intrinsics, orbit_camera
 
 FIT_RADIUS = 1.5  # objects are scaled to this radius (pose.template.HEAD_RADIUS: a head's)
 RENDER_RADIUS = 2.0  # the renderer's bounding sphere (models.render.RenderConfig.radius)

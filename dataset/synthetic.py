@@ -6,7 +6,7 @@ light and is baked into the albedo, so a surface point has the same colour from 
 model's colour does not depend on the view direction either). Nothing here uses ``renderer/``, so
 these images, depths and exact cameras can check the renderer.
 
-Cameras, K and angles follow ``pose.conventions`` (``orbit_camera``, ``default_intrinsics``): cameras on
+Cameras, K and angles follow ``common.conventions`` (``orbit_camera``, ``default_intrinsics``): cameras on
 a sphere of radius ``camera_distance`` looking at the origin. Objects are centred at the origin inside
 radius 1.5, the front facing -z, on a constant white background.
 
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pose.conventions import CAMERA_DISTANCE, default_intrinsics, orbit_camera
+from common.conventions import CAMERA_DISTANCE, default_intrinsics, orbit_camera
 
 # Bump when the generator changes what it draws, so caches built by an older generator are rebuilt.
 GENERATOR_VERSION = 2

@@ -1,6 +1,6 @@
 """Camera paths for rendering: yaw sweeps and orbits about the world origin, look-at cameras, K files.
 
-Conventions: ``pose.conventions`` (OpenCV cameras, world-to-camera [R|t] (3, 4), K (3, 3) in pixels,
+Conventions: ``common.conventions`` (OpenCV cameras, world-to-camera [R|t] (3, 4), K (3, 3) in pixels,
 the object at the world origin, world y down, the frontal camera R = I, t = (0, 0, d), and the
 yaw/pitch/roll angles).
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pose import conventions
-from pose.conventions import CAMERA_DISTANCE, orbit_camera
+from common import conventions
+from common.conventions import CAMERA_DISTANCE, orbit_camera
 
 
 def rotation_y(angle_deg: float) -> np.ndarray:
@@ -102,8 +102,8 @@ def orbit_cameras(
 
 def look_at_origin(distance: float = CAMERA_DISTANCE, yaw_deg: float = 0.0,
                    pitch_deg: float = 0.0) -> np.ndarray:
-    """A camera ``distance`` from the origin looking at it, at yaw and pitch (``pose.conventions``), as
-    (3, 4) float32: the same camera as ``pose.conventions.orbit_camera`` and the synthetic data.
+    """A camera ``distance`` from the origin looking at it, at yaw and pitch (``common.conventions``), as
+    (3, 4) float32: the same camera as ``common.conventions.orbit_camera`` and the synthetic data.
 
     >>> look_at_origin(7.0)[:, 3].tolist()
     [0.0, 0.0, 7.0]
@@ -112,7 +112,7 @@ def look_at_origin(distance: float = CAMERA_DISTANCE, yaw_deg: float = 0.0,
 
 
 def default_intrinsics(height: int, width: int) -> np.ndarray:
-    """``pose.conventions.default_intrinsics`` as float32 (3, 3), for rendering."""
+    """``common.conventions.default_intrinsics`` as float32 (3, 3), for rendering."""
     return conventions.default_intrinsics(height, width).astype(np.float32)
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.conventions import CAMERA_DISTANCE
 from export.mesh import Mesh, density_grid, extract_mesh, vertex_colors
 from models import render_image
 from models.background import ConstantBackground
 from models.checkpoint import LoadedCheckpoint, load_checkpoint
-from pose.conventions import CAMERA_DISTANCE
 
 DEFAULT_MESH_LEVEL = 10.0
 

@@ -6,7 +6,8 @@
 A step: sample a pixel batch of this rank's identities -> rays -> ``render_rays`` through DDP (shared
 networks only) -> losses -> backward -> Adam on the networks, the latent table's own optimiser on its
 rows -> learning-rate schedules. A NaN/inf loss skips the step on every rank. A step syncs with the host
-once (the finiteness check after backward); logged values are read every ``--log-every`` steps.
+once (the finiteness check after backward); logged values are read every ``--log-every`` steps. The next
+step's batch is sampled while the GPU runs this one's backward, and copied from pinned memory.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ class Trainer:
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim))
                            for name, opt in self.optimizers.items()}
         self.ray_generator = torch.Generator(device="cpu").manual_seed(run.seed * 1000 + 7 + self.rank)
+        self.prefetched: dict | None = None  # the next step's batch, already on its way to the device
+        self.sampler_state: dict | None = None
         self.timer = NullTimer()
         self.step = 0
         self.bad_in_row = 0
@@ -208,7 +211,10 @@ class Trainer:
                           if torch.is_tensor(value) and value.shape == self.latents.codes.shape else value)
                     for key, value in state.items()}
             for index, state in latent_opt["state"].items()}
-        mine = {"sampler": self.sampler.state_dict(), "rays": self.ray_generator.get_state()}
+        # The sampler's state before the batch prefetched for the next step (see next_batch), so that a
+        # resumed run samples that batch again: resume stays exact.
+        sampler_state = self.sampler_state if self.prefetched is not None else self.sampler.state_dict()
+        mine = {"sampler": sampler_state, "rays": self.ray_generator.get_state()}
         if self.world_size > 1:
             ranks = [None] * self.world_size
             torch.distributed.all_gather_object(ranks, mine)
@@ -238,13 +244,32 @@ class Trainer:
         return self.keeper.save(payload)
 
     # ----- one step ----------------------------------------------------------------------------------
+    def to_device(self, batch: dict) -> dict:
+        """A sampled batch on the training device: on CUDA through pinned memory with asynchronous copies
+        (the caching host allocator keeps each pinned buffer until its copy is done)."""
+        if self.device.type != "cuda":
+            return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def prefetch(self) -> None:
+        """Sample the next step's batch now and start copying it; remember the sampler's state before it."""
+        if self.prefetched is None:
+            self.sampler_state = self.sampler.state_dict()
+            self.prefetched = self.to_device(self.sampler.sample())
+
+    def next_batch(self) -> dict:
+        """The batch for this step: the one prefetched during the last step, else a fresh one."""
+        self.prefetch()
+        batch, self.prefetched = self.prefetched, None
+        return batch
+
     def train_step(self) -> dict | None:
         """Sample a batch, render it, take an optimiser step. Returns metrics, or None for a skipped step."""
         timer = self.timer
         if self.device_step is not None:
             return self.device_train_step()
         with timer.phase("data"):
-            batch = {k: v.to(self.device) for k, v in self.sampler.sample().items()}
+            batch = self.next_batch()
         if self.module.occupancy is not None:  # the grid's update, every occupancy_every steps
             with timer.phase("occupancy"):
                 self.module.occupancy.maybe_update(self.step, self.field, self.latents.codes,
@@ -263,11 +288,15 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         with timer.phase("backward"):
             terms["total"].backward()
-            # The step's one host sync: is the loss finite on every rank? Checked after backward, so the
-            # GPU never waits between forward and backward; a skipped step's gradients are discarded by
-            # the next zero_grad. (Under DDP backward has already all-reduced them, on every rank alike.)
-            if any_rank(~torch.isfinite(terms["total"].detach())):
-                return None
+        with timer.phase("data"):
+            # While the GPU works through the queued forward and backward, the CPU samples the next batch
+            # and starts its copy (on the CPU, where nothing is queued, this only changes the order).
+            self.prefetch()
+        # The step's one host sync: is the loss finite on every rank? Checked after backward, so the GPU
+        # never waits between forward and backward; a skipped step's gradients are discarded by the next
+        # zero_grad. (Under DDP backward has already all-reduced them, on every rank alike.)
+        if any_rank(~torch.isfinite(terms["total"].detach())):
+            return None
         with timer.phase("optimiser"):
             for opt in self.optimizers.values():
                 opt.step()

@@ -7,7 +7,7 @@ centre (W/2, H/2) and the default focal length `focal_factor` × W.
 Error: `reprojection_error_px` is the RMS over points of the pixel distance between projected template
 points and landmarks; a fit is `accepted` when it is at most `max_error_fraction` × W.
 
-Angles (`yaw_pitch_roll_deg`) follow `pose.conventions`: R = Ry(−yaw) · Rx(−pitch) · Rz(roll); yaw > 0
+Angles (`yaw_pitch_roll_deg`) follow `common.conventions`: R = Ry(−yaw) · Rx(−pitch) · Rz(roll); yaw > 0
 when the face turns towards image right (the subject's left), pitch > 0 when the face looks up, roll > 0
 when the head tilts clockwise in the image. A frontal face has R = I and all three are 0; mirroring
 the photo negates yaw and roll.
@@ -22,8 +22,9 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.spatial.transform import Rotation
 
+from common.conventions import default_intrinsics, rotation_from_yaw_pitch_roll, yaw_pitch_roll
+
 from .config import PoseConfig
-from .conventions import default_intrinsics, rotation_from_yaw_pitch_roll, yaw_pitch_roll
 
 
 @dataclass

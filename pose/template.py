@@ -8,7 +8,7 @@ towards −z, and the origin is the approximate head centre. The template is in 
   length of 21 cm, with 1 unit ≈ 7.5 cm when the eye corners are 9 cm apart), and vertically at the
   FFHQ crop centre (eye midpoint + 0.1 × eye-to-mouth);
 - with focal length `FOCAL_FACTOR` × image width and the camera `CAMERA_DISTANCE` = 7 units from the
-  origin (both stated in `pose.conventions`), a frontal face fills an FFHQ-like crop.
+  origin (both stated in `common.conventions`), a frontal face fills an FFHQ-like crop.
 
 `pose/data/template.json` is written by `python -m pose.make_template` from Face Mesh's own 3D output;
 see that module for how.

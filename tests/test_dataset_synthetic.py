@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.conventions import default_intrinsics, orbit_camera
 from dataset import PreparedDataset, SyntheticConfig, generate_synthetic
 from dataset.synthetic import camera_rays, render_identity
-from pose.conventions import default_intrinsics, orbit_camera
 
 SMALL = SyntheticConfig(n_identities=6, train_views=1, heldout_views=2, resolution=32, seed=3)
 

@@ -17,6 +17,7 @@ from test_train import TINY, metrics, params
 from tiny_run import train_in_process
 
 import renderer
+from common.conventions import default_intrinsics, orbit_camera
 from models.background import BackgroundConfig, ConstantBackground
 from models.checkpoint import latest_checkpoint, load_checkpoint
 from models.device_losses import loss_grads_kernel, loss_scales, loss_sums_kernel, loss_terms
@@ -28,7 +29,6 @@ from models.losses import LossConfig, compute_losses
 from models.render import RenderConfig, render_image, render_rays
 from models.taichi_background import TaichiBackground
 from models.taichi_field import TaichiField
-from pose.conventions import default_intrinsics, orbit_camera
 from renderer.backend import launch as backend_launch
 from renderer.device import Workspace
 from renderer.optimizers import adam_update, sgd_update

@@ -232,9 +232,9 @@ def test_lpips_status_never_claims_what_is_missing():
 
 
 def test_every_camera_builder_follows_one_convention():
-    """look_at_origin, orbit paths, the synthetic data and the pose solver agree (pose.conventions)."""
+    """look_at_origin, orbit paths, the synthetic data and the pose solver agree (common.conventions)."""
+    from common.conventions import orbit_camera, yaw_pitch_roll
     from export.cameras import orbit_cameras
-    from pose.conventions import orbit_camera, yaw_pitch_roll
 
     for yaw, pitch in ((30.0, 15.0), (-20.0, 10.0), (0.0, -12.0)):
         truth = orbit_camera(yaw, pitch, 7.0)

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
+from common.conventions import default_intrinsics, orbit_camera
 from dataset import PreparedDataset
 from dataset import faces as F
 from dataset.prepare import main as prepare_main
 from dataset.sources import head_fit
 from pose import detect_landmarks
 from pose.camera import project
-from pose.conventions import default_intrinsics, orbit_camera
 from pose.template import TEMPLATE_PATH
 
 

@@ -151,3 +151,27 @@ def test_test_tensors_follow_the_arch_device():
     assert recorder.devices == ["cpu"]  # drawn on the CPU generator's device, then moved
     with tensors_on(torch.device("cpu")):
         assert torch.zeros(1).device.type == "cpu"
+
+
+def test_batches_reach_cuda_through_pinned_memory_without_blocking():
+    from types import SimpleNamespace
+
+    from models.trainer import Trainer
+
+    class Recorded:
+        def __init__(self):
+            self.calls = []
+
+        def pin_memory(self):
+            self.calls.append("pin_memory")
+            return self
+
+        def to(self, device, non_blocking=False):
+            self.calls.append(("to", str(device), non_blocking))
+            return self
+
+    value = Recorded()
+    Trainer.to_device(SimpleNamespace(device=torch.device("cuda", 0)), {"rgb": value})
+    assert value.calls == ["pin_memory", ("to", "cuda:0", True)]
+    cpu = torch.ones(2)
+    assert Trainer.to_device(SimpleNamespace(device=torch.device("cpu")), {"rgb": cpu})["rgb"] is cpu

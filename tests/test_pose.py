@@ -14,6 +14,7 @@ import skimage.data
 from scipy.spatial.transform import Rotation
 
 import pose
+from common.conventions import CAMERA_DISTANCE
 from pose import (
     EYE_DISTANCE,
     CropBox,
@@ -35,7 +36,6 @@ from pose import (
     solve_camera,
 )
 from pose import landmarks as landmarks_module
-from pose.conventions import CAMERA_DISTANCE
 from pose.template import HEAD_RADIUS, TEMPLATE_PATH
 
 GRACE_HOPPER = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
@@ -136,6 +136,18 @@ def test_several_faces_choose_largest_central(photos):
 
 
 # ---------------------------------------------------------------- conventions
+
+
+def test_every_public_name_resolves_from_its_module():
+    """``pose`` imports its names on first use: each one in ``__all__`` is found in the module it names."""
+    import importlib
+
+    for name in pose.__all__:
+        source = importlib.import_module(pose._SOURCES[name], "pose")
+        assert getattr(pose, name) is getattr(source, name), name
+    assert set(pose._SOURCES) == set(pose.__all__) and len(pose.__all__) == len(pose._SOURCES)
+    with pytest.raises(AttributeError):
+        pose.no_such_name  # noqa: B018
 
 
 def test_template_convention():
