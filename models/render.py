@@ -51,10 +51,13 @@ class RenderConfig:
         "help": "skip-empty only: training steps between occupancy grid updates"})
     occupancy_warmup: int = dataclass_field(default=256, metadata={
         "help": "skip-empty only: every cell stays occupied for this many training steps"})
-    occupancy_codes: int = dataclass_field(default=4, metadata={
-        "help": "skip-empty only: latent codes per grid update (the mean code and a rotating subset)"})
-    occupancy_fraction: float = dataclass_field(default=0.125, metadata={
-        "help": "skip-empty only: random fraction of the cells re-evaluated per grid update"})
+    occupancy_codes: int = dataclass_field(default=2, metadata={
+        "help": "skip-empty only: latent codes the field is evaluated for per grid update (the mean code "
+                "and a rotating subset of the table)"})
+    occupancy_fraction: float = dataclass_field(default=1 / 64, metadata={
+        "help": "skip-empty only: random share of all cells (plus as many occupied ones) the field is "
+                "evaluated at per grid update; the cells training samples passed through are re-estimated "
+                "from their densities at no extra cost"})
 
     @classmethod
     def paper(cls) -> RenderConfig:

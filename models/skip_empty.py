@@ -7,11 +7,15 @@ and ray rendering through it with packed samples (``renderer.occupancy``, ``rend
     # RayOutput as models.render.render_rays; weights (R, S+F) with zeros where samples were skipped
 
 One grid serves the whole class: a cell is occupied when the field is dense there for some identity.
-Each update evaluates the field for ``occupancy_codes - 1`` latent codes taken in turn from the table (a
-rotating subset, so every identity is visited over time) and for the mean code, keeps the largest
-density per point, and folds it into the grid with decay; during the first ``occupancy_warmup`` steps
-every cell stays occupied (the field is still forming). Cells that training rays' weights use stay
-occupied (``OccupancyGrid.mark_used``), so the grid never takes away a surface the rendering relies on.
+Two sources feed it. (a) Training steps: every sample a training step evaluates anyway leaves its
+density in its cell (the largest since the last update, over every identity of the batches: ``observe``),
+at no extra field cost. (b) Each update evaluates the field, without gradients, at one jittered point in
+a random ``occupancy_fraction`` of all cells plus as many occupied ones (so empty space that fills up is
+found), for ``occupancy_codes - 1`` latent codes taken in turn from the table (a rotating subset, so every
+identity is visited over time) and the mean code, keeping the largest density per point. Both fold into
+the grid with decay; during the first ``occupancy_warmup`` steps every cell stays occupied (the field is
+still forming). Cells that training rays' weights use stay occupied (``OccupancyGrid.mark_used``), so
+the grid never takes away a surface the rendering relies on.
 
 Rendering a ray batch, with the field evaluated once per kept sample:
 1. march the grid: the coarse stratified samples that fall in occupied cells (packed), field with
@@ -55,6 +59,8 @@ class ClassOccupancy:
         self.fraction = cfg.occupancy_fraction
         self.cursor = 0  # the next identity of the rotating subset
         self.updates = 0
+        # The largest density training samples had in each cell since the last update (-1: none).
+        self.observed = torch.full((self.grid.n_cells,), -1.0, device=self.grid.density.device)
         self.last_stats: dict[str, float] = {}
 
     def codes_for_update(self, codes: torch.Tensor) -> torch.Tensor:
@@ -80,9 +86,24 @@ class ClassOccupancy:
             return best
 
         fraction = 1.0 if self.updates == 0 else self.fraction  # the first update sees every cell
-        self.last_stats = self.grid.update(density, generator, warmup=step < self.warmup, fraction=fraction)
+        self.last_stats = self.grid.update(density, generator, warmup=step < self.warmup, fraction=fraction,
+                                           observed=self.observed)
+        self.observed.fill_(-1.0)
         self.updates += 1
         return self.last_stats
+
+    @torch.no_grad()
+    def observe(self, rays: renderer.Rays, t: torch.Tensor, counts: torch.Tensor,
+                sigma: torch.Tensor) -> None:
+        """Keep, per cell, the largest density of packed samples a training step evaluated: rays (R),
+        t, sigma (N,), counts (R,) (rays back to back); folded in at the next ``update``."""
+        if t.shape[0] == 0:
+            return
+        ray = ray_indices(counts, t.shape[0]).to(rays.origins.device)
+        points = rays.origins[ray] + t[:, None] * rays.directions[ray]
+        cells = occupancy_cells(points, self.grid.resolution, self.grid.radius).to(self.observed.device)
+        values = torch.nan_to_num(sigma.detach().float(), nan=float("inf")).to(self.observed.device)
+        self.observed.scatter_reduce_(0, cells, values, reduce="amax")
 
     def maybe_update(
         self, step: int, field: nn.Module, codes: torch.Tensor, generator: torch.Generator | None = None
@@ -103,11 +124,15 @@ class ClassOccupancy:
         return render_rays_skip_empty(field, background, rays, latents, cfg, self, generator)
 
     def state_dict(self) -> dict:
-        return {"grid": self.grid.state_dict(), "cursor": self.cursor, "updates": self.updates}
+        return {"grid": self.grid.state_dict(), "cursor": self.cursor, "updates": self.updates,
+                "observed": self.observed.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         self.grid.load_state_dict(state["grid"])
         self.cursor, self.updates = int(state["cursor"]), int(state["updates"])
+        observed = state.get("observed")  # grids saved before training samples were observed lack it
+        self.observed = (torch.full_like(self.grid.density, -1.0) if observed is None
+                         else observed.to(self.grid.density.device, torch.float32).clone())
 
 
 class SkipStats:
@@ -204,8 +229,9 @@ def render_rays_skip_empty(
     out = renderer.composite_packed(
         sigma.contiguous(), rgb.contiguous(), t_kept, deltas_kept, offsets, counts, bg, eps=eps
     )
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled():  # a training step: its weights keep cells, its densities re-estimate them
         grid.mark_used(rays, t_kept, offsets, counts, out.weights.detach())
+        occupancy.observe(rays, t_kept, counts, sigma)
     # The hard-surface loss averages over every sample of the dense list; skipped samples weigh 0.
     weights = torch.zeros((n_rays, width), dtype=out.weights.dtype, device=dev)
     weights = weights.masked_scatter(keep, out.weights)

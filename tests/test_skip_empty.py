@@ -88,6 +88,36 @@ def test_estimated_grid_skips_most_samples_and_keeps_the_image(arch):
     assert torch.isfinite(grad) and grad != 0
 
 
+def test_training_samples_reestimate_their_cells_without_evaluating_the_field_again(arch):
+    """A training render (gradients on) leaves each sample's density in its cell; the next update folds
+    those in, so the ball's cells stay occupied and the empty space its rays crossed is dropped, though
+    the update itself evaluates almost no cells."""
+    field = Ball()
+    cfg = RenderConfig(n_coarse=32, n_fine=16, occupancy_resolution=16, occupancy_warmup=0,
+                       occupancy_fraction=1e-6, occupancy_codes=1)
+    occupancy = ClassOccupancy(cfg)
+    occupancy.updates = 1  # past the first update, which evaluates every cell
+    rays, codes = rays_and_codes(300, seed=11)
+    with torch.no_grad():  # rendering for inference observes nothing
+        render_rays_skip_empty(field, Flat(), rays, codes, cfg, occupancy, generator=None)
+    assert torch.all(occupancy.observed < 0)
+    render_rays_skip_empty(field, Flat(), rays, codes, cfg, occupancy,
+                           generator=torch.Generator().manual_seed(4))
+    seen = occupancy.observed >= 0
+    centre = ref.occupancy_cells(torch.zeros(1, 3), 16, 2.0)
+    assert seen.sum() > 200 and occupancy.observed[centre] > 20.0  # the ball's density, ~30 inside
+    used = occupancy.grid.used.bool().clone()  # cells whose weights the render used stay regardless
+    stats = occupancy.update(1, field, codes[:4], generator=torch.Generator().manual_seed(5))
+    assert stats["evaluated"] <= 2 and stats["observed"] == seen.sum()
+    assert torch.all(occupancy.observed < 0)  # consumed by the update
+    core = occupancy.grid.core.bool()
+    assert core[centre] and not core[seen & ~used & (occupancy.grid.density < 1e-3)].any()
+    assert occupancy.grid.occupied_fraction() < 0.5
+    copy = ClassOccupancy(cfg)
+    copy.load_state_dict(occupancy.state_dict())
+    assert torch.equal(copy.observed, occupancy.observed)
+
+
 def test_occupancy_owner_rotates_codes_and_round_trips(arch):
     cfg = RenderConfig(n_coarse=8, n_fine=0, occupancy_resolution=8, occupancy_codes=3, occupancy_every=4)
     owner = ClassOccupancy(cfg)
