@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from common.atomic import write_json, write_text
-from export.arguments import add_arch_flag, add_field_backend_flag, at_least
+from export.arguments import add_arch_flag, add_field_backend_flag, add_skip_empty_flag, at_least
 from export.evaluation import evaluate, markdown_table
-from export.inference import load_model, start_renderer, training_cache, use_field_backend
+from export.inference import load_model, start_renderer, training_cache, use_field_backend, use_skip_empty
 from export.outputs import OutputExistsError, claim_file
 from models.checkpoint import CheckpointError
 from renderer.backend import BackendUnavailableError
@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_arch_flag(parser)
     add_field_backend_flag(parser)
+    add_skip_empty_flag(parser)
     parser.add_argument("--force", action="store_true", help="overwrite existing --json / --markdown")
     parser.add_argument(
         "--allow-other-cache",
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if cache is None:
             raise ValueError("the checkpoint records no training cache; pass --cache DIR.")
         print(use_field_backend(model, args.field_backend, start_renderer(args.arch, args.device)))
+        print(use_skip_empty(model, args.render_skip_empty))
         with torch.no_grad():
             results = evaluate(
                 model, Path(cache), args.views, args.max_images, args.chunk, args.allow_other_cache

@@ -34,7 +34,13 @@ from tqdm import tqdm
 
 import renderer
 from common.atomic import save_npy, write_json
-from export.arguments import add_arch_flag, add_field_backend_flag, at_least, positive_float
+from export.arguments import (
+    add_arch_flag,
+    add_field_backend_flag,
+    add_skip_empty_flag,
+    at_least,
+    positive_float,
+)
 from export.cameras import orbit_cameras, scale_intrinsics, yaw_cameras
 from export.inference import (
     latent_mesh,
@@ -49,6 +55,7 @@ from export.inference import (
     training_losses,
     training_resolution,
     use_field_backend,
+    use_skip_empty,
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png, upscale
 from export.mesh import preview_mesh, write_ply
@@ -63,6 +70,7 @@ from export.outputs import (
 from models import compute_losses, render_rays
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.render import pixel_grid
+from models.skip_empty import render_rays_skip_empty
 from renderer.backend import BackendUnavailableError
 
 
@@ -151,14 +159,25 @@ def fit_latent(
     for _ in bar:
         index = torch.randperm(pixels.shape[0], generator=generator)[:n_rays].to(device)
         rays = renderer.generate_rays(pixels[index], K_t, w2c_t, radius=model.render_config.radius)
-        out = render_rays(
-            model.field,
-            model.background,
-            rays,
-            latent[None].expand(n_rays, -1),
-            model.render_config,
-            generator=generator,
-        )
+        if getattr(model, "occupancy", None) is not None:  # --render-skip-empty on
+            out = render_rays_skip_empty(
+                model.field,
+                model.background,
+                rays,
+                latent[None].expand(n_rays, -1),
+                model.render_config,
+                model.occupancy,
+                generator=generator,
+            )
+        else:
+            out = render_rays(
+                model.field,
+                model.background,
+                rays,
+                latent[None].expand(n_rays, -1),
+                model.render_config,
+                generator=generator,
+            )
         terms = compute_losses(
             out.color,
             out.opacity,
@@ -289,6 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--framing", choices=["aligned", "landmarks"], help="default: as in training")
     add_arch_flag(parser)
     add_field_backend_flag(parser)
+    add_skip_empty_flag(parser)
     parser.add_argument(
         "--chunk", type=at_least(1), default=8192, help="rays per rendering chunk (bounds memory)"
     )
@@ -370,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend = start_renderer(args.arch, args.device)
         print(use_field_backend(model, args.field_backend, backend))
+        print(use_skip_empty(model, args.render_skip_empty))
         claim_dir(args.out, force=True)  # an --out that cannot be written is found before any fitting
     except (BackendUnavailableError, OutputExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -31,7 +31,14 @@ import torch
 
 from common.atomic import save_npy
 from common.conventions import CAMERA_DISTANCE
-from export.arguments import add_arch_flag, add_field_backend_flag, at_least, finite_float, positive_float
+from export.arguments import (
+    add_arch_flag,
+    add_field_backend_flag,
+    add_skip_empty_flag,
+    at_least,
+    finite_float,
+    positive_float,
+)
 from export.cameras import (
     default_intrinsics,
     load_camera_file,
@@ -51,6 +58,7 @@ from export.inference import (
     training_cache,
     training_resolution,
     use_field_backend,
+    use_skip_empty,
 )
 from export.media import colorize_depth, image_grid, save_gif, save_mp4, save_png
 from export.mesh import preview_mesh, write_ply
@@ -199,6 +207,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_arch_flag(parser)
     add_field_backend_flag(parser)
+    add_skip_empty_flag(parser)
     parser.add_argument("--force", action="store_true", help="write into a folder that holds results")
     return parser.parse_args(argv)
 
@@ -251,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         backend = start_renderer(args.arch, args.device)
         print(use_field_backend(model, args.field_backend, backend))
+        print(use_skip_empty(model, args.render_skip_empty))
         out = claim_dir(args.out, force=args.force)
     except (
         CheckpointError,

@@ -118,13 +118,6 @@ def main(argv: list[str] | None = None) -> Path:
     field_backend, why = choose_field_backend(args.field_backend, backend.arch, backend.device)
     if rank == 0:
         print(f"[train] field MLP: {field_backend} ({why}).")
-    try:
-        device_step, why = choose_device_step(args.device_step, field_backend, backend.arch, backend.device,
-                                              world()[1])
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
-    if rank == 0:
-        print(f"[train] training step: {'on the Taichi device' if device_step else 'torch tensors'} ({why}).")
     config, overrides, preset = resolve_config(args, backend.device.type)
     if backend.device.type == "cuda" and not args.resume:
         # Resuming keeps the batch the run was started with (exact continuation).
@@ -161,6 +154,14 @@ def main(argv: list[str] | None = None) -> Path:
         if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*.pt")):
             raise SystemExit(f"{run_dir} already holds checkpoints; pass --resume to continue that run or "
                              f"choose another --out.")
+
+    try:  # after the configuration is known: a resumed run's saved skip-empty setting counts
+        device_step, why = choose_device_step(args.device_step, field_backend, backend.arch, backend.device,
+                                              world()[1], skip_empty=config.render.skip_empty)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if rank == 0:
+        print(f"[train] training step: {'on the Taichi device' if device_step else 'torch tensors'} ({why}).")
 
     # Resuming trains on the cache as the run saved it; the fingerprint check below guards the rest.
     given = set() if resume_payload else {key for section, key in overrides if section == "data"}

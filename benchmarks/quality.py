@@ -9,7 +9,9 @@ mean training depth, predicted for every view). Goal: novel-view PSNR at least 6
 1. generates a synthetic single-view training set (one view per identity) with 3 held-out views each;
 2. trains ``train.py --preset cpu`` for --steps steps, with the learning rate decaying over the whole
    run (``train.py``'s default, stated here too as ``--optim-decay-steps`` = --steps);
-3. evaluates (export.evaluation.evaluate) and prints model vs baseline.
+3. evaluates (export.evaluation.evaluate) and prints model vs baseline; a run trained with
+   ``-- --render-skip-empty on`` is evaluated with its occupancy grid too (as render.py/evaluate.py
+   ``--render-skip-empty on`` would).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     import train
     from common.atomic import write_json
     from export.evaluation import evaluate
-    from export.inference import load_model, start_renderer
+    from export.inference import load_model, start_renderer, use_skip_empty
     from models.checkpoint import CheckpointError, latest_checkpoint
 
     work = args.work or Path(tempfile.mkdtemp(prefix="lolnerf-quality-"))
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     start_renderer(args.arch)
     started = time.perf_counter()
     model = load_model(latest_checkpoint(run_dir))
+    skip_empty = model.config.render.skip_empty  # a run trained with it is evaluated with it too
+    print(use_skip_empty(model, "on" if skip_empty else "off"))
     with torch.no_grad():
         results = evaluate(model, cache, None, args.max_images)
     eval_s = time.perf_counter() - started
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "resolution": args.resolution,
                 "arch": args.arch,
                 "train_flags": args.train_flags,
+                "render_skip_empty": skip_empty,
                 "train_s": train_s,
                 "eval_s": eval_s,
                 "run_dir": str(run_dir),

@@ -8,11 +8,19 @@ For each renderer (``renderer`` = Taichi kernels, ``renderer.reference`` = plain
 same run) it prints the median per step of: data, field forward, renderer forward, loss, field backward,
 renderer backward, optimiser; rays/s; and the share of the step spent outside the field MLP (the goal on
 CPU: renderer + data + optimiser under 15 %). Phases are measured as ``models.step_timing`` describes.
+
+    python benchmarks/train_step.py --render-skip-empty off on      # skipping empty space, both ways
+
+With ``--render-skip-empty`` it instead trains ``--pretrain`` steps with skipping on (so that the field
+has empty space and the grid has left warm-up), then alternates measured steps with skipping off and on
+(one value alone measures that one) and reports, per setting, the step time in ms (median; with "on"
+the grid update's cost is spread over its period and listed apart) and the field evaluations per ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -79,7 +87,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
     parser.add_argument("--cache", default="", help="prepared cache (default: the cpu preset's synthetic)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--render-skip-empty", nargs="+", choices=("off", "on"), default=None,
+                        help="measure training steps with empty-space skipping off and/or on instead")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="with --render-skip-empty: start from this trained checkpoint (its config; the "
+                             "grid is estimated from it before measuring) instead of pre-training")
+    parser.add_argument("--pretrain", type=int, default=100,
+                        help="steps trained before a --render-skip-empty measurement, the grid's warm-up "
+                             "being the first half of them (default 100)")
     args = parser.parse_args(argv)
+    if args.render_skip_empty:
+        return main_skip_empty(args)
 
     try:
         backend = renderer.init_backend(args.arch, args.device)
@@ -125,6 +143,112 @@ def main(argv: list[str] | None = None) -> dict:
           f"time (fwd+bwd) Taichi / reference: {summary['renderer_ratio_taichi_over_reference']:.2f}x; "
           f"share outside the MLP with Taichi: {results['taichi']['share_outside_mlp']:.1%} "
           f"(goal < 15%: {'met' if results['taichi']['share_outside_mlp'] < 0.15 else 'NOT met'})")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, summary)
+        print(f"JSON: {path}")
+    return summary
+
+
+def measure_skip_empty(trainer: Trainer, settings: list[str], steps: int, warmup: int) -> dict[str, list]:
+    """Per-step phase times and field evaluations per ray for skipping off/on, alternating step by step
+    on the same trainer (both see the same, evolving model)."""
+    import time
+
+    from models.skip_empty import SkipStats
+
+    occupancy = trainer.module.occupancy
+    cfg = trainer.module.render_config
+    samples: dict[str, list] = {name: [] for name in settings}
+    timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
+    trainer.module.field = timed
+    every, occupancy.every = occupancy.every, 10**9  # updates are timed apart, once per measured step
+    try:
+        for i in range(warmup + steps):
+            for name in settings:
+                trainer.module.occupancy = occupancy if name == "on" else None
+                per, rays = timed_step(trainer, timed)
+                trainer.step += 1
+                dense = float(cfg.n_coarse + cfg.n_fine)
+                evals = SkipStats.last["field_per_ray"] if name == "on" else dense
+                if name == "on":
+                    started = time.perf_counter()
+                    occupancy.update(trainer.step, timed.field, trainer.latents.codes, trainer.ray_generator)
+                    per["grid update"] = time.perf_counter() - started
+                if i >= warmup:
+                    samples[name].append({**per, "rays": rays, "field_per_ray": evals})
+    finally:
+        trainer.module.field = timed.field
+        trainer.module.occupancy = occupancy
+        occupancy.every = every
+        trainer.timer = NullTimer()
+    return samples
+
+
+def main_skip_empty(args) -> dict:
+    """``--render-skip-empty``: see the module docstring."""
+    import time
+
+    from models.checkpoint import read_checkpoint
+
+    backend = renderer.init_backend(args.arch, "cpu")
+    payload = None
+    if args.checkpoint:
+        payload = read_checkpoint(Path(args.checkpoint), "cpu")
+        config = TrainConfig.from_json(payload["config"])
+        pretrain = 0
+    else:
+        config = TrainConfig.cpu()
+        config.data.cache = args.cache
+        config.optim.decay_steps = config.run.steps  # as train.py resolves it
+        pretrain = args.pretrain
+    # Warm-up ends halfway through pre-training (the default 256 steps would take minutes here).
+    config.render = dataclasses.replace(config.render, skip_empty=True, occupancy_warmup=pretrain // 2)
+    config.data = training_data(config.data)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, Path(run_dir), backend, payload, set())
+        if payload is not None:  # a dense run's checkpoint: estimate the grid from every cell first
+            trainer.module.occupancy.update(trainer.step, trainer.field, trainer.latents.codes)
+        started = time.perf_counter()
+        for _ in range(pretrain):
+            trainer.train_step()
+            trainer.step += 1
+        pretrain_s = time.perf_counter() - started
+        occupancy = trainer.module.occupancy
+        measured = measure_skip_empty(trainer, args.render_skip_empty, args.steps, args.warmup)
+        update_s = statistics.median(s["grid update"] for s in measured.get("on", [{"grid update": 0.0}]))
+    cfg = trainer.module.render_config
+    results = {}
+    for name, samples in measured.items():
+        phases = [{k: v for k, v in s.items() if k not in ("field_per_ray", "grid update")} for s in samples]
+        medians, shares, rays = summarise(phases)
+        amortised = update_s / cfg.occupancy_every if name == "on" else 0.0
+        results[name] = {
+            "step_ms": medians["step"] * 1e3,
+            "step_ms_with_grid_update": (medians["step"] + amortised) * 1e3 if name == "on" else None,
+            "field_evals_per_ray": statistics.mean(s["field_per_ray"] for s in samples),
+            "ms_per_step_median": {k: v * 1e3 for k, v in medians.items()}, "rays_per_step": rays}
+        print(f"\n== --render-skip-empty {name} ({backend.arch}), cpu preset, {args.steps} steps ==")
+        print(breakdown_table(medians, rays, shares))
+        print(f"field evaluations per ray: {results[name]['field_evals_per_ray']:.1f}")
+    summary = {
+        "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+        "arch": backend.arch, "steps": args.steps, "pretrain_steps": pretrain, "checkpoint": args.checkpoint,
+        "samples_per_ray": [cfg.n_coarse, cfg.n_fine],
+        "rays_per_step": results[next(iter(results))]["rays_per_step"],
+        "pretrain_s": pretrain_s, "grid_update_ms": update_s * 1e3,
+        "grid_update_every": cfg.occupancy_every, "grid_resolution": cfg.occupancy_resolution,
+        "occupied_fraction": occupancy.grid.occupied_fraction(),
+        "occupied_before_dilation": float(occupancy.grid.core.float().mean()), "results": results}
+    if "off" in results and "on" in results:
+        off, on = results["off"], results["on"]
+        summary["step_ratio_off_over_on"] = off["step_ms"] / on["step_ms_with_grid_update"]
+        summary["field_evals_ratio_off_over_on"] = off["field_evals_per_ray"] / on["field_evals_per_ray"]
+        print(f"\nskip-empty on vs off: step {summary['step_ratio_off_over_on']:.2f}x faster (grid update "
+              f"{update_s * 1e3:.0f} ms every {cfg.occupancy_every} steps included), field evaluations per "
+              f"ray {summary['field_evals_ratio_off_over_on']:.2f}x fewer; occupied cells "
+              f"{summary['occupied_fraction']:.1%} of {cfg.occupancy_resolution}^3")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

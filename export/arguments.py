@@ -87,3 +87,12 @@ def add_field_backend_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--field-backend", default="auto", choices=FIELD_BACKENDS,
                         help="torch, or Taichi kernels on the renderer's arch (auto: taichi on a "
                              "Vulkan/Metal GPU, else torch)")
+
+
+def add_skip_empty_flag(parser: argparse.ArgumentParser) -> None:
+    """``--render-skip-empty on|off``, as in train.py: march the class occupancy grid and composite
+    packed samples with early stop (``export.inference.use_skip_empty``)."""
+    parser.add_argument("--render-skip-empty", default="off", choices=("on", "off"),
+                        help="skip empty space and hidden samples (default off: README, Training, has the "
+                             "speed and quality figures); on uses the checkpoint's occupancy grid or "
+                             "estimates one")

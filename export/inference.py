@@ -67,6 +67,35 @@ def use_field_backend(model: LoadedCheckpoint, requested: str, backend) -> str:
     return f"field MLP: {name} ({why}); model on {backend.device}"
 
 
+def use_skip_empty(model: LoadedCheckpoint, mode: str) -> str:
+    """``--render-skip-empty on|off``: attach the class occupancy grid to ``model`` (``model.occupancy``,
+    read by ``render_view`` and fit.py) or detach it; returns a line saying which.
+
+    "on" takes the grid saved in the checkpoint (runs trained with skipping on), or else estimates one
+    now from the model itself: every cell, at the mean code and a few codes of the table.
+    """
+    if mode == "off":
+        model.occupancy = None
+        return "empty-space skipping: off"
+    from dataclasses import replace
+
+    from models.skip_empty import ClassOccupancy
+
+    model.render_config = replace(model.render_config, skip_empty=True)
+    occupancy = ClassOccupancy(model.render_config)
+    saved = model.payload.get("occupancy") if isinstance(model.payload, dict) else None
+    if saved is not None:
+        occupancy.load_state_dict(saved)
+        source = f"the checkpoint's {occupancy.grid.resolution}^3 grid"
+    else:
+        occupancy.n_codes = 8
+        occupancy.update(step=occupancy.warmup, field=model.field, codes=model.latents.codes.detach())
+        source = f"a {occupancy.grid.resolution}^3 grid estimated now (the checkpoint has none)"
+    model.occupancy = occupancy
+    return (f"empty-space skipping: on, {source}, {occupancy.grid.occupied_fraction():.1%} of cells "
+            f"occupied, early stop at transmittance {model.render_config.early_stop_eps:g}")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load a checkpoint (``weights_only=True`` inside models.checkpoint) with every weight frozen.
 
@@ -144,6 +173,7 @@ def render_view(
         int(width),
         model.render_config,
         chunk=chunk,
+        occupancy=getattr(model, "occupancy", None),
     )
     return {key: value.detach().cpu().numpy().astype(np.float32) for key, value in out.items()}
 

@@ -284,13 +284,15 @@ def renders_on_device(field: torch.nn.Module, background: torch.nn.Module) -> bo
 
 def render_image_on_device(field: torch.nn.Module, background: torch.nn.Module, latent: torch.Tensor,
                            K: torch.Tensor, world_to_camera: torch.Tensor, height: int, width: int,
-                           render_config: RenderConfig,
-                           chunk: int = 8192) -> dict[str, torch.Tensor]:  # fmt: skip
+                           render_config: RenderConfig, chunk: int = 8192,
+                           occupancy=None) -> dict[str, torch.Tensor]:  # fmt: skip
     """``models.render_image``, through ``DeviceRenderer`` where ``renders_on_device`` says so (same
-    shapes, the same image; on the latent's device), else ``models.render_image`` itself."""
-    if not renders_on_device(field, background):
+    shapes, the same image; on the latent's device), else ``models.render_image`` itself. With an
+    ``occupancy`` grid (skipping empty space, ``models.skip_empty``) it is ``models.render_image``: the
+    device path has no packed samples yet."""
+    if occupancy is not None or not renders_on_device(field, background):
         return render_image(field, background, latent, K, world_to_camera, height, width, render_config,
-                            chunk=chunk)  # fmt: skip
+                            chunk=chunk, occupancy=occupancy)  # fmt: skip
     out = device_renderer(field, background, render_config).render_image(latent, K, world_to_camera, height,
                                                                           width, chunk=chunk)  # fmt: skip
     return {key: value.to(latent.device) for key, value in out.items()}

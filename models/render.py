@@ -39,6 +39,25 @@ class RenderConfig:
     n_fine: int = dataclass_field(default=64, metadata={"help": "importance samples per ray"})
     radius: float = dataclass_field(default=2.0, metadata={
         "help": "bounding sphere radius around the origin (head units; the official L = 2 x radius)"})
+    # Skipping empty and hidden samples (models.skip_empty).
+    skip_empty: bool = dataclass_field(default=False, metadata={
+        "help": "on | off: march the class occupancy grid and composite packed samples with early stop "
+                "(models/skip_empty.py; README, Skipping empty space, has the speed and quality figures)"})
+    early_stop_eps: float = dataclass_field(default=1e-4, metadata={
+        "help": "skip-empty only: a ray stops once its transmittance falls below this"})
+    occupancy_resolution: int = dataclass_field(default=128, metadata={
+        "help": "skip-empty only: cells per side of the occupancy grid over the render sphere's cube"})
+    occupancy_every: int = dataclass_field(default=16, metadata={
+        "help": "skip-empty only: training steps between occupancy grid updates"})
+    occupancy_warmup: int = dataclass_field(default=256, metadata={
+        "help": "skip-empty only: every cell stays occupied for this many training steps"})
+    occupancy_codes: int = dataclass_field(default=2, metadata={
+        "help": "skip-empty only: latent codes the field is evaluated for per grid update (the mean code "
+                "and a rotating subset of the table)"})
+    occupancy_fraction: float = dataclass_field(default=1 / 64, metadata={
+        "help": "skip-empty only: random share of all cells (plus as many occupied ones) the field is "
+                "evaluated at per grid update; the cells training samples passed through are re-estimated "
+                "from their densities at no extra cost"})
 
     @classmethod
     def paper(cls) -> RenderConfig:
@@ -48,7 +67,7 @@ class RenderConfig:
     @classmethod
     def cpu(cls) -> RenderConfig:
         """32 + 32 samples: enough for 64 px on 2 CPU cores."""
-        return cls(n_coarse=32, n_fine=32)
+        return cls(n_coarse=32, n_fine=32, occupancy_resolution=64)
 
 
 class RayOutput(NamedTuple):
@@ -107,12 +126,13 @@ def pixel_grid(height: int, width: int, device: torch.device | str = "cpu") -> t
 @torch.no_grad()
 def render_image(field: nn.Module, background: nn.Module, latent: torch.Tensor, K: torch.Tensor,
                  world_to_camera: torch.Tensor, height: int, width: int, render_config: RenderConfig,
-                 chunk: int = 8192, ops: ModuleType = renderer) -> dict[str, torch.Tensor]:
+                 chunk: int = 8192, ops: ModuleType = renderer, occupancy=None) -> dict[str, torch.Tensor]:
     """Render one whole image in chunks of rays (bounded memory, no gradients, deterministic samples).
 
     Shapes: latent (L,), K (3, 3), world_to_camera (3, 4) ->
     {"color": (H, W, 3), "opacity": (H, W), "depth": (H, W)} on the latent's device. ``ops`` as in
-    ``render_rays`` (``renderer.reference`` renders the same image in plain torch).
+    ``render_rays`` (``renderer.reference`` renders the same image in plain torch). With ``occupancy`` (a
+    ``models.skip_empty.ClassOccupancy``) empty space is skipped (its ``render_rays``).
     """
     device = latent.device
     pixels = pixel_grid(height, width, device)
@@ -123,7 +143,10 @@ def render_image(field: nn.Module, background: nn.Module, latent: torch.Tensor, 
         rays = ops.generate_rays(pixels[start:start + chunk], K, world_to_camera,
                                  radius=render_config.radius)
         codes = latent[None, :].expand(rays.origins.shape[0], -1)
-        out = render_rays(field, background, rays, codes, render_config, generator=None, ops=ops)
+        if occupancy is not None:
+            out = occupancy.render_rays(field, background, rays, codes, render_config)
+        else:
+            out = render_rays(field, background, rays, codes, render_config, generator=None, ops=ops)
         colors.append(out.color)
         opacities.append(out.opacity)
         depths.append(out.depth)

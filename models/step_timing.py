@@ -176,6 +176,14 @@ def profile_steps(trainer, n_steps: int, trace_path, warmup: int = 2) -> dict[st
     print(f"[profile] {n_steps} steps after {warmup} warm-up steps; Taichi arch {trainer.backend.arch}, "
           f"torch device {trainer.device}")
     print(breakdown_table(per_step, rays))
+    if getattr(trainer.module, "occupancy", None) is not None:  # --render-skip-empty on
+        from models.skip_empty import SkipStats
+
+        kept = SkipStats.last
+        print(f"kept samples per ray (last step): {kept['coarse_per_ray']:.1f} coarse + "
+              f"{kept['fine_per_ray']:.1f} fine = {kept['field_per_ray']:.1f} field evaluations, of "
+              f"{kept['dense_per_ray']:.0f} without skipping; occupied cells "
+              f"{trainer.module.occupancy.grid.occupied_fraction():.1%}")
     print("\nkernels (source taichi: Taichi's kernel profiler; sync: each launch timed between ti.sync() "
           "calls, on Vulkan/Metal) and top torch operators (torch.profiler), all steps:")
     print(prof.table())

@@ -258,9 +258,10 @@ RESUMABLE = {("run", "steps"), ("run", "log_every"), ("run", "preview_every"), (
 CHOICES = {("data", "dataset"): DATASETS, ("field", "latent_mode"): ("chunks", "whole"),
            ("latent", "optimizer"): ("sgd", "adam")}
 AT_LEAST = {("data", "resolution"): 8, ("run", "seed"): 0, ("run", "preview_identities"): 0,
-            ("field", "n_frequencies"): 0, ("background", "n_frequencies"): 0, ("render", "n_fine"): 0}
-POSITIVE = {("render", "radius"), ("optim", "lr_init"), ("optim", "lr_final"), ("latent", "lr"),
-            ("latent", "lr_scale")}
+            ("field", "n_frequencies"): 0, ("background", "n_frequencies"): 0, ("render", "n_fine"): 0,
+            ("render", "occupancy_warmup"): 0}
+POSITIVE = {("render", "radius"), ("render", "occupancy_fraction"), ("optim", "lr_init"),
+            ("optim", "lr_final"), ("latent", "lr"), ("latent", "lr_scale")}
 UNIT_INTERVAL = {("optim", "beta1"), ("optim", "beta2"), ("latent", "momentum")}  # [0, 1)
 WHOLE_OR_NONE = {("optim", "decay_steps")}  # None by default; a given value is a whole number
 

@@ -32,6 +32,7 @@ from models.field_backend import background_as_backend, make_field
 from models.latents import LatentTable, make_latent_optimizer
 from models.losses import compute_losses, psnr_from_mse
 from models.render import RenderConfig, render_rays
+from models.skip_empty import ClassOccupancy, render_rays_skip_empty
 from models.train_config import OptimConfig, TrainConfig
 
 
@@ -49,8 +50,12 @@ class RenderModule(nn.Module):
         self.background = background
         self.render_config = render_config
         self.ops = renderer  # renderer.reference swaps in the plain-torch baseline (benchmarks)
+        self.occupancy = None  # a models.skip_empty.ClassOccupancy with --render-skip-empty on
 
     def forward(self, rays, latents: torch.Tensor, generator: torch.Generator | None):
+        if self.occupancy is not None:
+            return render_rays_skip_empty(self.field, self.background, rays, latents, self.render_config,
+                                          self.occupancy, generator)
         return render_rays(self.field, self.background, rays, latents, self.render_config, generator,
                            ops=self.ops)
 
@@ -123,6 +128,8 @@ class Trainer:
         for module in (self.field, self.background, self.latents):
             module.to(self.device)
         self.module = RenderModule(self.field, self.background, config.render)
+        if self.module.render_config.skip_empty:
+            self.module.occupancy = ClassOccupancy(self.module.render_config)
         self.model: nn.Module = self.module
         if self.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
@@ -155,6 +162,9 @@ class Trainer:
 
             if self.world_size > 1:
                 raise ValueError("the device-resident step runs in one process only.")
+            if self.module.occupancy is not None:
+                raise ValueError("the device-resident step has no skip-empty rendering: train with "
+                                 "--render-skip-empty off, or --device-step off.")
             self.device_step = DeviceTrainStep(self.field, self.background, self.latents, self.optimizers,
                                                self.module.render_config, config.loss)
 
@@ -175,6 +185,8 @@ class Trainer:
         for name, sch in self.schedulers.items():
             sch.load_state_dict(payload["schedulers"][name])
         self.step = int(payload["step"])
+        if self.module.occupancy is not None and "occupancy" in payload:
+            self.module.occupancy.load_state_dict(payload["occupancy"])
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -220,6 +232,8 @@ class Trainer:
             config=self.config, fingerprint=self.fingerprint,
             metric=None if self.last_loss is None else float(self.last_loss))
         payload["optimizers"]["latents"] = latent_opt
+        if self.module.occupancy is not None:
+            payload["occupancy"] = self.module.occupancy.state_dict()
         return payload
 
     def save(self) -> Path | None:
@@ -256,6 +270,10 @@ class Trainer:
             return self.device_train_step()
         with timer.phase("data"):
             batch = self.next_batch()
+        if self.module.occupancy is not None:  # the grid's update, every occupancy_every steps
+            with timer.phase("occupancy"):
+                self.module.occupancy.maybe_update(self.step, self.field, self.latents.codes,
+                                                   self.ray_generator)
         with timer.phase("forward"):
             rays = self.module.ops.generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"],
                                           radius=self.module.render_config.radius)

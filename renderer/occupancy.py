@@ -291,15 +291,19 @@ class OccupancyGrid:
         warmup: bool = False,
         fraction: float = 0.25,
         chunk: int = 65536,
+        observed: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Re-estimate the grid from ``density_fn`` (points (M, 3) -> density (M,), any torch device)
         at cell-jittered points, decay the old estimates, and re-mark the occupied cells.
 
         warmup: keep every cell occupied (the estimates are still updated); fraction: share of cells
         evaluated (plus as many occupied ones; 1: every cell); chunk: points per ``density_fn`` call
-        (bounds memory).
+        (bounds memory); observed: (C,) densities already known per cell, negative where none is
+        (the largest a training step's samples had there): folded in like evaluated values, so those
+        cells are re-estimated without evaluating the field again.
         Cells that ``mark_used`` flagged since the last update stay occupied. Returns
-        {"evaluated": cells evaluated, "occupied": share of cells occupied after the update}.
+        {"evaluated": cells evaluated, "observed": cells taken from ``observed``, "occupied": share of
+        cells occupied after the update}.
         """
         cells = self.select_cells(fraction, generator)
         points = self.cell_points(cells, generator)
@@ -308,11 +312,19 @@ class OccupancyGrid:
             for start in range(0, points.shape[0], chunk)
         ])  # fmt: skip
         values = torch.nan_to_num(values, nan=float("inf")).contiguous()  # an unknown value: keep the cell
+        n_evaluated, n_observed = cells.shape[0], 0
+        if observed is not None:  # one value per cell: the larger of evaluated and observed
+            merged = observed.to(device=values.device, dtype=torch.float32).clone()
+            n_observed = int((merged >= 0).sum())
+            merged[cells.long()] = torch.maximum(merged[cells.long()], values)
+            cells = torch.nonzero(merged >= 0, as_tuple=True)[0].to(torch.int32)
+            values = merged[cells.long()].contiguous()
         launch("occupancy_update", update_kernel, cells, values, self.decay, self.density)
         threshold = min(self.threshold, float(self.density.mean()))
         launch("occupancy_binarize", binarize_kernel, self.density, threshold, int(warmup), self.resolution,
                int(self.dilate), self.used, self.core, self.occupied)  # fmt: skip
-        return {"evaluated": float(cells.shape[0]), "occupied": self.occupied_fraction()}
+        return {"evaluated": float(n_evaluated), "observed": float(n_observed),
+                "occupied": self.occupied_fraction()}
 
     @torch.no_grad()
     def mark_used(

@@ -74,6 +74,30 @@ def test_update_matches_reference_with_warmup_decay_and_subsets(arch, dilate):
     assert faint.threshold > 1e-2 and 0 < faint.core.sum() < 100
 
 
+def test_observed_densities_fold_in_with_the_evaluated_ones(arch):
+    """update(observed=...): cells with an observed density are re-estimated from it (the larger of it
+    and an evaluated value where both exist); cells with neither keep their estimate."""
+    grid = OccupancyGrid(resolution=8, radius=RADIUS, decay=0.5, dilate=False)
+    grid.update(blob, torch.Generator().manual_seed(0), fraction=1.0)
+    density, used = grid.density.clone(), grid.used.clone()
+    observed = torch.full((512,), -1.0)
+    seen = torch.randperm(512, generator=torch.Generator().manual_seed(1))[:40]
+    observed[seen] = torch.rand(40, generator=torch.Generator().manual_seed(2)) * 100.0
+    g_grid, g_ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    cells = grid.select_cells(0.05, g_ref)
+    points = ref.occupancy_cell_points(cells, 8, RADIUS, cell_jitter(cells.shape[0], g_ref))
+    stats = grid.update(blob, g_grid, fraction=0.05, observed=observed)
+    merged = observed.clone()
+    merged[cells.long()] = torch.maximum(merged[cells.long()], blob(points))
+    both = torch.nonzero(merged >= 0)[:, 0]
+    expected, occupied = ref.occupancy_update(density, used, both, merged[both], 0.5, grid.threshold, False)
+    torch.testing.assert_close(grid.density, expected)
+    assert torch.equal(grid.occupied, occupied)
+    assert stats["evaluated"] == cells.shape[0] and stats["observed"] == 40
+    untouched = merged < 0
+    assert untouched.sum() > 300 and torch.equal(grid.density[untouched], density[untouched])
+
+
 def test_mark_used_keeps_cells_until_the_next_update(arch):
     grid = OccupancyGrid(resolution=8, radius=RADIUS, dilate=False)
     nothing = lambda p: torch.zeros(p.shape[0])  # noqa: E731

@@ -1,0 +1,244 @@
+"""Skipping empty and hidden samples (``--render-skip-empty on``): the class-level occupancy grid's owner,
+and ray rendering through it with packed samples (``renderer.occupancy``, ``renderer.packed``).
+
+    occupancy = ClassOccupancy(render_config)
+    occupancy.maybe_update(step, field, latent_codes, generator)     # every ``occupancy_every`` steps
+    out = render_rays_skip_empty(field, background, rays, latents, render_config, occupancy, generator)
+    # RayOutput as models.render.render_rays; weights (R, S+F) with zeros where samples were skipped
+
+One grid serves the whole class: a cell is occupied when the field is dense there for some identity.
+Two sources feed it. (a) Training steps: every sample a training step evaluates anyway leaves its
+density in its cell (the largest since the last update, over every identity of the batches: ``observe``),
+at no extra field cost. (b) Each update evaluates the field, without gradients, at one jittered point in
+a random ``occupancy_fraction`` of all cells plus as many occupied ones (so empty space that fills up is
+found), for ``occupancy_codes - 1`` latent codes taken in turn from the table (a rotating subset, so every
+identity is visited over time) and the mean code, keeping the largest density per point. Both fold into
+the grid with decay; during the first ``occupancy_warmup`` steps every cell stays occupied (the field is
+still forming). Cells that training rays' weights use stay occupied (``OccupancyGrid.mark_used``), so
+the grid never takes away a surface the rendering relies on.
+
+Rendering a ray batch, with the field evaluated once per kept sample:
+1. march the grid: the coarse stratified samples that fall in occupied cells (packed), field with
+   gradients;
+2. their detached compositing with early stop gives the weights; scattered back to (R, S) (zeros where
+   skipped) they drive importance sampling and the merge exactly as in ``render_rays``;
+3. a fine sample is kept if its cell is occupied and it lies before the ray's coarse cut-off (the first
+   coarse sample with transmittance below eps): field with gradients, kept fine samples only;
+4. the kept coarse and fine samples, in merged order and with the merged list's intervals, are
+   composited packed with early stop; a skipped sample counts as density zero.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+import renderer
+from models.render import RayOutput, RenderConfig
+from renderer.occupancy import OccupancyGrid
+from renderer.reference import occupancy_cells
+from renderer.specs import offsets_from_counts, ray_indices
+
+
+class ClassOccupancy:
+    """The occupancy grid of a class of objects and its update schedule (``RenderConfig``'s
+    ``occupancy_*`` values); ``state_dict`` goes into checkpoints."""
+
+    def __init__(self, cfg: RenderConfig):
+        # The opacity threshold applies over one coarse sample spacing at most (a ray's chord <= 2r).
+        self.grid = OccupancyGrid(
+            resolution=cfg.occupancy_resolution,
+            radius=cfg.radius,
+            step=2.0 * cfg.radius / max(cfg.n_coarse, 1),
+        )
+        self.every = cfg.occupancy_every
+        self.warmup = cfg.occupancy_warmup
+        self.n_codes = cfg.occupancy_codes
+        self.fraction = cfg.occupancy_fraction
+        self.cursor = 0  # the next identity of the rotating subset
+        self.updates = 0
+        # The largest density training samples had in each cell since the last update (-1: none).
+        self.observed = torch.full((self.grid.n_cells,), -1.0, device=self.grid.density.device)
+        self.last_stats: dict[str, float] = {}
+
+    def codes_for_update(self, codes: torch.Tensor) -> torch.Tensor:
+        """The rotating subset of ``codes`` (n, L) plus their mean: -> (k, L), k <= occupancy_codes."""
+        n = codes.shape[0]
+        take = min(max(self.n_codes - 1, 0), n)
+        index = (self.cursor + torch.arange(take, device=codes.device)) % n
+        self.cursor = (self.cursor + take) % max(n, 1)
+        return torch.cat([codes[index], codes.mean(0, keepdim=True)]).detach()
+
+    @torch.no_grad()
+    def update(
+        self, step: int, field: nn.Module, codes: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, float]:
+        """Fold the field's density for a few codes into the grid now (see the module docstring)."""
+        chosen = self.codes_for_update(codes)
+
+        def density(points: torch.Tensor) -> torch.Tensor:
+            best = None
+            for code in chosen:  # one code per call, shared by every point (never copied per point)
+                sigma, _ = field(points[None].to(code.device), code[None])
+                best = sigma[0] if best is None else torch.maximum(best, sigma[0])
+            return best
+
+        fraction = 1.0 if self.updates == 0 else self.fraction  # the first update sees every cell
+        self.last_stats = self.grid.update(density, generator, warmup=step < self.warmup, fraction=fraction,
+                                           observed=self.observed)
+        self.observed.fill_(-1.0)
+        self.updates += 1
+        return self.last_stats
+
+    @torch.no_grad()
+    def observe(self, rays: renderer.Rays, t: torch.Tensor, counts: torch.Tensor,
+                sigma: torch.Tensor) -> None:
+        """Keep, per cell, the largest density of packed samples a training step evaluated: rays (R),
+        t, sigma (N,), counts (R,) (rays back to back); folded in at the next ``update``."""
+        if t.shape[0] == 0:
+            return
+        ray = ray_indices(counts, t.shape[0]).to(rays.origins.device)
+        points = rays.origins[ray] + t[:, None] * rays.directions[ray]
+        cells = occupancy_cells(points, self.grid.resolution, self.grid.radius).to(self.observed.device)
+        values = torch.nan_to_num(sigma.detach().float(), nan=float("inf")).to(self.observed.device)
+        self.observed.scatter_reduce_(0, cells, values, reduce="amax")
+
+    def maybe_update(
+        self, step: int, field: nn.Module, codes: torch.Tensor, generator: torch.Generator | None = None
+    ) -> bool:
+        """``update`` when ``step`` is a multiple of ``occupancy_every``; True when it ran."""
+        if step % self.every != 0:
+            return False
+        was_training = field.training
+        field.eval()
+        try:
+            self.update(step, field, codes, generator)
+        finally:
+            field.train(was_training)
+        return True
+
+    def render_rays(self, field, background, rays, latents, cfg, generator=None) -> RayOutput:
+        """``render_rays_skip_empty`` through this grid (how ``models.render.render_image`` calls it)."""
+        return render_rays_skip_empty(field, background, rays, latents, cfg, self, generator)
+
+    def state_dict(self) -> dict:
+        return {"grid": self.grid.state_dict(), "cursor": self.cursor, "updates": self.updates,
+                "observed": self.observed.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.grid.load_state_dict(state["grid"])
+        self.cursor, self.updates = int(state["cursor"]), int(state["updates"])
+        observed = state.get("observed")  # grids saved before training samples were observed lack it
+        self.observed = (torch.full_like(self.grid.density, -1.0) if observed is None
+                         else observed.to(self.grid.density.device, torch.float32).clone())
+
+
+class SkipStats:
+    """Field evaluations of the last ``render_rays_skip_empty`` call (per ray: coarse, fine, total)."""
+
+    last: ClassVar[dict[str, float]] = {}
+
+
+def render_rays_skip_empty(
+    field: nn.Module,
+    background: nn.Module,
+    rays: renderer.Rays,
+    latents: torch.Tensor,
+    cfg: RenderConfig,
+    occupancy: ClassOccupancy,
+    generator: torch.Generator | None = None,
+) -> RayOutput:
+    """``render_rays`` with empty space and hidden samples skipped (module docstring, steps 1-4).
+
+    Shapes: rays with R rows, latents (R, L) -> RayOutput(color (R, 3), opacity (R,), depth (R,),
+    weights (R, S+F) in merged order, zero for skipped samples). Same samples as ``render_rays`` for
+    the same generator state where every cell is occupied and eps is 0.
+    """
+    grid = occupancy.grid
+    n_rays, n_coarse, n_fine = rays.near.shape[0], cfg.n_coarse, cfg.n_fine
+    eps = cfg.early_stop_eps
+    dev = rays.near.device
+    state = generator.get_state() if generator is not None else None
+    coarse = grid.march(rays, n_coarse, generator)
+    n_c = coarse.t.shape[0]
+    ray_c = ray_indices(coarse.counts, n_c)
+    points = rays.origins[ray_c] + coarse.t[:, None] * rays.directions[ray_c]
+    sigma_c, rgb_c = field(points, latents[ray_c])
+    with torch.no_grad():
+        first = renderer.composite_packed(
+            sigma_c.detach(),
+            rgb_c.detach(),
+            coarse.t,
+            coarse.deltas,
+            coarse.offsets,
+            coarse.counts,
+            0.0,
+            eps=eps,
+        )
+        dense_slot = ray_c * n_coarse + coarse.bins.to(torch.int64)  # packed coarse -> (R, S) slot
+        weights_c = torch.zeros(n_rays * n_coarse, device=dev).index_put_((dense_slot,), first.weights)
+        weights_c = weights_c.view(n_rays, n_coarse)
+        # The ray's coarse cut-off: the first coarse sample not composited (+inf when none was cut).
+        cut_at = coarse.offsets.to(torch.int64) + first.kept.to(torch.int64)
+        was_cut = first.kept < coarse.counts
+        cut_depth = torch.full((n_rays,), float("inf"), device=dev)
+        if n_c > 0:
+            cut_depth = torch.where(was_cut, coarse.t[cut_at.clamp_max(n_c - 1)], cut_depth)
+    if n_fine > 0:
+        # The dense coarse depths, from the generator state march started from: the same numbers.
+        replay = None
+        if generator is not None:
+            replay = torch.Generator(device=generator.device)
+            replay.set_state(state)
+        t_coarse = renderer.sample_stratified(rays.near, rays.far, n_coarse, replay)
+        t_fine, t_all, order, deltas = renderer.sample_importance_and_merge(
+            t_coarse, weights_c, n_fine, rays.near, rays.far, generator=generator
+        )
+        with torch.no_grad():
+            fine_points = rays.origins[:, None] + t_fine[..., None] * rays.directions[:, None]
+            cells = occupancy_cells(fine_points, grid.resolution, grid.radius)
+            keep_f = (grid.occupied[cells] != 0) & (t_fine < cut_depth[:, None])
+            keep_f &= (rays.far > rays.near)[:, None]
+        sigma_f, rgb_f = field(fine_points[keep_f], latents[torch.nonzero(keep_f)[:, 0]])
+        with torch.no_grad():
+            # Index of each (R, S+F) merged sample among cat([packed coarse, packed fine]).
+            packed_c = torch.full((n_rays * n_coarse,), -1, dtype=torch.int64, device=dev)
+            packed_c[dense_slot] = torch.arange(n_c, device=dev)
+            packed_f = torch.full((n_rays * n_fine,), -1, dtype=torch.int64, device=dev)
+            packed_f[torch.nonzero(keep_f.view(-1))[:, 0]] = n_c + torch.arange(sigma_f.shape[0], device=dev)
+            source = torch.cat([packed_c.view(n_rays, n_coarse), packed_f.view(n_rays, n_fine)], 1)
+            source = source.gather(1, order)
+            keep = source >= 0
+            counts = keep.sum(1).to(torch.int32)
+            pick = source[keep]
+        sigma = torch.cat([sigma_c, sigma_f])[pick]
+        rgb = torch.cat([rgb_c, rgb_f])[pick]
+        t_kept, deltas_kept = t_all[keep], deltas[keep]
+        width = n_coarse + n_fine
+        n_f = sigma_f.shape[0]
+    else:
+        keep = torch.zeros(n_rays * n_coarse, dtype=torch.bool, device=dev).index_fill_(0, dense_slot, True)
+        keep = keep.view(n_rays, n_coarse)
+        sigma, rgb, t_kept, deltas_kept, counts = sigma_c, rgb_c, coarse.t, coarse.deltas, coarse.counts
+        width = n_coarse
+        n_f = 0
+    offsets = offsets_from_counts(counts)
+    bg = background(rays.directions, latents)
+    out = renderer.composite_packed(
+        sigma.contiguous(), rgb.contiguous(), t_kept, deltas_kept, offsets, counts, bg, eps=eps
+    )
+    if torch.is_grad_enabled():  # a training step: its weights keep cells, its densities re-estimate them
+        grid.mark_used(rays, t_kept, offsets, counts, out.weights.detach())
+        occupancy.observe(rays, t_kept, counts, sigma)
+    # The hard-surface loss averages over every sample of the dense list; skipped samples weigh 0.
+    weights = torch.zeros((n_rays, width), dtype=out.weights.dtype, device=dev)
+    weights = weights.masked_scatter(keep, out.weights)
+    SkipStats.last = {
+        "coarse_per_ray": n_c / max(n_rays, 1),
+        "fine_per_ray": n_f / max(n_rays, 1),
+        "field_per_ray": (n_c + n_f) / max(n_rays, 1),
+        "dense_per_ray": float(width),
+    }
+    return RayOutput(out.color, out.opacity, out.depth, weights)

@@ -1,0 +1,183 @@
+"""Rendering with empty space skipped (models.skip_empty) against the dense path, on every Taichi backend."""
+
+import pytest
+import torch
+from test_renderer import random_cameras
+from torch import nn
+
+from models.field import ConditionedField, FieldConfig
+from models.render import RenderConfig, render_rays
+from models.skip_empty import ClassOccupancy, SkipStats, render_rays_skip_empty
+from renderer import reference as ref
+
+
+class Ball(nn.Module):
+    """An opaque ball of radius 0.8 in empty space (soft edge), coloured by position; the latent shifts
+    its density a little so gradients reach it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, points, latents):
+        shape = points.shape[:-1]
+        if points.dim() == 3:
+            latents = latents[:, None, :].expand(*shape, latents.shape[-1])
+        inside = torch.sigmoid((0.8 - points.norm(dim=-1)) * 40.0)
+        sigma = self.scale * 30.0 * inside * (1.0 + 0.1 * latents[..., 0].tanh())
+        return sigma, torch.sigmoid(points * 2.0)
+
+
+class Flat(nn.Module):
+    """Background: a colour per ray from its latent."""
+
+    def forward(self, directions, latents):
+        return torch.sigmoid(latents[:, :3])
+
+
+def rays_and_codes(n: int, seed: int, dim: int = 8):
+    K, w2c = random_cameras(n, seed)
+    pixels = torch.randint(20, 44, (n, 2), generator=torch.Generator().manual_seed(seed)).float()
+    codes = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed + 1))
+    return ref.generate_rays(pixels, K, w2c, radius=2.0), codes
+
+
+def test_fresh_grid_without_cut_renders_exactly_the_dense_path(arch):
+    """Every cell occupied and eps = 0: the same samples, values and field gradients as render_rays."""
+    torch.manual_seed(0)
+    field = ConditionedField(FieldConfig(depth=2, width=16, n_frequencies=2), latent_dim=8)
+    cfg = RenderConfig(n_coarse=16, n_fine=8, early_stop_eps=0.0, occupancy_resolution=8)
+    rays, codes = rays_and_codes(40, seed=3)
+    dense = render_rays(field, Flat(), rays, codes, cfg, generator=torch.Generator().manual_seed(5))
+    dense_grads = torch.autograd.grad(dense.color.sum() + dense.weights.sum(), list(field.parameters()))
+    skip = render_rays_skip_empty(
+        field, Flat(), rays, codes, cfg, ClassOccupancy(cfg), generator=torch.Generator().manual_seed(5)
+    )
+    skip_grads = torch.autograd.grad(skip.color.sum() + skip.weights.sum(), list(field.parameters()))
+    for a, b in zip(skip, dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(skip_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    hits = float((rays.far > rays.near).float().mean())
+    assert abs(SkipStats.last["field_per_ray"] - 24 * hits) < 1e-6  # misses are not evaluated
+
+
+def test_estimated_grid_skips_most_samples_and_keeps_the_image(arch):
+    field, background = Ball(), Flat()
+    cfg = RenderConfig(n_coarse=32, n_fine=32, occupancy_resolution=32, occupancy_warmup=0)
+    occupancy = ClassOccupancy(cfg)
+    codes_table = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    for step in range(3):  # a few updates, each at freshly jittered points (the moving maximum)
+        occupancy.update(step + 1, field, codes_table, generator=torch.Generator().manual_seed(step))
+    assert 0.01 < occupancy.grid.occupied_fraction() < 0.2
+    rays, codes = rays_and_codes(200, seed=7)
+    dense = render_rays(field, background, rays, codes, cfg, generator=None)
+    skip = render_rays_skip_empty(field, background, rays, codes, cfg, occupancy, generator=None)
+    torch.testing.assert_close(skip.color, dense.color, rtol=0, atol=5e-3)
+    torch.testing.assert_close(skip.opacity, dense.opacity, rtol=0, atol=5e-3)
+    hit = dense.opacity > 0.5
+    torch.testing.assert_close(skip.depth[hit], dense.depth[hit], rtol=0, atol=2e-2)
+    # The coarse samples in empty space go (about half here); the fine ones sit on the surface and stay.
+    assert SkipStats.last["coarse_per_ray"] < 0.6 * 32 and SkipStats.last["field_per_ray"] < 0.75 * 64
+    # Fine samples in empty cells are dropped (rays through the sphere that miss the ball lose theirs),
+    # and the cells the weights used are flagged for the next update.
+    assert SkipStats.last["fine_per_ray"] < 31
+    assert occupancy.grid.used.sum() > 0 and torch.all(occupancy.grid.occupied[occupancy.grid.used != 0] == 1)
+    # The gradient reaches the field through the kept samples.
+    (grad,) = torch.autograd.grad(skip.color.sum(), [field.scale])
+    assert torch.isfinite(grad) and grad != 0
+
+
+def test_training_samples_reestimate_their_cells_without_evaluating_the_field_again(arch):
+    """A training render (gradients on) leaves each sample's density in its cell; the next update folds
+    those in, so the ball's cells stay occupied and the empty space its rays crossed is dropped, though
+    the update itself evaluates almost no cells."""
+    field = Ball()
+    cfg = RenderConfig(n_coarse=32, n_fine=16, occupancy_resolution=16, occupancy_warmup=0,
+                       occupancy_fraction=1e-6, occupancy_codes=1)
+    occupancy = ClassOccupancy(cfg)
+    occupancy.updates = 1  # past the first update, which evaluates every cell
+    rays, codes = rays_and_codes(300, seed=11)
+    with torch.no_grad():  # rendering for inference observes nothing
+        render_rays_skip_empty(field, Flat(), rays, codes, cfg, occupancy, generator=None)
+    assert torch.all(occupancy.observed < 0)
+    render_rays_skip_empty(field, Flat(), rays, codes, cfg, occupancy,
+                           generator=torch.Generator().manual_seed(4))
+    seen = occupancy.observed >= 0
+    centre = ref.occupancy_cells(torch.zeros(1, 3), 16, 2.0)
+    assert seen.sum() > 200 and occupancy.observed[centre] > 20.0  # the ball's density, ~30 inside
+    used = occupancy.grid.used.bool().clone()  # cells whose weights the render used stay regardless
+    stats = occupancy.update(1, field, codes[:4], generator=torch.Generator().manual_seed(5))
+    assert stats["evaluated"] <= 2 and stats["observed"] == seen.sum()
+    assert torch.all(occupancy.observed < 0)  # consumed by the update
+    core = occupancy.grid.core.bool()
+    assert core[centre] and not core[seen & ~used & (occupancy.grid.density < 1e-3)].any()
+    assert occupancy.grid.occupied_fraction() < 0.5
+    copy = ClassOccupancy(cfg)
+    copy.load_state_dict(occupancy.state_dict())
+    assert torch.equal(copy.observed, occupancy.observed)
+
+
+def test_occupancy_owner_rotates_codes_and_round_trips(arch):
+    cfg = RenderConfig(n_coarse=8, n_fine=0, occupancy_resolution=8, occupancy_codes=3, occupancy_every=4)
+    owner = ClassOccupancy(cfg)
+    table = torch.arange(10.0)[:, None].expand(10, 4)
+    first, second = owner.codes_for_update(table), owner.codes_for_update(table)
+    assert first[:, 0].tolist() == [0.0, 1.0, 4.5] and second[:, 0].tolist() == [2.0, 3.0, 4.5]
+    field = Ball()
+    assert not owner.maybe_update(3, field, table) and owner.maybe_update(4, field, table)
+    copy = ClassOccupancy(cfg)
+    copy.load_state_dict(owner.state_dict())
+    assert torch.equal(copy.grid.occupied, owner.grid.occupied) and copy.cursor == owner.cursor
+
+
+@pytest.mark.slow
+def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, keep_taichi_arch):
+    """train.py --render-skip-empty on: the grid leaves warm-up, lands in the checkpoint, and the
+    inference path (render.py, fit.py, evaluate.py) renders with it; a checkpoint without one gets a
+    grid estimated from the model."""
+    from tiny_run import TINY_ARGS, train_in_process
+
+    from export.inference import load_model, render_view, use_skip_empty
+    from models.checkpoint import latest_checkpoint
+
+    run = train_in_process([
+        "--arch", "cpu", "--device", "cpu", "--out", str(tmp_path / "run"),
+        "--cache", str(tmp_path / "cache"), "--steps", "40", *TINY_ARGS, "--synthetic-identities", "4",
+        "--render-skip-empty", "on", "--render-occupancy-warmup", "16", "--render-occupancy-every", "8",
+        "--render-occupancy-resolution", "16",
+    ])  # fmt: skip
+    model = load_model(latest_checkpoint(run))
+    saved = model.payload["occupancy"]
+    assert saved["updates"] == 5 and saved["grid"]["resolution"] == 16  # steps 0, 8, ..., 32
+    K = torch.tensor([[64.0, 0, 16], [0, 64, 16], [0, 0, 1]]).numpy()
+    w2c = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 7]]).numpy()
+    dense = render_view(model, model.latents.mean(), K, w2c, 32, 32)
+    assert "checkpoint's 16^3 grid" in use_skip_empty(model, "on")
+    skipped = render_view(model, model.latents.mean(), K, w2c, 32, 32)
+    assert abs(skipped["color"] - dense["color"]).max() < 0.05
+    del model.payload["occupancy"]
+    assert "estimated now" in use_skip_empty(model, "on")
+    assert use_skip_empty(model, "off") == "empty-space skipping: off" and model.occupancy is None
+
+
+def test_the_device_step_is_not_chosen_with_skipping_and_refused_when_asked_for(tmp_path, keep_taichi_arch):
+    """--device-step has no skip-empty path: auto trains on torch tensors, on is one clear error (train.py
+    says it before preparing any data)."""
+    from tiny_run import TINY_ARGS, train_in_process
+
+    from models.field_backend import choose_device_step
+
+    cpu = torch.device("cpu")
+    assert choose_device_step("auto", "taichi", "vulkan", cpu, 1)[0]
+    chosen, why = choose_device_step("auto", "taichi", "vulkan", cpu, 1, skip_empty=True)
+    assert not chosen and "--render-skip-empty" in why
+    with pytest.raises(ValueError, match="no skip-empty rendering"):
+        choose_device_step("on", "taichi", "cpu", cpu, 1, skip_empty=True)
+    with pytest.raises(SystemExit, match="--device-step on cannot be served: it has no skip-empty"):
+        train_in_process([
+            "--arch", "cpu", "--device", "cpu", "--out", str(tmp_path / "run"),
+            "--cache", str(tmp_path / "cache"), "--steps", "2", *TINY_ARGS,
+            "--field-backend", "taichi", "--device-step", "on", "--render-skip-empty", "on",
+        ])  # fmt: skip
+    assert not (tmp_path / "cache").exists()  # refused before any preparation
