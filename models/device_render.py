@@ -45,7 +45,7 @@ from renderer.device import (
     rows_to_flat_kernel,
 )
 from renderer.rays import rays_kernel
-from renderer.sampling import deltas_kernel, inverse_cdf_kernel, merge_binned_kernel, stratified_kernel
+from renderer.sampling import deltas_kernel, importance_merge_kernel, stratified_kernel
 from renderer.specs import COLOR, DEPTH, OPACITY, draw_key, mix_key
 
 Ndarray = ti.lang._ndarray.Ndarray
@@ -156,13 +156,10 @@ class DeviceForward:
             weights_c_rows = ws.get("c.weights_rows", (n_rays, n_coarse))
             launch("layout", flat_to_rows_kernel, weights_c, weights_c_rows)
             t_fine = ws.get("t_fine", (n_rays, n_fine))
-            bins = ws.get("bins", (n_rays, n_fine), ti.i32)
-            launch("sample_importance", inverse_cdf_kernel, t_coarse_rows, weights_c_rows, near, far,
-                   *_sample_key(generator), t_fine, bins)  # fmt: skip
             t_all, deltas = ws.get("t_all", (n_rays * width,)), ws.get("deltas", (n_rays * width,))
             order = ws.get("order", (n_rays * width,), ti.i64)
-            launch("sample_importance_and_merge", merge_binned_kernel, t_coarse_rows, t_fine, bins, far,
-                   t_all, order, deltas)  # fmt: skip
+            launch("sample_importance_and_merge", importance_merge_kernel, t_coarse_rows, weights_c_rows,
+                   near, far, *_sample_key(generator), t_fine, t_all, order, deltas)  # fmt: skip
             fine = self.evaluate("f.", origins, directions, t_fine, codes, n_rays, n_fine)
             launch("merge_outputs", merge_outputs_kernel, order, coarse.acts.sigma, coarse.acts.rgb,
                    fine.acts.sigma, fine.acts.rgb, n_coarse, sigma, rgb)  # fmt: skip
