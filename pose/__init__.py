@@ -19,7 +19,7 @@ from .framing import CropBox, aligned_box, crop_and_resize, crop_intrinsics, lan
 from .image_io import decode_image, load_image
 from .landmarks import FaceLandmarks, detect_landmarks
 from .masks import segment_foreground
-from .prepare import PreparedPhoto, prepare_photo
+from .prepare import PreparedPhoto, prepare_photo, solve_inputs
 from .refine import TemplateRefinement, refine_template
 from .template import (
     EYE_DISTANCE,
@@ -58,6 +58,7 @@ __all__ = [
     "save_template",
     "segment_foreground",
     "solve_camera",
+    "solve_inputs",
     "template_metadata",
     "yaw_pitch_roll",
 ]
