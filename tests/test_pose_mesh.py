@@ -58,6 +58,17 @@ def test_triangulate_recovers_points_from_known_cameras():
     solved = triangulate(noisy, K, cameras)
     assert np.all(np.isnan(solved[39])) and np.all(np.isfinite(solved[:39]))
     assert np.abs(solved[:39] - points[:39]).max() < 0.1
+    # each point minimises its pixel error (not only the DLT's algebraic one): scipy's LM finds no better
+    from scipy.optimize import least_squares
+
+    for i in (0, 7, 20):
+        seen = np.isfinite(noisy[:, i, 0])
+
+        def residual(x, i=i, seen=seen):
+            return (project(x[None], K, cameras[seen])[:, 0] - noisy[seen, i]).ravel()
+
+        best = least_squares(residual, points[i], method="lm", xtol=1e-12, ftol=1e-12)
+        assert 0.5 * np.sum(residual(solved[i]) ** 2) <= best.cost * (1 + 1e-8) + 1e-12
 
 
 def test_mirror_index_and_symmetrise():
