@@ -20,7 +20,6 @@ centres, as in ``render_rays``, so an image is the one ``render_image`` renders.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -201,7 +200,7 @@ class DeviceRenderer:
         self.ws = Workspace()
         self.generation = runtime_generation()  # a restarted Taichi runtime invalidates every buffer
         self.transfers = TransferLog()
-        self.field, self.background = field, background
+        self.field, self.background, self.render_config = field, background, render_config
         field_params = field.parameter_list()
         bg_params = background.parameter_list() if isinstance(background, TaichiBackground) else []
         self._params = field_params + bg_params
@@ -256,18 +255,19 @@ class DeviceRenderer:
                 "depth": per_ray[:, DEPTH].reshape(height, width)}
 
 
-_RENDERERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The renderer used last: one evaluation or training run renders one model over and over, and holding
+# only one keeps one workspace of device buffers alive, not one per model ever rendered.
+_LAST: list[DeviceRenderer] = []
 
 
 def device_renderer(field: TaichiField, background: torch.nn.Module,
                     render_config: RenderConfig) -> DeviceRenderer:
-    """The ``DeviceRenderer`` of this field, background and configuration: made once, then reused (made
-    again after a restart of the Taichi runtime)."""
-    key = (id(background), render_config.n_coarse, render_config.n_fine, float(render_config.radius))
-    per_field = _RENDERERS.setdefault(field, {})
-    made = per_field.get(key)
-    if made is None or made.generation != runtime_generation() or made.background is not background:
-        made = per_field[key] = DeviceRenderer(field, background, render_config)
+    """The ``DeviceRenderer`` of this field, background and configuration: the last one made when it is
+    for the same objects (and the Taichi runtime has not restarted since), else a new one."""
+    made = _LAST[0] if _LAST else None
+    if (made is None or made.field is not field or made.background is not background
+            or made.render_config != render_config or made.generation != runtime_generation()):
+        _LAST[:] = [made := DeviceRenderer(field, background, render_config)]
     return made
 
 

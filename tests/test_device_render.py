@@ -14,7 +14,7 @@ import torch
 
 from common.conventions import default_intrinsics, orbit_camera
 from models.background import BackgroundConfig, ConstantBackground
-from models.device_render import DeviceRenderer, render_image_on_device, renders_on_device
+from models.device_render import DeviceRenderer, device_renderer, render_image_on_device, renders_on_device
 from models.field import FieldConfig
 from models.render import RenderConfig, render_image
 from models.taichi_background import TaichiBackground
@@ -106,3 +106,13 @@ def test_render_image_on_device_goes_to_the_device_on_vulkan_only(arch):
     assert not renders_on_device(torch.nn.Linear(2, 2), bg)  # the torch field: render_image itself
     _assert_same(render_image_on_device(field, bg, code, K, w2c, SIZE, SIZE, cfg),
                  render_image(field, bg, code, K, w2c, SIZE, SIZE, cfg))
+
+
+def test_one_renderer_is_kept_and_reused_for_the_same_model(arch):
+    field, bg = _models("constant")
+    cfg = RenderConfig(n_coarse=16, n_fine=8)
+    first = device_renderer(field, bg, cfg)
+    assert device_renderer(field, bg, RenderConfig(n_coarse=16, n_fine=8)) is first
+    other_field, _ = _models("constant")
+    assert device_renderer(other_field, bg, cfg) is not first
+    assert device_renderer(field, bg, RenderConfig(n_coarse=8, n_fine=8)) is not first
