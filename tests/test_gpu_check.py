@@ -68,12 +68,12 @@ def test_the_checks_modules_import_without_mediapipe():
     assert done.returncode == 0 and done.stdout.strip().endswith("imported"), done.stderr[-2000:]
 
 
-def fake_wheel(folder: Path, name: str, version: str) -> Path:
+def fake_wheel(folder: Path, name: str, version: str, body: str = "") -> Path:
     """A minimal pure-Python wheel that pip installs offline (a module with a version attribute)."""
     path = folder / f"{name}-{version}-py3-none-any.whl"
     info = f"{name}-{version}.dist-info"
     with zipfile.ZipFile(path, "w") as whl:
-        whl.writestr(f"{name}/__init__.py", f"__version__ = {version!r}\n")
+        whl.writestr(f"{name}/__init__.py", f"__version__ = {version!r}\n{body}")
         whl.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
         whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                       "Tag: py3-none-any\n")
@@ -132,6 +132,18 @@ def test_wheels_install_offline_into_a_prefix(tmp_path):
     (wheels / "taichi-1.7.4-py3-none-any.whl").write_bytes(b"not a zip")
     with pytest.raises(gpu_check.CheckError, match="pip could not install"):
         gpu_check.install_wheels(wheels, tmp_path / "site2")
+    # A taichi that installs but cannot import (as without colorama) is said in one sentence.
+    fake_wheel(wheels, "taichi", "1.7.4", body="import no_such_module_here\n")
+    with pytest.raises(gpu_check.CheckError, match=r"does not import: .*no_such_module_here"):
+        gpu_check.install_wheels(wheels, tmp_path / "site3")
+
+
+def test_a_stage_that_exits_0_without_figures_fails():
+    record = {"ok": True, "detail": "ok"}
+    assert gpu_check.require_figures(record, {}) == {}
+    assert not record["ok"] and "no figures" in record["detail"]
+    record = {"ok": True, "detail": "ok"}
+    assert gpu_check.require_figures(record, {"seconds": 1.0}) == {"seconds": 1.0} and record["ok"]
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is not installed")
@@ -236,7 +248,7 @@ def test_a_gpu_run_that_fails_writes_both_summaries_and_exits_1(tmp_path, monkey
     assert code == 1
     summary = json.loads((out / "gpu_check.json").read_text())
     stages = [r["stage"] for r in summary["stages"]]
-    assert stages[:3] == ["probe", "cache", "tests-cuda"] and "train-200-cuda" in stages
+    assert stages[:4] == ["probe", "cache", "train-200-cuda", "tests-cuda"]
     assert summary["ok"] is False and not summary["stages"][0]["ok"]
     assert any("budget was spent" in r["detail"] for r in summary["stages"])
     assert (out / "gpu_check.md").read_text().startswith("# gpu_check: FAILED")
