@@ -31,7 +31,9 @@ def cache(tmp_path_factory) -> Path:
 
 
 def _train(out: Path, cache: Path, *extra: str, arch: str = "cpu") -> Path:
-    return train_in_process(["--arch", arch, "--out", str(out), "--cache", str(cache), *TINY, *extra])
+    device = ["--device", "auto"] if arch == "cuda" else []  # TINY's --device cpu cannot serve Taichi CUDA
+    return train_in_process(["--arch", arch, "--out", str(out), "--cache", str(cache), *TINY, *device,
+                             *extra])
 
 
 def _devices(*software: bool) -> list[VulkanDevice]:

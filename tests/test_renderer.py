@@ -630,30 +630,34 @@ def test_deltas_lanes_match_scalar_kernel_bit_for_bit(lane_launches, monkeypatch
 def test_sampling_kernels_take_taichi_ndarrays(arch):
     """The sampling kernels run with every array argument a ``ti.ndarray`` (kept in device memory between
     launches), and give the torch-tensor path's numbers: stratified -> inverse CDF -> merge by bins ->
-    interval lengths (the two kernels that the device step launches), the one-pass
+    interval lengths (the split kernels, each one job), the one-pass
     ``importance_merge_kernel`` that ``sample_importance_and_merge`` launches, and the general merge."""
     import taichi as ti
+    from conftest import arch_device
 
     from renderer import sampling
     from renderer.specs import draw_key, mix_key
 
+    device = arch_device(arch)  # the reference runs there (CUDA tensors for cuda)
+
     def nd(x: torch.Tensor):
         dtype = {torch.float32: ti.f32, torch.int32: ti.i32, torch.int64: ti.i64}[x.dtype]
         array = ti.ndarray(dtype, tuple(x.shape))
-        array.from_numpy(x.numpy())
+        array.from_numpy(x.cpu().numpy())
         return array
 
     n_rays, n_coarse, n_fine = 21, 16, 8
     width = n_coarse + n_fine
     g = torch.Generator().manual_seed(9)
-    near = 4 + torch.rand(n_rays, generator=g)
-    far = near + 1 + 3 * torch.rand(n_rays, generator=g)
+    near = 4 + torch.rand(n_rays, generator=g, device="cpu")
+    far = near + 1 + 3 * torch.rand(n_rays, generator=g, device="cpu")
     far[0] = near[0]  # a miss
-    weights = torch.rand(n_rays, n_coarse, generator=g) ** 4
-    expected_t = renderer.sample_stratified(near, far, n_coarse, torch.Generator().manual_seed(1))
-    expected = renderer.sample_importance_and_merge(
-        expected_t, weights, n_fine, near, far, torch.Generator().manual_seed(2)
-    )
+    weights = torch.rand(n_rays, n_coarse, generator=g, device="cpu") ** 4
+    expected_t = renderer.sample_stratified(near.to(device), far.to(device), n_coarse,
+                                            torch.Generator().manual_seed(1)).cpu()  # fmt: skip
+    expected = [x.cpu() for x in renderer.sample_importance_and_merge(
+        expected_t.to(device), weights.to(device), n_fine, near.to(device), far.to(device),
+        torch.Generator().manual_seed(2))]  # fmt: skip
     near_nd, far_nd, weights_nd = nd(near), nd(far), nd(weights)
     t_nd = ti.ndarray(ti.f32, (n_rays * n_coarse,))
     mixed = mix_key(draw_key(torch.Generator().manual_seed(1)))  # what sample_stratified draws
@@ -699,7 +703,7 @@ def test_composite_kernels_take_taichi_ndarrays(arch):
 
     def nd(x: torch.Tensor):
         array = ti.ndarray(ti.f32, tuple(x.shape))
-        array.from_numpy(x.contiguous().numpy())
+        array.from_numpy(x.contiguous().cpu().numpy())
         return array
 
     def back(array, shape):
@@ -729,7 +733,7 @@ def test_composite_kernels_take_taichi_ndarrays(arch):
            back(grad_sigmas, (n_rays, n_samples)), back(grad_rgbs, (n_rays, n_samples, 3)),
            back(grad_background, (n_rays, 3))]  # fmt: skip
     for g_, e in zip(got, (*out, *grads), strict=True):
-        assert torch.equal(g_, e)
+        assert torch.equal(g_, e.cpu())
 
 
 def test_outputs_stay_on_the_arch_device(arch):
