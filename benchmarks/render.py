@@ -13,6 +13,12 @@ CPU), and its baseline is the reference on that same device (``torch-reference``
 ``torch-reference-cuda`` on the GPU).
 
     python benchmarks/render.py --arch cuda --preset paper --size 256
+    python benchmarks/render.py --checkpoint CKPT --render-skip-empty off on   # empty-space skipping
+
+With ``--render-skip-empty off on`` (a trained checkpoint needed: a fresh network has no empty space)
+each arch also renders through the class occupancy grid (the checkpoint's, or one estimated from the
+model, as ``render.py --render-skip-empty on``), interleaved with the dense path, and the ratio of the
+two on the same arch is reported (``speedup_vs_dense``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ def build_model(args: argparse.Namespace):
         from export.inference import load_model
 
         model = load_model(args.checkpoint)
+        args.model = model  # for --render-skip-empty on
         return model.field, model.background, model.latents.mean(), model.render_config
     torch.manual_seed(0)
     field_cfg = FieldConfig.paper() if args.preset == "paper" else FieldConfig.cpu()
@@ -66,7 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", type=Path, help="time a trained model instead")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--render-skip-empty", nargs="+", choices=("off", "on"), default=["off"],
+                        help="with --checkpoint: also render through the occupancy grid (on), beside the "
+                             "dense path (off)")
     args = parser.parse_args(argv)
+    if "on" in args.render_skip_empty and not args.checkpoint:
+        parser.error("--render-skip-empty on needs --checkpoint (a fresh network has no empty space)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -116,13 +128,35 @@ def main(argv: list[str] | None = None) -> dict:
             render_image(field, background, latent, K, w2c, args.size, args.size, cfg, chunk=args.chunk)
 
         render_image(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)  # compile kernels
-        times = []
+        skip_render = None
+        if "on" in args.render_skip_empty:
+            from export.inference import use_skip_empty
+
+            print(f"{arch}: {use_skip_empty(args.model, 'on')}")
+            occupancy, skip_cfg = args.model.occupancy, args.model.render_config
+
+            def skip_render(field=field, background=background, latent=latent, skip_cfg=skip_cfg,
+                            occupancy=occupancy) -> None:
+                render_image(field, background, latent, K, w2c, args.size, args.size, skip_cfg,
+                             chunk=args.chunk, occupancy=occupancy)
+
+            render_image(field, background, latent, K, w2c, 16, 16, skip_cfg, chunk=args.chunk,
+                         occupancy=occupancy)  # compile kernels
+        times, skip_times = [], []
         for _ in range(args.repeats):
             base_times[reference_name].append(time_once(baseline))
             times.append(time_once(taichi_render))
+            if skip_render is not None:
+                skip_times.append(time_once(skip_render))
         median = statistics.median(times)
         results["contenders"][arch] = {"median_s": median, "rays_per_s": n_rays / median, "times_s": times,
                                        "device": str(device), "baseline": reference_name}
+        if skip_render is not None:
+            skip_median = statistics.median(skip_times)
+            results["contenders"][f"{arch}+skip-empty"] = {
+                "median_s": skip_median, "rays_per_s": n_rays / skip_median, "times_s": skip_times,
+                "device": str(device), "baseline": reference_name, "speedup_vs_dense": median / skip_median,
+                "occupied_fraction": occupancy.grid.occupied_fraction()}
         if device.type == "cuda":
             results["gpu"] = torch.cuda.get_device_name(device)
     if not base_times:  # nothing ran: still time the CPU reference once
@@ -140,12 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['samples_per_ray']} samples/ray), "
         f"median of {args.repeats}"
     )
-    print(f"{'renderer':<18}{'median s':>10}{'rays/s':>12}{'vs reference':>14}")
+    print(f"{'renderer':<22}{'median s':>10}{'rays/s':>12}{'vs reference':>14}{'vs dense':>10}")
     for name, entry in results["contenders"].items():
         if "median_s" in entry:
+            dense = f"{entry['speedup_vs_dense']:>9.2f}x" if "speedup_vs_dense" in entry else ""
             print(
-                f"{name:<18}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
-                f"{entry['speedup_vs_reference']:>13.2f}x"
+                f"{name:<22}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
+                f"{entry['speedup_vs_reference']:>13.2f}x{dense}"
             )
     if args.json:
         from common.atomic import write_json

@@ -59,6 +59,7 @@ class ClassOccupancy:
         self.fraction = cfg.occupancy_fraction
         self.cursor = 0  # the next identity of the rotating subset
         self.updates = 0
+        self.refreshed = False  # whether an update after warm-up has re-estimated every cell afresh
         # The largest density training samples had in each cell since the last update (-1: none).
         self.observed = torch.full((self.grid.n_cells,), -1.0, device=self.grid.density.device)
         self.last_stats: dict[str, float] = {}
@@ -85,9 +86,16 @@ class ClassOccupancy:
                 best = sigma[0] if best is None else torch.maximum(best, sigma[0])
             return best
 
-        fraction = 1.0 if self.updates == 0 else self.fraction  # the first update sees every cell
+        # The first update sees every cell, and so does the first one after warm-up, which also forgets
+        # the estimates made while the field was forming: a young field is dense nearly everywhere, and
+        # cells that neither training samples nor the random share revisit would keep that estimate
+        # (a 600-step run ended with every cell above the threshold, while a fresh estimate of the same
+        # model occupied 16 % of them).
+        refresh = step >= self.warmup and not self.refreshed
+        fraction = 1.0 if self.updates == 0 or refresh else self.fraction
         self.last_stats = self.grid.update(density, generator, warmup=step < self.warmup, fraction=fraction,
-                                           observed=self.observed)
+                                           observed=self.observed, reset=refresh)
+        self.refreshed = self.refreshed or refresh
         self.observed.fill_(-1.0)
         self.updates += 1
         return self.last_stats
@@ -125,11 +133,12 @@ class ClassOccupancy:
 
     def state_dict(self) -> dict:
         return {"grid": self.grid.state_dict(), "cursor": self.cursor, "updates": self.updates,
-                "observed": self.observed.cpu()}
+                "observed": self.observed.cpu(), "refreshed": self.refreshed}
 
     def load_state_dict(self, state: dict) -> None:
         self.grid.load_state_dict(state["grid"])
         self.cursor, self.updates = int(state["cursor"]), int(state["updates"])
+        self.refreshed = bool(state.get("refreshed", False))  # older grids: re-estimated at the next update
         observed = state.get("observed")  # grids saved before training samples were observed lack it
         self.observed = (torch.full_like(self.grid.density, -1.0) if observed is None
                          else observed.to(self.grid.density.device, torch.float32).clone())
