@@ -14,8 +14,9 @@ a random ``occupancy_fraction`` of all cells plus as many occupied ones (so empt
 found), for ``occupancy_codes - 1`` latent codes taken in turn from the table (a rotating subset, so every
 identity is visited over time) and the mean code, keeping the largest density per point. Both fold into
 the grid with decay; during the first ``occupancy_warmup`` steps every cell stays occupied (the field is
-still forming). Cells that training rays' weights use stay occupied (``OccupancyGrid.mark_used``), so
-the grid never takes away a surface the rendering relies on.
+still forming), and the first update after them evaluates every cell and forgets the earlier
+estimates. Cells that training rays' weights use stay occupied (``OccupancyGrid.mark_used``), so the
+grid never takes away a surface the rendering relies on.
 
 Rendering a ray batch, with the field evaluated once per kept sample:
 1. march the grid: the coarse stratified samples that fall in occupied cells (packed), field with
