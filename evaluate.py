@@ -2,10 +2,13 @@
 
     python evaluate.py --checkpoint runs/cpu/checkpoints/best.pt --json eval.json
     python evaluate.py --checkpoint CKPT --views srn_cars/cars_test --json eval.json
+    python evaluate.py --checkpoint CKPT --humbi HUMBI_ROOT --3dfaw 3DFAW_ROOT --json eval.json
 
-Reconstruction and novel-view PSNR / SSIM (LPIPS when it is installed with its weights), depth errors
-where the data has ground truth, and the mean-image baseline; ``export/evaluation.py`` says how each is
-measured. This file only parses the arguments and calls ``export.evaluation.evaluate``.
+Reconstruction and novel-view PSNR / SSIM, full-image and inside the foreground mask (LPIPS when it is
+installed with its weights), depth errors where the data has ground truth, depth at landmarks where it has
+true landmarks, and the mean-image baseline; ``export/evaluation.py`` says how each is measured and
+``export/benchmark_sets.py`` which HUMBI and 3DFAW layouts it reads. This file only parses the arguments
+and calls ``export.evaluation.evaluate``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from common.atomic import write_json, write_text
 from export.arguments import add_arch_flag, add_field_backend_flag, add_skip_empty_flag, at_least
-from export.evaluation import evaluate, markdown_table
+from export.evaluation import BenchmarkFolders, evaluate, markdown_table
 from export.inference import load_model, start_renderer, training_cache, use_field_backend, use_skip_empty
 from export.outputs import OutputExistsError, claim_file
 from models.checkpoint import CheckpointError
@@ -34,8 +37,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by train.py")
     parser.add_argument("--cache", type=Path, help="training cache (default: the one the checkpoint records)")
-    parser.add_argument(
+    novel = parser.add_mutually_exclusive_group()
+    novel.add_argument(
         "--views", type=Path, help="SRN-layout folder of held-out views (instead of heldout/)"
+    )
+    novel.add_argument(
+        "--humbi",
+        type=Path,
+        help="HUMBI-layout folder (subject_<n>/face/...): the training subjects' other views are the novel "
+        "views (instead of heldout/)",
+    )
+    parser.add_argument(
+        "--3dfaw",
+        dest="faw",
+        type=Path,
+        help="3DFAW-layout folder (valid_img/, valid_lm/): fit each image, score depth at its 66 landmarks",
+    )
+    parser.add_argument(
+        "--3dfaw-subset",
+        dest="faw_subset",
+        choices=("test", "valid", "train"),
+        help="3DFAW images to use (default: test when list_valid_test.txt exists, else valid)",
+    )
+    parser.add_argument(
+        "--fit-steps", type=at_least(1), default=300, help="latent-fit steps per 3DFAW image (fit.py's)"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here (always printed)")
@@ -58,6 +83,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def fitter(steps: int):
+    """The one-look fit of fit.py as (model, image, mask, K, world_to_camera) -> latent (L,)."""
+
+    def fit(model, image, mask, K, world_to_camera):
+        from export.fitting import FitConfig, fit_latent
+
+        with torch.enable_grad():
+            return fit_latent(model, image, mask, K, world_to_camera, FitConfig(steps=steps)).latent
+
+    return fit
+
+
 def main(argv: list[str] | None = None) -> int:
     """Evaluate and report; returns the exit code (2 for unusable inputs)."""
     from dataset import CacheError
@@ -73,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the checkpoint records no training cache; pass --cache DIR.")
         print(use_field_backend(model, args.field_backend, start_renderer(args.arch, args.device)))
         print(use_skip_empty(model, args.render_skip_empty))
+        folders = BenchmarkFolders(args.humbi, args.faw, args.faw_subset, fitter(args.fit_steps))
         with torch.no_grad():
             results = evaluate(
-                model, Path(cache), args.views, args.max_images, args.chunk, args.allow_other_cache
+                model, Path(cache), args.views, args.max_images, args.chunk, args.allow_other_cache, folders
             )
     except (
         CheckpointError,

@@ -16,7 +16,6 @@ GPU need one (README, Benchmarks, says which machine measured what).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -24,12 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 import renderer
-from common.atomic import write_json
+from benchmarks.step_report import machine, step_config, summarise, write_summary
 from models.step_timing import PhaseTimer, TimedField, timed_step
-from models.train_config import TrainConfig, training_data
 from models.trainer import NullTimer, Trainer
 from renderer.backend import TORCH_COPIES
 
@@ -75,10 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--steps must be at least 1 and --warmup at least 0.")
 
     backend = renderer.init_backend(args.arch, "cpu")
-    config = TrainConfig.cpu()
-    config.data.cache = args.cache
-    config.optim.decay_steps = config.run.steps  # as train.py resolves it
-    config.data = training_data(config.data)
+    config = step_config("cpu", args.cache)
     with tempfile.TemporaryDirectory() as run_dir:
         trainers = {name: Trainer(config, Path(run_dir) / str(i), backend, None, set(), field_backend,
                                   device_step=device_step)
@@ -86,9 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         measured = measure(trainers, args.steps, args.warmup)
     results = {}
     for name, samples in measured.items():
-        phases = [k for k in samples[0] if k not in ("rays", "bytes")]
-        medians = {k: statistics.median(s[k] for s in samples) * 1e3 for k in phases}
-        rays = int(samples[0]["rays"])
+        medians, _, rays = summarise(samples)
+        medians = {k: v * 1e3 for k, v in medians.items()}
         results[name] = {"ms_per_step_median": medians, "rays_per_s": rays / medians["step"] * 1e3,
                          "mb_copied_per_step": statistics.median(s["bytes"] for s in samples) / 1e6}
     base = next(iter(results))
@@ -102,13 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<32} {m['step']:>9.1f} {m.get('field forward', 0.0):>10.1f} "
               f"{m.get('field backward', 0.0):>10.1f} {r['rays_per_s']:>9.0f} "
               f"{r['mb_copied_per_step']:>10.3f} {ratio:>8.2f}x")
-    summary = {"machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+    summary = {"machine": machine(),
                "arch": backend.arch, "steps": args.steps, "rays_per_step": rays, "results": results}
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, summary)
-        print(f"JSON: {path}")
+    write_summary(args.json, summary)
     return summary
 
 

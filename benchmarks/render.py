@@ -13,12 +13,19 @@ CPU), and its baseline is the reference on that same device (``torch-reference``
 ``torch-reference-cuda`` on the GPU).
 
     python benchmarks/render.py --arch cuda --preset paper --size 256
+    python benchmarks/render.py --arch vulkan --field-backend taichi   # the field as Taichi kernels too
     python benchmarks/render.py --checkpoint CKPT --render-skip-empty off on   # empty-space skipping
 
+With ``--field-backend taichi`` the field (and a background network) run as Taichi kernels, and on
+Vulkan and Metal two contenders are timed: ``<arch>`` (``models.render_image``: every launch gets torch
+tensors, which Taichi copies to the device and back) and ``<arch>-device``
+(``models.device_render``: everything stays in ``ti.ndarray``s; what render.py, evaluate.py and fit.py
+use there). Each reports the host <-> device bytes per image.
+
 With ``--render-skip-empty off on`` (a trained checkpoint needed: a fresh network has no empty space)
-each arch also renders through the class occupancy grid (the checkpoint's, or one estimated from the
-model, as ``render.py --render-skip-empty on``), interleaved with the dense path, and the ratio of the
-two on the same arch is reported (``speedup_vs_dense``).
+each arch also renders through the class occupancy grid (``<arch>+skip-empty``: the checkpoint's grid,
+or one estimated from the model, as ``render.py --render-skip-empty on``), interleaved with the dense
+path, and the ratio of the two on the same arch is reported (``speedup_vs_dense``).
 """
 
 from __future__ import annotations
@@ -38,7 +45,10 @@ import renderer
 from export.cameras import default_intrinsics, look_at_origin
 from models import ConditionedField, FieldConfig, RenderConfig, render_image
 from models.background import ConstantBackground
+from models.device_render import device_renderer, render_image_on_device, renders_on_device
+from models.field_backend import as_backend, background_as_backend
 from renderer import reference
+from renderer.backend import TORCH_COPIES
 
 
 def build_model(args: argparse.Namespace):
@@ -71,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--preset", default="cpu", choices=["cpu", "paper"], help="network size without --checkpoint"
     )
     parser.add_argument("--checkpoint", type=Path, help="time a trained model instead")
+    parser.add_argument("--field-backend", default="torch", choices=["torch", "taichi"],
+                        help="what evaluates the field: torch, or Taichi kernels (then also timed on the "
+                             "device-resident path where the arch is Vulkan or Metal)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--render-skip-empty", nargs="+", choices=("off", "on"), default=["off"],
@@ -83,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     field, background, latent, cfg = build_model(args)
+    if args.field_backend == "taichi":
+        field, background = as_backend(field, "taichi"), background_as_backend(background, "taichi")
     K = torch.as_tensor(default_intrinsics(args.size, args.size))
     w2c = torch.as_tensor(look_at_origin(7.0, yaw_deg=15.0))
     n_rays = args.size * args.size
@@ -91,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rays_per_image": n_rays,
         "samples_per_ray": cfg.n_coarse + cfg.n_fine,
         "field": dict(vars(field.cfg)),
+        "field_backend": args.field_backend,
         "chunk": args.chunk,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch_threads": torch.get_num_threads(),
@@ -127,8 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
         def taichi_render(field=field, background=background, latent=latent) -> None:
             render_image(field, background, latent, K, w2c, args.size, args.size, cfg, chunk=args.chunk)
 
-        render_image(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)  # compile kernels
-        skip_render = None
+        def device_render(field=field, background=background, latent=latent) -> None:
+            render_image_on_device(field, background, latent, K, w2c, args.size, args.size, cfg,
+                                   chunk=args.chunk)  # fmt: skip
+
+        contenders = {arch: taichi_render}
+        if renders_on_device(field, background):
+            contenders[f"{arch}-device"] = device_render
+        occupancy = None
         if "on" in args.render_skip_empty:
             from export.inference import use_skip_empty
 
@@ -142,21 +164,29 @@ def main(argv: list[str] | None = None) -> dict:
 
             render_image(field, background, latent, K, w2c, 16, 16, skip_cfg, chunk=args.chunk,
                          occupancy=occupancy)  # compile kernels
-        times, skip_times = [], []
+            contenders[f"{arch}+skip-empty"] = skip_render
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        copied: dict[str, int] = {}
+        for name, fn in contenders.items():  # compile the kernels, then count one image's copies
+            render_image(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)
+            render_image_on_device(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)
+            log = device_renderer(field, background, cfg).transfers if name.endswith("-device") else None
+            before = TORCH_COPIES.bytes + (log.uploaded + log.downloaded if log else 0)
+            fn()
+            copied[name] = TORCH_COPIES.bytes + (log.uploaded + log.downloaded if log else 0) - before
         for _ in range(args.repeats):
             base_times[reference_name].append(time_once(baseline))
-            times.append(time_once(taichi_render))
-            if skip_render is not None:
-                skip_times.append(time_once(skip_render))
-        median = statistics.median(times)
-        results["contenders"][arch] = {"median_s": median, "rays_per_s": n_rays / median, "times_s": times,
-                                       "device": str(device), "baseline": reference_name}
-        if skip_render is not None:
-            skip_median = statistics.median(skip_times)
-            results["contenders"][f"{arch}+skip-empty"] = {
-                "median_s": skip_median, "rays_per_s": n_rays / skip_median, "times_s": skip_times,
-                "device": str(device), "baseline": reference_name, "speedup_vs_dense": median / skip_median,
-                "occupied_fraction": occupancy.grid.occupied_fraction()}
+            for name, fn in contenders.items():
+                times[name].append(time_once(fn))
+        for name in contenders:
+            median = statistics.median(times[name])
+            results["contenders"][name] = {"median_s": median, "rays_per_s": n_rays / median,
+                                           "times_s": times[name], "device": str(device),
+                                           "baseline": reference_name, "bytes_copied_per_image": copied[name]}
+        if occupancy is not None:
+            skip = results["contenders"][f"{arch}+skip-empty"]
+            skip["speedup_vs_dense"] = results["contenders"][arch]["median_s"] / skip["median_s"]
+            skip["occupied_fraction"] = occupancy.grid.occupied_fraction()
         if device.type == "cuda":
             results["gpu"] = torch.cuda.get_device_name(device)
     if not base_times:  # nothing ran: still time the CPU reference once
@@ -174,14 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['samples_per_ray']} samples/ray), "
         f"median of {args.repeats}"
     )
-    print(f"{'renderer':<22}{'median s':>10}{'rays/s':>12}{'vs reference':>14}{'vs dense':>10}")
+    print(f"{'renderer':<22}{'median s':>10}{'rays/s':>12}{'vs reference':>14}{'MB copied':>11}"
+          f"{'vs dense':>10}")
     for name, entry in results["contenders"].items():
         if "median_s" in entry:
+            copied = entry.get("bytes_copied_per_image")
+            megabytes = f"{copied / 1e6:>11.2f}" if copied is not None else f"{'':>11}"
             dense = f"{entry['speedup_vs_dense']:>9.2f}x" if "speedup_vs_dense" in entry else ""
-            print(
-                f"{name:<22}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
-                f"{entry['speedup_vs_reference']:>13.2f}x{dense}"
-            )
+            print(f"{name:<22}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
+                  f"{entry['speedup_vs_reference']:>13.2f}x{megabytes}{dense}")
     if args.json:
         from common.atomic import write_json
 

@@ -5,7 +5,7 @@
 Times forward + backward of sampling and compositing for a 64 x 64 view (4,096 rays, frontal camera
 7 units from the origin, bounding sphere of radius 2), exactly the renderer part of a training step:
 stratified 128 -> importance 64 (from fixed coarse weights), merged with the coarse samples and their
-interval lengths (``sample_importance_and_merge``: two kernels in Taichi, ``sample_importance``
+interval lengths (``sample_importance_and_merge``: one kernel in Taichi, ``sample_importance``
 then a sort in the reference) -> composite of the 192 merged samples -> backward from upstream
 gradients on all four outputs (colour, opacity, depth, weights). The densities and colours stand in
 for the network: fixed leaf tensors, so only renderer work is timed. Both implementations run

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 
 import renderer
 import renderer.reference
-from common.atomic import write_json
+from benchmarks.step_report import machine, step_config, summarise, write_summary
 from models.gpu_setup import enable_tf32
 from models.render import RenderConfig
 from models.step_timing import PhaseTimer, TimedField, breakdown_table, timed_step
@@ -59,17 +58,6 @@ def measure(trainer: Trainer, variants: dict, steps: int, warmup: int) -> dict[s
         trainer.module.ops = renderer
         trainer.timer = NullTimer()
     return samples
-
-
-def summarise(samples: list[dict]) -> tuple[dict[str, float], dict[str, float], int]:
-    """(median seconds per phase, median over steps of each phase's share of its step, rays per step).
-
-    Per-step shares are robust to a step slowed down as a whole by other work on a shared machine.
-    """
-    phases = [k for k in samples[0] if k != "rays"]
-    medians = {k: statistics.median(s[k] for s in samples) for k in phases}
-    shares = {k: statistics.median(s[k] / s["step"] for s in samples) for k in phases}
-    return medians, shares, int(samples[0]["rays"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,15 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (renderer.BackendUnavailableError, ValueError) as err:
         raise SystemExit(str(err)) from None
     tf32 = enable_tf32(backend.device, args.tf32 == "on")
-    config = TrainConfig.paper() if args.preset == "paper" else TrainConfig.cpu()
-    config.data.cache = args.cache
-    if args.identities is not None:
-        if args.identities < config.batch.identities:
-            raise SystemExit(f"--identities {args.identities} is fewer than the {args.preset} preset's "
-                             f"batch of {config.batch.identities} identities.")
-        config.data.synthetic_identities = args.identities
-    config.optim.decay_steps = config.run.steps  # as train.py resolves it
-    config.data = training_data(config.data)
+    config = step_config(args.preset, args.cache, args.identities)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir), backend, None, set())
         variants = {"taichi": renderer, "reference": renderer.reference}
@@ -143,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         median = r["ms_per_step_median"]
         renderer_ms[name] = median["renderer forward"] + median["renderer backward"]
     summary = {
-        "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+        "machine": machine(),
         "gpu": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else None,
         "arch": backend.arch, "device": str(backend.device), "preset": args.preset, "tf32": tf32,
         "rays_per_step": rays, "steps": args.steps,
@@ -154,11 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"time (fwd+bwd) Taichi / reference: {summary['renderer_ratio_taichi_over_reference']:.2f}x; "
           f"share outside the MLP with Taichi: {results['taichi']['share_outside_mlp']:.1%} "
           f"(goal < 15%: {'met' if results['taichi']['share_outside_mlp'] < 0.15 else 'NOT met'})")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, summary)
-        print(f"JSON: {path}")
+    write_summary(args.json, summary)
     return summary
 
 
@@ -260,7 +236,7 @@ def main_skip_empty(args) -> dict:
         print(breakdown_table(medians, rays, shares))
         print(f"field evaluations per ray: {results[name]['field_evals_per_ray']:.1f}")
     summary = {
-        "machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+        "machine": machine(),
         "arch": backend.arch, "steps": args.steps, "pretrain_steps": pretrain, "checkpoint": args.checkpoint,
         "samples_per_ray": [cfg.n_coarse, cfg.n_fine], "cpu_preset_step": args.cpu_preset_step,
         "rays_per_step": results[next(iter(results))]["rays_per_step"],
@@ -277,11 +253,7 @@ def main_skip_empty(args) -> dict:
               f"{update_s * 1e3:.0f} ms every {cfg.occupancy_every} steps included), field evaluations per "
               f"ray {summary['field_evals_ratio_off_over_on']:.2f}x fewer; occupied cells "
               f"{summary['occupied_fraction']:.1%} of {cfg.occupancy_resolution}^3")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, summary)
-        print(f"JSON: {path}")
+    write_summary(args.json, summary)
     return summary
 
 

@@ -10,7 +10,8 @@ Layout (FORMAT_VERSION = 1)::
     sources.json      [{"file", "identity", "reprojection_error_px", ...}] per image
     skipped.json      [{"file", "reason", "detail"}] per skipped file
     depths.npy        optional (N, H, W) float32 ray distance t, 0 = background (synthetic only)
-    true_cameras.npz  optional (faces): the generator's K (N, 3, 3), world_to_camera (N, 3, 4) float32
+    true_cameras.npz  optional (faces): the generator's K (N, 3, 3), world_to_camera (N, 3, 4) float32,
+                      landmarks (N, 468, 4) float32: u, v, ray distance t, visible (generator version 2 on)
     true_depths.npy   optional (faces): (N, H, W) float32 true ray distance t from the true camera
     true_masks.npy    optional (faces): (N, H, W) uint8 exact coverage, 255 = foreground
     heldout/          optional: the same files for held-out views of training identities
@@ -37,7 +38,8 @@ from common.atomic import atomic_path, save_npy, save_npz, write_json
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "heldout")
-TRUTH_KEYS = ("true_mask", "true_depth", "true_K", "true_world_to_camera")  # record keys of the truth
+# record keys of the truth
+TRUTH_KEYS = ("true_mask", "true_depth", "true_K", "true_world_to_camera", "true_landmarks")
 TRUTH_FILES = ("true_cameras.npz", "true_depths.npy", "true_masks.npy")
 SPLIT_FILES = ("manifest.json", "images.npy", "masks.npy", "cameras.npz", "identities.npy", "sources.json",
                "skipped.json")
@@ -98,7 +100,8 @@ def write_split(directory: Path, chunks: Iterable[dict], n: int, image_size: tup
     Each chunk is a dict: image (k, H, W, 3) uint8, mask (k, H, W) uint8, depth (k, H, W) float32
     (when with_depth), K (k, 3, 3), world_to_camera (k, 3, 4), identity (k,), sources (list of k dicts);
     when with_truth also true_mask (k, H, W) uint8, true_depth (k, H, W) float32, true_K (k, 3, 3) and
-    true_world_to_camera (k, 3, 4) (the faces generator's truth, written to the TRUTH_FILES).
+    true_world_to_camera (k, 3, 4), true_landmarks (k, 468, 4) (the faces generator's truth, written to
+    the TRUTH_FILES).
     Big arrays go to temp files through np.lib.format.open_memmap and are moved into place at the end.
     """
     if n < 1:
@@ -124,6 +127,7 @@ def _fill_split(maps: dict, chunks: Iterable[dict], n: int, directory: Path, wit
                 with_truth: bool) -> None:
     """Copy the chunks into the memmaps and write the small per-image files (``write_split``)."""
     Ks, world_to_cameras, identities, sources, true_Ks, true_world_to_cameras = [], [], [], [], [], []
+    true_landmarks = []
     start = 0
     for chunk in chunks:
         k = len(chunk["identity"])
@@ -138,6 +142,7 @@ def _fill_split(maps: dict, chunks: Iterable[dict], n: int, directory: Path, wit
             maps["true_masks"][start:start + k] = chunk["true_mask"]
             true_Ks.append(np.asarray(chunk["true_K"], np.float32))
             true_world_to_cameras.append(np.asarray(chunk["true_world_to_camera"], np.float32))
+            true_landmarks.append(np.asarray(chunk["true_landmarks"], np.float32))
         Ks.append(np.asarray(chunk["K"], np.float32))
         world_to_cameras.append(np.asarray(chunk["world_to_camera"], np.float32))
         identities.append(np.asarray(chunk["identity"], np.int64))
@@ -150,7 +155,8 @@ def _fill_split(maps: dict, chunks: Iterable[dict], n: int, directory: Path, wit
     maps.clear()  # drop the memmaps before their files are moved
     if with_truth:
         save_npz(directory / "true_cameras.npz", K=np.concatenate(true_Ks),
-                 world_to_camera=np.concatenate(true_world_to_cameras))
+                 world_to_camera=np.concatenate(true_world_to_cameras),
+                 landmarks=np.concatenate(true_landmarks))
     else:
         for name in TRUTH_FILES:
             (directory / name).unlink(missing_ok=True)
@@ -282,7 +288,8 @@ class PreparedDataset:
 
     Attributes: images (N, H, W, 3) uint8 memmap, masks (N, H, W) uint8 memmap, depths (N, H, W) float32
     memmap or None, true_K / true_world_to_camera / true_depths / true_masks (the faces generator's truth,
-    else None), K (N, 3, 3) float32, world_to_camera (N, 3, 4) float32, identities (N,) int64,
+    else None), true_landmarks (N, 468, 4) u, v, t, visible or None (faces generator version 2 on),
+    K (N, 3, 3) float32, world_to_camera (N, 3, 4) float32, identities (N,) int64,
     manifest (dict), fingerprint (str), n_identities (int, the size of the latent table, equal for both
     splits), image_size (H, W), background ("network" for photos, or an RGB list), sources (list, read
     on first use).
@@ -335,6 +342,7 @@ class PreparedDataset:
         depth_path = directory / "depths.npy"
         self.depths = _load_array(depth_path, mmap=True) if depth_path.exists() else None
         self.true_K = self.true_world_to_camera = self.true_depths = self.true_masks = None
+        self.true_landmarks = None
         if (directory / "true_cameras.npz").exists():  # the faces generator's truth, for evaluation
             self.true_depths = _load_array(directory / "true_depths.npy", mmap=True)
             self.true_masks = _load_array(directory / "true_masks.npy", mmap=True)
@@ -342,6 +350,8 @@ class PreparedDataset:
                 with np.load(directory / "true_cameras.npz", allow_pickle=False) as truth:
                     self.true_K = np.asarray(truth["K"], np.float32)
                     self.true_world_to_camera = np.asarray(truth["world_to_camera"], np.float32)
+                    if "landmarks" in truth:  # caches from faces generator version 1 lack them
+                        self.true_landmarks = np.asarray(truth["landmarks"], np.float32)
             except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
                 raise CacheError(f"Prepared cache file {directory / 'true_cameras.npz'} is corrupt ({err}); "
                                  "prepare the dataset again.") from None
@@ -379,6 +389,9 @@ class PreparedDataset:
                              "true_cameras.npz K": (self.true_K.shape, (n, 3, 3)),
                              "true_cameras.npz world_to_camera": (self.true_world_to_camera.shape,
                                                                   (n, 3, 4))})
+        if self.true_landmarks is not None:
+            expected["true_cameras.npz landmarks"] = (self.true_landmarks.shape,
+                                                      (n, self.true_landmarks.shape[1], 4))
         problems += [f"{name} has shape {got}, expected {want}" for name, (got, want) in expected.items()
                      if tuple(got) != tuple(want)]
         if problems:

@@ -49,10 +49,13 @@ import numpy as np
 from common.conventions import CAMERA_DISTANCE, default_intrinsics, orbit_camera
 
 # Bump when the generator changes what it draws, so caches built by an older generator are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the projected true landmarks (``true_landmarks``) are kept with the truth
 N_MESH = 468  # Face Mesh landmarks (without the iris refinement)
 # The portraits the landmark template was derived from (pose.make_template.calibration_photos).
 CALIBRATION_PORTRAITS = ("astronaut", "grace_hopper")
+# A landmark counts as visible in a view when the true depth map at its pixel is within this distance (head
+# units, about one pixel's footprint at 64² and 7 units) of its own distance from the camera.
+LANDMARK_VISIBLE_TOL = 0.05
 
 
 @dataclass(frozen=True)
@@ -456,12 +459,31 @@ def view_angles(config: FacesConfig, identity: int, view: int, attempt: int) -> 
 PORTRAIT_NAMES = ("astronaut", "cameraman", "grace_hopper")
 
 
+def true_landmarks(identity: FaceIdentity, K: np.ndarray, world_to_camera: np.ndarray,
+                   depth: np.ndarray) -> np.ndarray:
+    """(468, 4) float32 per Face Mesh landmark of one view: u, v (continuous pixel position, true camera),
+    t (its ray distance from the camera, the depth map's units) and visible (1.0 / 0.0: the depth map
+    (H, W) at its pixel is within ``LANDMARK_VISIBLE_TOL`` of t, so no other part of the face hides it)."""
+    from pose.camera import project
+
+    points = identity.vertices[:N_MESH]
+    uv = project(points, K, world_to_camera)
+    t = np.linalg.norm(points @ world_to_camera[:, :3].T + world_to_camera[:, 3], axis=1)
+    cols, rows = np.floor(uv[:, 0]).astype(int), np.floor(uv[:, 1]).astype(int)
+    inside = (cols >= 0) & (rows >= 0) & (cols < depth.shape[1]) & (rows < depth.shape[0])
+    seen = np.zeros(N_MESH)
+    seen[inside] = depth[rows[inside], cols[inside]]
+    visible = inside & (seen > 0) & (np.abs(seen - t) < LANDMARK_VISIBLE_TOL)
+    return np.concatenate([uv, t[:, None], visible[:, None]], axis=1).astype(np.float32)
+
+
 def render_view(identity: FaceIdentity, config: FacesConfig, yaw: float, pitch: float) -> dict:
     """One view at known angles: the render MediaPipe sees and the truth at the training resolution.
 
     Returns a dict: image (render_size, render_size, 3) uint8; true_mask (r, r) uint8 coverage × 255;
-    true_depth (r, r) float32 ray distance t; true_K (3, 3) and true_world_to_camera (3, 4) float32 at
-    r = ``config.resolution`` (``common.conventions``).
+    true_depth (r, r) float32 ray distance t; true_K (3, 3) and true_world_to_camera (3, 4) float32;
+    true_landmarks (468, 4) float32 (``true_landmarks``), all at r = ``config.resolution``
+    (``common.conventions``).
     """
     world_to_camera = orbit_camera(yaw, pitch, config.camera_distance)
     image, coverage = render_face(identity, default_intrinsics(config.render_size, config.render_size),
@@ -469,9 +491,11 @@ def render_view(identity: FaceIdentity, config: FacesConfig, yaw: float, pitch: 
     r = config.resolution
     K = default_intrinsics(r, r)
     mask = cv2.resize(coverage, (r, r), interpolation=cv2.INTER_AREA) if r != config.render_size else coverage
+    depth = face_depth(identity, K, world_to_camera, r)
     return {"image": image, "true_mask": np.round(np.clip(mask, 0, 1) * 255).astype(np.uint8),
-            "true_depth": face_depth(identity, K, world_to_camera, r),
-            "true_K": K.astype(np.float32), "true_world_to_camera": world_to_camera.astype(np.float32)}
+            "true_depth": depth, "true_K": K.astype(np.float32),
+            "true_world_to_camera": world_to_camera.astype(np.float32),
+            "true_landmarks": true_landmarks(identity, K, world_to_camera, depth)}
 
 
 @dataclass(frozen=True)
@@ -514,7 +538,9 @@ class FacesSource:
                           "depth": "ray distance t along the unit ray direction from the true camera, "
                                    "0 on the background",
                           "mask": "exact coverage fraction x 255",
-                          "cameras": "the generator's K and world_to_camera at the cache resolution"}}
+                          "cameras": "the generator's K and world_to_camera at the cache resolution",
+                          "landmarks": "true_cameras.npz landmarks (N, 468, 4): each Face Mesh landmark's "
+                                       "u, v (true camera, cache resolution), ray distance t, visible"}}
 
     def default_workers(self, n_items: int) -> int:
         """In-process for small sets: a worker's start-up (imports, MediaPipe graphs, measuring the
@@ -558,7 +584,7 @@ class FacesSource:
                     "K": np.asarray(photo.K, np.float32),
                     "world_to_camera": np.asarray(photo.world_to_camera, np.float32),
                     **{key: rendered[key] for key in ("true_mask", "true_depth", "true_K",
-                                                      "true_world_to_camera")},
+                                                      "true_world_to_camera", "true_landmarks")},
                     "source": f"faces/{item}/view_{view:02d}",
                     "reprojection_error_px": round(float(photo.reprojection_error_px), 4),
                     "pose": photo.info,

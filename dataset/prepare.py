@@ -321,9 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-error-fraction", type=float, default=None,
                         help=f"reject a camera fit whose error exceeds this fraction of the image width "
                              f"(default: {cpu.pose.max_error_fraction})")
+    parser.add_argument("--solve-points", default=None, choices=("mesh", "paper5"),
+                        help="landmarks the camera solve fits: mesh = all 468 Face Mesh points against the "
+                             "calibrated mesh template, paper5 = the paper's 5 points (default: "
+                             f"{cpu.pose.solve_points}; paper5 when --template is given)")
     parser.add_argument("--template", default=None,
-                        help="landmark template JSON to solve cameras against, e.g. one refined by "
-                             "python -m pose.fit_template (default: the shipped template)")
+                        help="5-point landmark template JSON to solve cameras against, e.g. one refined by "
+                             "python -m pose.fit_template; implies --solve-points paper5 (default: the "
+                             "shipped template)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
     return parser
 
@@ -333,7 +338,9 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     config = PrepareConfig.paper() if args.preset == "paper" else PrepareConfig.cpu()
     changes = {f.name: getattr(args, f.name) for f in fields(PrepareConfig)
                if f.name != "pose" and getattr(args, f.name, None) is not None}
+    solve_points = args.solve_points or ("paper5" if args.template is not None else None)
     pose_changes = {name: value for name, value in (("max_error_fraction", args.max_error_fraction),
+                                                    ("solve_points", solve_points),
                                                     ("template_path", args.template)) if value is not None}
     if pose_changes:
         changes["pose"] = config.pose.with_(**pose_changes)

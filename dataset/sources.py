@@ -197,15 +197,23 @@ class PhotoSource:
         template's points, so a template refined in place also triggers a rebuild."""
         from pose import template_metadata
 
-        return {"resolution": config.resolution, "framing": self.framing(config),
-                "min_image_side": config.min_image_side, "pose": config.to_dict()["pose"],
-                "template_points": template_metadata(config.pose.template_path)["points"]}
+        settings = {"resolution": config.resolution, "framing": self.framing(config),
+                    "min_image_side": config.min_image_side, "pose": config.to_dict()["pose"],
+                    "template_points": template_metadata(config.pose.template_path)["points"]}
+        if config.pose.solve_points == "mesh":
+            settings["mesh_template_points"] = template_metadata(config.pose.mesh_template_path,
+                                                                 "face_mesh_all")["points"]
+        return settings
 
     def manifest_extra(self, config: PrepareConfig) -> dict:
-        """The landmark template the cameras were solved against (its points, units and provenance)."""
+        """The landmark templates the cameras were solved against (points, units and provenance): the
+        5-point one (and the fallback's), and the 468-point one of the default all-points solve."""
         from pose import template_metadata
 
-        return {"template": template_metadata(config.pose.template_path)}
+        extra = {"template": template_metadata(config.pose.template_path)}
+        if config.pose.solve_points == "mesh":
+            extra["mesh_template"] = template_metadata(config.pose.mesh_template_path, "face_mesh_all")
+        return extra
 
     def default_workers(self, n_items: int) -> int:
         """One per core, but in-process for small folders: a spawned worker's start-up (imports,

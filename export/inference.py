@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from common.conventions import CAMERA_DISTANCE
 from export.mesh import Mesh, density_grid, extract_mesh, vertex_colors
-from models import render_image
 from models.background import ConstantBackground
 from models.checkpoint import LoadedCheckpoint, load_checkpoint
+from models.device_render import render_image_on_device
 
 DEFAULT_MESH_LEVEL = 10.0
 
@@ -157,12 +157,13 @@ def render_view(
     width: int,
     chunk: int = 8192,
 ) -> dict[str, np.ndarray]:
-    """Render one view with ``models.render_image`` (chunks of ``chunk`` rays, so memory is bounded).
+    """Render one view with ``models.render_image`` (chunks of ``chunk`` rays, so memory is bounded), on
+    the Taichi device when the Taichi field runs on Vulkan or Metal (``models.device_render``).
 
     latent (L,), K (3, 3), world_to_camera (3, 4) ->
     {"color": (H, W, 3) float32 in [0, 1], "opacity": (H, W), "depth": (H, W) ray distance}.
     """
-    out = render_image(
+    out = render_image_on_device(
         model.field,
         model.background,
         torch.as_tensor(latent, dtype=torch.float32).to(model_device(model)),

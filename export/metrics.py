@@ -1,4 +1,5 @@
-"""Image and depth metrics: PSNR, SSIM (scikit-image), depth abs-rel / RMSE / correlation, optional LPIPS.
+"""Image and depth metrics: PSNR, SSIM (scikit-image), depth abs-rel / RMSE / correlation, depth at
+landmarks (per-image Pearson and DepthNet's DepthCorr), optional LPIPS.
 
 Images are float RGB in [0, 1] (H, W, 3) or uint8; masks (H, W) select the pixels that count
 (> 0.5 for float masks, > 127 for uint8 ones).
@@ -112,6 +113,87 @@ def depth_errors(pred, target, mask=None) -> dict[str, float]:
         "corr": corr,
         "n_pixels": n,
     }
+
+
+def sample_at_points(values, points) -> np.ndarray:
+    """The value of the pixel that contains each point; NaN for points outside the image.
+
+    values (H, W); points (K, 2) continuous pixel coordinates (u, v), pixel (i, j) covering
+    [i, i + 1) x [j, j + 1) so its centre is (i + 0.5, j + 0.5) (``common.conventions``).
+    Returns (K,) float64.
+
+    >>> sample_at_points(np.arange(6.0).reshape(2, 3), np.array([[2.9, 1.2], [0.5, 0.5], [3.0, 0.0]]))
+    array([ 5.,  0., nan])
+    """
+    v = np.asarray(values, dtype=np.float64)
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    cols, rows = np.floor(p[:, 0]), np.floor(p[:, 1])
+    inside = np.isfinite(cols) & np.isfinite(rows) & (cols >= 0) & (rows >= 0)
+    inside &= (cols < v.shape[1]) & (rows < v.shape[0])
+    out = np.full(p.shape[0], np.nan)
+    out[inside] = v[rows[inside].astype(int), cols[inside].astype(int)]
+    return out
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation of two (K,) samples over the entries finite in both; NaN with fewer than 3 such
+    entries or when either is constant there. Invariant to any positive scale and offset of either.
+
+    >>> round(pearson([1.0, 2.0, 4.0], [10.0, 20.0, 40.0]), 6), round(pearson([1, 2, 4], [-3, -5, -9]), 6)
+    (1.0, -1.0)
+    """
+    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"pearson needs samples of one length, got {x.shape} and {y.shape}.")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 3 or x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def landmark_depths(pred_depth, points, true_depth, visible=None) -> tuple[np.ndarray, np.ndarray]:
+    """Rendered and true depth at K landmarks of one view (the 3DFAW protocol's samples).
+
+    pred_depth (H, W) rendered surface depth; points (K, 2) landmark pixel positions (u, v) in that image;
+    true_depth (K,) the landmarks' true depths; visible (K,) bool or None (all). Returns (pred (K,),
+    true (K,)) float64, NaN where a landmark is hidden, outside the image or has no finite rendered depth.
+    """
+    pred = sample_at_points(pred_depth, points)
+    true = np.asarray(true_depth, dtype=np.float64).ravel().copy()
+    if true.shape != pred.shape:
+        raise ValueError(f"{pred.shape[0]} landmark positions but {true.shape[0]} true depths.")
+    hidden = ~np.isfinite(pred) | ~np.isfinite(true)
+    if visible is not None:
+        hidden |= ~np.asarray(visible, dtype=bool).ravel()
+    pred[hidden], true[hidden] = np.nan, np.nan
+    return pred, true
+
+
+def depth_corr_sum(pred, true, min_views: int = 3) -> tuple[float, int]:
+    """DepthNet's DepthCorr (Moniz et al. 2018, also Unsup3d's and LOLNeRF's 3DFAW figure): for each
+    landmark k, the absolute Pearson correlation over the N views between its rendered and its true depth,
+    summed over landmarks (66 is perfect on 3DFAW's 66 landmarks).
+
+    pred, true (N, K) with NaN for a landmark hidden in a view; a landmark counts only where it is seen in
+    at least ``min_views`` views (and is not constant there). Returns (sum, number of landmarks counted).
+
+    >>> depth_corr_sum(np.array([[1.0, 5.0], [2.0, 4.0], [3.0, 6.0]]), np.array([[2.0, 1.0], [4, 3], [6, 2]]))
+    (1.5, 2)
+    """
+    p, t = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    if p.shape != t.shape or p.ndim != 2:
+        raise ValueError(f"pred {p.shape} and true {t.shape} must both be (views, landmarks).")
+    total, counted = 0.0, 0
+    for k in range(p.shape[1]):
+        seen = np.isfinite(p[:, k]) & np.isfinite(t[:, k])
+        if seen.sum() < min_views:
+            continue
+        r = pearson(p[seen, k], t[seen, k])
+        if not math.isnan(r):
+            total += abs(r)
+            counted += 1
+    return total, counted
 
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"

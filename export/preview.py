@@ -18,8 +18,9 @@ from torch import nn
 
 from export.cameras import yaw_cameras
 from export.media import colorize_depth, image_grid, save_png
+from models.device_render import render_image_on_device
 from models.latents import LatentTable
-from models.render import RenderConfig, render_image
+from models.render import RenderConfig
 
 COLUMNS = ("truth", "recon", "yaw -{yaw}", "yaw +{yaw}", "depth")
 
@@ -40,8 +41,8 @@ def preview_row(field: nn.Module, background: nn.Module, latent: torch.Tensor, i
     height, width = image.shape[:2]
     K_t = torch.as_tensor(np.asarray(K), dtype=torch.float32)
     cameras = [np.asarray(world_to_camera), *yaw_cameras(np.asarray(world_to_camera), [-yaw_deg, yaw_deg])]
-    renders = [render_image(field, background, latent, K_t, torch.as_tensor(c, dtype=torch.float32),
-                            height, width, render_config) for c in cameras]
+    renders = [render_image_on_device(field, background, latent, K_t, torch.as_tensor(c, dtype=torch.float32),
+                                      height, width, render_config) for c in cameras]
     recon = renders[0]
     depth = colorize_depth(recon["depth"].cpu().numpy(), mask=recon["opacity"].cpu().numpy())
     return [np.asarray(image), *(r["color"].cpu().numpy() for r in renders), depth]

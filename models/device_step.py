@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import taichi as ti
@@ -34,59 +32,22 @@ import torch
 
 from models.background import ConstantBackground
 from models.device_losses import loss_grads_kernel, loss_scales, loss_sums_kernel, loss_terms
+from models.device_render import DeviceForward, Rendered
 from models.losses import LossConfig
 from models.render import RenderConfig
-from models.taichi_background import TaichiBackground, background_backward, background_forward
-from models.taichi_field import FieldActivations, TaichiField, field_backward, field_forward
+from models.taichi_background import TaichiBackground, background_backward
+from models.taichi_field import TaichiField, field_backward
 from renderer.backend import launch
-from renderer.composite import PER_RAY, composite_backward_kernel, composite_forward_kernel
+from renderer.composite import composite_backward_kernel
 from renderer.device import (
     TransferLog,
     Workspace,
-    fill_rows_kernel,
     flat_to_rows_kernel,
     gather_rows_kernel,
-    merge_outputs_kernel,
-    ray_points_kernel,
-    rows_to_flat_kernel,
     scatter_add_rows_kernel,
     split_grads_kernel,
 )
 from renderer.optimizers import adam_update, sgd_update
-from renderer.rays import rays_kernel
-from renderer.sampling import deltas_kernel, inverse_cdf_kernel, merge_binned_kernel, stratified_kernel
-from renderer.specs import draw_key, mix_key
-
-
-@dataclass
-class _Evaluation:
-    """One evaluation of the field (coarse or fine samples): its activations and, after the compositing
-    backward, the gradients of its outputs."""
-
-    prefix: str  # workspace names of its buffers start with it
-    rows: int  # R * samples per ray
-    per_ray: int  # samples per ray
-    acts: FieldActivations
-    codes: ti.lang._ndarray.Ndarray  # (R, L): each ray's latent code, read by its samples
-    grad_sigma: ti.lang._ndarray.Ndarray | None = None
-    grad_rgb: ti.lang._ndarray.Ndarray | None = None
-
-
-class _Rendered(NamedTuple):
-    """What the forward pass leaves for the loss and the backward pass."""
-
-    n_rays: int
-    width: int  # samples per ray after the merge
-    coarse: _Evaluation
-    fine: _Evaluation | None
-    order: ti.lang._ndarray.Ndarray | None  # flat (R * width): slot -> coarse index, or n_coarse + fine
-    rgb: ti.lang._ndarray.Ndarray  # flat merged per-sample colours
-    t_all: ti.lang._ndarray.Ndarray
-    deltas: ti.lang._ndarray.Ndarray
-    background: ti.lang._ndarray.Ndarray  # (R, 3)
-    bg: tuple | None  # the background network's (activations, codes), None for a constant colour
-    weights: ti.lang._ndarray.Ndarray
-    per_ray: ti.lang._ndarray.Ndarray  # (R, 6) composited values
 
 
 class _DeviceParam:
@@ -232,6 +193,10 @@ class DeviceTrainStep:
             )
         if len(self.table.params) != 1:
             raise ValueError("the latent optimiser must hold exactly the latent table.")
+        self._bg_color = None if self.bg_params else self.ws.get("bg_color", (3,))
+        field_values, bg_values = [p.value for p in self.field_params], [p.value for p in self.bg_params]
+        self.rendering = DeviceForward(self.ws, field, background, render_config, field_values, bg_values,
+                                       self._bg_color, phase=self._phase)  # fmt: skip
         self.from_torch()
 
     # ----- state -------------------------------------------------------------------------------------
@@ -239,8 +204,7 @@ class DeviceTrainStep:
         """Read parameters, table and optimiser state from the torch modules (start, resume)."""
         self.networks.from_torch()
         self.table.from_torch()
-        if isinstance(self.background, ConstantBackground):
-            self._bg_color = self.ws.get("bg_color", (3,))
+        if self._bg_color is not None:
             self._bg_color.from_numpy(self.background.color.detach().cpu().float().numpy())
 
     def to_torch(self) -> None:
@@ -276,18 +240,6 @@ class DeviceTrainStep:
         )
         return arrays
 
-    def _evaluate(self, prefix: str, origins, directions, t_rows, codes, n_rays: int,
-                  n_samples: int) -> _Evaluation:
-        """The field at ``n_samples`` depths (R, S) per ray, each sample reading its ray's code (R, L)."""
-        rows = n_rays * n_samples
-        points = self.ws.get(prefix + "points", (rows, 3))
-        launch("ray_points", ray_points_kernel, origins, directions, t_rows, points)
-        values = [p.value for p in self.field_params]
-        with self._phase("field forward"):
-            acts = field_forward(values, points, codes, self.field.spec(), self._buffers(prefix),
-                                 repeat=n_samples)
-        return _Evaluation(prefix, rows, n_samples, acts, codes)
-
     # ----- one step ----------------------------------------------------------------------------------
     def run(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
             poison: bool = False) -> dict[str, float] | None:
@@ -318,75 +270,14 @@ class DeviceTrainStep:
             self.table.step()
         return terms
 
-    def _forward(self, inputs: dict, generator: torch.Generator) -> _Rendered:
-        """Rays -> coarse samples -> field -> importance samples -> field -> background -> compositing."""
-        ws, cfg = self.ws, self.render_config
-        n_rays, identity = inputs["n_rays"], inputs["identity"]
-        n_coarse, n_fine = cfg.n_coarse, cfg.n_fine
-        width = n_coarse + n_fine
-        origins, directions = ws.get("origins", (n_rays, 3)), ws.get("directions", (n_rays, 3))
-        near, far = ws.get("near", (n_rays,)), ws.get("far", (n_rays,))
-        launch("generate_rays", rays_kernel, inputs["pixels"], inputs["K"], inputs["w2c"], float(cfg.radius),
-               origins, directions, near, far)  # fmt: skip
-        t_coarse = ws.get("t_coarse", (n_rays * n_coarse,))
-        launch("sample_stratified", stratified_kernel, near, far, mix_key(draw_key(generator)), 1, t_coarse,
-               n_coarse)  # fmt: skip
-        t_coarse_rows = ws.get("t_coarse_rows", (n_rays, n_coarse))
-        launch("layout", flat_to_rows_kernel, t_coarse, t_coarse_rows)
-        codes = ws.get("codes", (n_rays, self.field.latent_dim))
-        launch("gather_codes", gather_rows_kernel, self.table.params[0].value, identity, 1, codes)
-        coarse = self._evaluate("c.", origins, directions, t_coarse_rows, codes, n_rays, n_coarse)
-        sigma, rgb = ws.get("sigma", (n_rays * width,)), ws.get("rgb", (n_rays * width * 3,))
-        fine = order = None
-        if n_fine > 0:
-            # The coarse weights (no gradient) place the importance samples, as render_rays does.
-            sigma_c = ws.get("c.sigma_flat", (n_rays * n_coarse,))
-            rgb_c = ws.get("c.rgb_flat", (n_rays * n_coarse * 3,))
-            launch("layout", rows_to_flat_kernel, coarse.acts.sigma, sigma_c)
-            launch("layout", rows_to_flat_kernel, coarse.acts.rgb, rgb_c)
-            deltas_c = ws.get("c.deltas", (n_rays * n_coarse,))
-            launch("sample_deltas", deltas_kernel, t_coarse, far, deltas_c, n_coarse)
-            weights_c = ws.get("c.weights", (n_rays * n_coarse,))
-            launch("composite_forward", composite_forward_kernel, sigma_c, rgb_c, t_coarse, deltas_c,
-                   ws.zeros("c.background", (n_rays, 3)), weights_c, ws.get("c.per_ray", (n_rays, PER_RAY)),
-                   n_coarse)  # fmt: skip
-            weights_c_rows = ws.get("c.weights_rows", (n_rays, n_coarse))
-            launch("layout", flat_to_rows_kernel, weights_c, weights_c_rows)
-            t_fine = ws.get("t_fine", (n_rays, n_fine))
-            bins = ws.get("bins", (n_rays, n_fine), ti.i32)
-            launch("sample_importance", inverse_cdf_kernel, t_coarse_rows, weights_c_rows, near, far,
-                   mix_key(draw_key(generator)), 1, t_fine, bins)  # fmt: skip
-            t_all, deltas = ws.get("t_all", (n_rays * width,)), ws.get("deltas", (n_rays * width,))
-            order = ws.get("order", (n_rays * width,), ti.i64)
-            launch("sample_importance_and_merge", merge_binned_kernel, t_coarse_rows, t_fine, bins, far,
-                   t_all, order, deltas)  # fmt: skip
-            fine = self._evaluate("f.", origins, directions, t_fine, codes, n_rays, n_fine)
-            launch("merge_outputs", merge_outputs_kernel, order, coarse.acts.sigma, coarse.acts.rgb,
-                   fine.acts.sigma, fine.acts.rgb, n_coarse, sigma, rgb)  # fmt: skip
-        else:
-            launch("layout", rows_to_flat_kernel, coarse.acts.sigma, sigma)
-            launch("layout", rows_to_flat_kernel, coarse.acts.rgb, rgb)
-            t_all, deltas = t_coarse, ws.get("deltas", (n_rays * width,))
-            launch("sample_deltas", deltas_kernel, t_coarse, far, deltas, n_coarse)
-        background, bg = self._background(directions, codes, n_rays)
-        weights, per_ray = ws.get("weights", (n_rays * width,)), ws.get("per_ray", (n_rays, PER_RAY))
-        launch("composite_forward", composite_forward_kernel, sigma, rgb, t_all, deltas, background, weights,
-               per_ray, width)  # fmt: skip
-        return _Rendered(n_rays, width, coarse, fine, order, rgb, t_all, deltas, background, bg, weights,
-                         per_ray)
+    def _forward(self, inputs: dict, generator: torch.Generator) -> Rendered:
+        """Each ray's code from the table, then ``DeviceForward.forward`` (the same draws as render_rays)."""
+        n_rays = inputs["n_rays"]
+        codes = self.ws.get("codes", (n_rays, self.field.latent_dim))
+        launch("gather_codes", gather_rows_kernel, self.table.params[0].value, inputs["identity"], 1, codes)
+        return self.rendering.forward(inputs["pixels"], inputs["K"], inputs["w2c"], codes, n_rays, generator)
 
-    def _background(self, directions, codes, n_rays: int) -> tuple:
-        """(R, 3) background colours, and the network's (activations, codes) or None for a constant."""
-        background = self.ws.get("background", (n_rays, 3))
-        if not self.bg_params:
-            launch("fill_background", fill_rows_kernel, self._bg_color, background)
-            return background, None
-        cfg = self.background.cfg
-        acts = background_forward([p.value for p in self.bg_params], directions, codes, cfg.n_frequencies,
-                                  cfg.include_input, self._buffers("bg."))  # fmt: skip
-        return acts.rgb, (acts, codes)
-
-    def _backward(self, inputs: dict, state: _Rendered) -> None:
+    def _backward(self, inputs: dict, state: Rendered) -> None:
         """Loss -> compositing -> (coarse, fine) field and background -> parameter and table gradients."""
         ws = self.ws
         n_rays, width, identity = state.n_rays, state.width, inputs["identity"]

@@ -26,7 +26,7 @@ _SOURCES = {
     "decode_image": ".image_io", "load_image": ".image_io",
     "FaceLandmarks": ".landmarks", "detect_landmarks": ".landmarks",
     "segment_foreground": ".masks",
-    "PreparedPhoto": ".prepare", "prepare_photo": ".prepare",
+    "PreparedPhoto": ".prepare", "prepare_photo": ".prepare", "solve_inputs": ".prepare",
     "TemplateRefinement": ".refine", "refine_template": ".refine",
     "EYE_DISTANCE": ".template", "load_template": ".template", "save_template": ".template",
     "template_metadata": ".template",
@@ -61,6 +61,7 @@ __all__ = [
     "save_template",
     "segment_foreground",
     "solve_camera",
+    "solve_inputs",
     "template_metadata",
     "yaw_pitch_roll",
 ]
@@ -96,6 +97,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .image_io import decode_image, load_image
     from .landmarks import FaceLandmarks, detect_landmarks
     from .masks import segment_foreground
-    from .prepare import PreparedPhoto, prepare_photo
+    from .prepare import PreparedPhoto, prepare_photo, solve_inputs
     from .refine import TemplateRefinement, refine_template
     from .template import EYE_DISTANCE, load_template, save_template, template_metadata

@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 Framing = Literal["aligned", "landmarks"]
+SolvePoints = Literal["mesh", "paper5"]
+SOLVE_POINTS = ("mesh", "paper5")
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,15 @@ class PoseConfig:
         crop_scale: for `framing="landmarks"`, the square crop side is `crop_scale ×
             max(2.0 × eye distance, 1.8 × eye-to-mouth distance)` (FFHQ's alignment rule uses 2.0).
         segmentation_model: Selfie Segmentation model: 0 = general (256×256), 1 = landscape.
-        template_path: a template JSON to solve against (e.g. one refined by `python -m
-            pose.fit_template`); None = the shipped `pose/data/template.json`.
+        solve_points: which Face Mesh points the camera solve fits: "mesh" = all 468, against the
+            mesh template calibrated on renders with known cameras (`pose.mesh_template`; median
+            rotation error 2.3° on the faces benchmark's registered textures, README); "paper5" = the
+            official code's 5 points (eye and mouth corners, nose tip) against the 5-point template
+            (3.3° there). The Face Detection fallback always uses its 4 points.
+        template_path: a 5-point template JSON (e.g. one refined by `python -m pose.fit_template`) for
+            `solve_points="paper5"` and the fallback; None = the shipped `pose/data/template.json`.
+        mesh_template_path: a 468-point template JSON for `solve_points="mesh"` (one written by
+            `python -m dataset.mesh_template`); None = the shipped `pose/data/mesh_template.json`.
     """
 
     min_image_side: int = 32
@@ -38,11 +47,24 @@ class PoseConfig:
     max_error_fraction: float = 0.03
     crop_scale: float = 2.0
     segmentation_model: int = 0
+    solve_points: SolvePoints = "mesh"
     template_path: str | None = None
+    mesh_template_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.solve_points not in SOLVE_POINTS:
+            raise ValueError(f"PoseConfig.solve_points must be one of {SOLVE_POINTS}, "
+                             f"got {self.solve_points!r}.")
+        if self.template_path is not None and self.solve_points == "mesh":
+            raise ValueError(
+                "PoseConfig.template_path is a 5-point template, which the default all-points solve "
+                "(solve_points='mesh') does not use; set solve_points='paper5' with it, or pass a 468-point "
+                "template as mesh_template_path.")
 
     @classmethod
     def paper(cls) -> PoseConfig:
-        """The defaults."""
+        """The defaults (the best-measured solve, all 468 points; the paper's own 5-point solve is
+        `with_(solve_points="paper5")`)."""
         return cls()
 
     @classmethod

@@ -4,7 +4,8 @@ This is the paper's dataset-wide step: Face Mesh landmarks of every photo (or of
 `--limit`), one camera per photo from the shipped template, then `refine_template` over all of them.
 Only Face Mesh detections with an accepted fit take part; unreadable files, photos without a face and
 Face Detection fallbacks (a different point set) are counted and skipped. The Face Detection template is
-copied unchanged. Use the result with `PoseConfig(template_path=PATH)`.
+copied unchanged. Use the result with `PoseConfig(template_path=PATH, solve_points="paper5")` (it is a
+5-point template; the default all-points solve uses `pose/data/mesh_template.json`).
 """
 
 from __future__ import annotations

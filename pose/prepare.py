@@ -13,9 +13,9 @@ from .config import Framing, PoseConfig
 from .errors import PoseRejectedError
 from .framing import aligned_box, crop_and_resize, landmark_box
 from .image_io import load_image
-from .landmarks import FaceLandmarks, detect_landmarks
+from .landmarks import MESH_INDICES, FaceLandmarks, detect_landmarks
 from .masks import segment_foreground
-from .template import load_template
+from .template import MESH_METHOD, load_template
 
 
 @dataclass
@@ -41,6 +41,23 @@ class PreparedPhoto:
     info: dict = field(default_factory=dict)
 
 
+def solve_inputs(landmarks: FaceLandmarks, config: PoseConfig | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The points the camera solve fits and their template, as `config.solve_points` chooses.
+
+    Returns:
+        (points (P, 2) pixels, template (P, 3) head units, the template's method name): all 468 mesh
+        points against the mesh template ("face_mesh_all") for `solve_points="mesh"` and a Face Mesh
+        detection; otherwise `landmarks.points` against its method's template (the paper's 5 points, or
+        the fallback's 4).
+    """
+    config = config or PoseConfig()
+    if config.solve_points == "mesh" and landmarks.method == "face_mesh" and landmarks.mesh is not None:
+        return (landmarks.mesh[:, :2].copy(), load_template(MESH_METHOD, config.mesh_template_path),
+                MESH_METHOD)
+    return landmarks.points, load_template(landmarks.method, config.template_path), landmarks.method
+
+
 def prepare_photo(image: np.ndarray | str | os.PathLike, resolution: int, framing: Framing = "aligned",
                   config: PoseConfig | None = None, template_path: str | os.PathLike | None = None
                   ) -> PreparedPhoto:
@@ -54,7 +71,8 @@ def prepare_photo(image: np.ndarray | str | os.PathLike, resolution: int, framin
         resolution: side r of the square training image.
         framing: "aligned" (FFHQ/CelebA-HQ: centred square, resized) or "landmarks" (crop on the face).
         config: `PoseConfig`.
-        template_path: a template JSON (default: `config.template_path`, else the shipped one).
+        template_path: a 5-point template JSON (default: `config.template_path`, else the shipped one);
+            given, it is solved against with the paper's 5 points whatever `config.solve_points` says.
 
     Returns:
         `PreparedPhoto`.
@@ -78,9 +96,10 @@ def prepare_photo(image: np.ndarray | str | os.PathLike, resolution: int, framin
     box = aligned_box(image.shape[:2]) if framing == "aligned" else landmark_box(landmarks, config.crop_scale)
     scale = resolution / box.side
     framed_landmarks = landmarks.transformed(scale, np.array([box.x0, box.y0], np.float64))
-    template = load_template(landmarks.method, template_path or config.template_path)
-    fit = solve_camera(framed_landmarks.points, template,
-                       (resolution, resolution), config=config)
+    if template_path is not None:
+        config = config.with_(solve_points="paper5", template_path=str(template_path))
+    points, template, template_method = solve_inputs(framed_landmarks, config)
+    fit = solve_camera(points, template, (resolution, resolution), config=config)
     if not fit.accepted:
         raise PoseRejectedError(
             f"The camera fit is rejected: reprojection error {fit.reprojection_error_px:.2f} px is above the "
@@ -96,7 +115,12 @@ def prepare_photo(image: np.ndarray | str | os.PathLike, resolution: int, framin
         "source_size": [int(image.shape[0]), int(image.shape[1])],
         "crop_box": [box.x0, box.y0, box.side],
         "initialisation": fit.initialisation,
-        "per_point_error_px": [round(float(e), 3) for e in fit.per_point_error_px],
+        "solve_points": template_method,
+        "n_points": len(points),
+        # the named points' errors (all of them for the 5- and 4-point sets), so records stay small
+        "per_point_error_px": [round(float(e), 3) for e in (
+            fit.per_point_error_px[list(MESH_INDICES.values())] if template_method == MESH_METHOD
+            else fit.per_point_error_px)],
     }
     return PreparedPhoto(
         image=crop_and_resize(image, box, resolution),

@@ -10,8 +10,11 @@ towards −z, and the origin is the approximate head centre. The template is in 
 - with focal length `FOCAL_FACTOR` × image width and the camera `CAMERA_DISTANCE` = 7 units from the
   origin (both stated in `common.conventions`), a frontal face fills an FFHQ-like crop.
 
-`pose/data/template.json` is written by `python -m pose.make_template` from Face Mesh's own 3D output;
-see that module for how.
+`pose/data/template.json` (the paper's 5 points and the Face Detection fallback's 4) is written by
+`python -m pose.make_template` from Face Mesh's own 3D output; see that module for how.
+`pose/data/mesh_template.json` (all 468 Face Mesh points, method `"face_mesh_all"`, the default solve's)
+is written by `python -m dataset.mesh_template`, calibrated on renders with known cameras
+(`pose.mesh_template`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ EYE_DISTANCE = 1.2
 NOSE_DEPTH = 1.4
 HEAD_RADIUS = 1.5
 TEMPLATE_PATH = Path(__file__).with_name("data") / "template.json"
+MESH_TEMPLATE_PATH = Path(__file__).with_name("data") / "mesh_template.json"
+MESH_METHOD = "face_mesh_all"  # the template method of the 468-point set (pose.mesh_template)
+
+
+def default_template_path(method: str) -> Path:
+    """The shipped file holding a method's template: the mesh template for "face_mesh_all", else
+    `pose/data/template.json`."""
+    return MESH_TEMPLATE_PATH if method == MESH_METHOD else TEMPLATE_PATH
 
 
 class TemplateError(ValueError):
@@ -66,10 +77,11 @@ def load_template(method: str = "face_mesh", path: str | Path | None = None) -> 
     """The canonical 3D points of one landmark method, in head units.
 
     Args:
-        method: "face_mesh" (5 points) or "face_detection" (4 points, the fallback); the point order
-            matches `FaceLandmarks.points` of that method.
-        path: a template JSON (default: the shipped `pose/data/template.json`, or a refined one
-            written by `save_template`).
+        method: "face_mesh" (the paper's 5 points), "face_detection" (4 points, the fallback; the point
+            order of both matches `FaceLandmarks.points` of that method) or "face_mesh_all" (all 468
+            Face Mesh points, in Face Mesh's order).
+        path: a template JSON (default: the shipped one holding `method`, `default_template_path`; or
+            one written by `save_template`).
 
     Returns:
         (P, 3) float64, a fresh copy.
@@ -77,15 +89,16 @@ def load_template(method: str = "face_mesh", path: str | Path | None = None) -> 
     >>> load_template().shape
     (5, 3)
     """
-    data = _read(str(path or TEMPLATE_PATH))
+    data = _read(str(path or default_template_path(method)))
     if method not in data["points"]:
         raise ValueError(f"Unknown landmark method {method!r}; the template has {sorted(data['points'])}.")
     return np.array(data["points"][method], np.float64)
 
 
-def template_metadata(path: str | Path | None = None) -> dict:
-    """The template file's full contents (names, units, provenance), for manifests."""
-    return json.loads(json.dumps(_read(str(path or TEMPLATE_PATH))))
+def template_metadata(path: str | Path | None = None, method: str = "face_mesh") -> dict:
+    """The template file's full contents (names, units, provenance), for manifests: the file at `path`,
+    else the shipped one holding `method` (`default_template_path`)."""
+    return json.loads(json.dumps(_read(str(path or default_template_path(method)))))
 
 
 def save_template(points: dict[str, np.ndarray], path: str | Path, provenance: dict) -> None:

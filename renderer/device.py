@@ -162,6 +162,24 @@ def scatter_add_rows_kernel(rows: f32_2d, index: i64_1d, repeat: ti.i32, table: 
         ti.atomic_add(table[index[r], c], total)
 
 
+@ti.func
+def merged_layout(order: ti.template(), rows_a: ti.template(), n_a):
+    """The shape of a merge of two evaluations: order flat (R * S), rows_a (R * n_a, ...) ->
+    (R, S, n_b = S - n_a)."""
+    n_rays = rows_a.shape[0] // n_a
+    width = order.shape[0] // n_rays
+    return n_rays, width, width - n_a
+
+
+@ti.func
+def source_row(order: ti.template(), ray, i, n_a, n_b):
+    """Where merged slot i of ``ray`` comes from: (True, its row of a) when order[i] < n_a, else
+    (False, its row of b)."""
+    source = ti.cast(order[i], ti.i32)
+    from_a = source < n_a
+    return from_a, ti.select(from_a, ray * n_a + source, ray * n_b + source - n_a)
+
+
 @ti.kernel
 def merge_outputs_kernel(
     order: i64_1d, sigma_a: f32_2d, rgb_a: f32_2d, sigma_b: f32_2d, rgb_b: f32_2d, n_a: ti.i32,
@@ -170,19 +188,15 @@ def merge_outputs_kernel(
     """Merged slot i = ray * S + k takes source order[i] of [a (R * n_a rows), b (R * n_b rows)]:
     order flat (R * S), sigma_* (R * n, 1), rgb_* (R * n, 3) -> flat sigma (R * S), rgb (R * S * 3),
     S = n_a + n_b."""
-    n_rays = sigma_a.shape[0] // n_a
-    width = order.shape[0] // n_rays
-    n_b = width - n_a
+    n_rays, width, n_b = merged_layout(order, sigma_a, n_a)
     for ray, k in ti.ndrange(n_rays, width):
         i = ray * width + k
-        source = ti.cast(order[i], ti.i32)
-        if source < n_a:
-            row = ray * n_a + source
+        from_a, row = source_row(order, ray, i, n_a, n_b)
+        if from_a:
             sigma[i] = sigma_a[row, 0]
             for c in ti.static(range(3)):
                 rgb[3 * i + c] = rgb_a[row, c]
         else:
-            row = ray * n_b + source - n_a
             sigma[i] = sigma_b[row, 0]
             for c in ti.static(range(3)):
                 rgb[3 * i + c] = rgb_b[row, c]
@@ -194,19 +208,15 @@ def split_grads_kernel(
     grad_sigma_a: f32_2d, grad_rgb_a: f32_2d, grad_sigma_b: f32_2d, grad_rgb_b: f32_2d,
 ):  # fmt: skip
     """The inverse of ``merge_outputs_kernel`` for gradients (each source appears once in ``order``)."""
-    n_rays = grad_sigma_a.shape[0] // n_a
-    width = order.shape[0] // n_rays
-    n_b = width - n_a
+    n_rays, width, n_b = merged_layout(order, grad_sigma_a, n_a)
     for ray, k in ti.ndrange(n_rays, width):
         i = ray * width + k
-        source = ti.cast(order[i], ti.i32)
-        if source < n_a:
-            row = ray * n_a + source
+        from_a, row = source_row(order, ray, i, n_a, n_b)
+        if from_a:
             grad_sigma_a[row, 0] = grad_sigma[i]
             for c in ti.static(range(3)):
                 grad_rgb_a[row, c] = grad_rgb[3 * i + c]
         else:
-            row = ray * n_b + source - n_a
             grad_sigma_b[row, 0] = grad_sigma[i]
             for c in ti.static(range(3)):
                 grad_rgb_b[row, c] = grad_rgb[3 * i + c]

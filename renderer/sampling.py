@@ -3,11 +3,14 @@
 Each kernel does one job, per ray in parallel: stratified samples, the inverse CDF (importance samples
 and their bins), a merge (of any two sorted lists, or of coarse and importance samples by their bins,
 with the interval lengths the compositing needs), interval lengths (``interval`` is their one
-definition). On x64 the stratified samples and the interval lengths also have 8-lane versions
-(``renderer.lanes``). The public functions launch one or two of them, and carry no gradient (sample
-positions are under stop-gradient in LOLNeRF). Random numbers are hashed inside the kernels from one
-key that each call draws from the caller's generator (a PCG hash of the sample index), so a seed gives
-the same samples on every backend; ``reference.hashed_uniforms`` computes the same numbers in torch.
+definition). The inverse CDF and the merge by bins are written as per-sample steps (``walk_to`` on a
+``Walk``, ``merge_fine`` on a ``Merge``), so that ``importance_merge_kernel`` can take both steps for
+each importance sample in one pass over the ray, from the same functions. On x64 the stratified samples
+and the interval lengths also have 8-lane versions (``renderer.lanes``). The public functions launch
+one or two of the kernels, and carry no gradient (sample positions are under stop-gradient in
+LOLNeRF). Random numbers are hashed inside the kernels from one key that each call draws from the
+caller's generator (a PCG hash of the sample index), so a seed gives the same samples on every
+backend; ``reference.hashed_uniforms`` computes the same numbers in torch.
 The conventions (bins, PDF edges, epsilon, uniforms) are in ``renderer.reference``'s docstring.
 """
 
@@ -117,6 +120,154 @@ def bin_mass(weight, left, right, eps_per_length):
     return ti.max(weight, 0.0) + eps_per_length * interval(left, right)
 
 
+@ti.dataclass
+class Walk:
+    """One ray's inverse-CDF walk: the ray's constants, and the bin that the last fine sample lies in.
+
+    Bin i spans [left_i, right_i] = [near | mid(t[i-1], t[i]), mid(t[i], t[i+1]) | far] (``bin_right``);
+    its mass is ``bin_mass``. The fine samples' uniforms are sorted, so the walk only moves forward and
+    visits each bin once per ray: O(S + F).
+    """
+
+    near: ti.f32
+    far: ti.f32
+    eps_per_length: ti.f32  # IMPORTANCE_EPS spread over [near, far]
+    total: ti.f32  # the ray's mass: 0 for a miss (near == far)
+    u_scale: ti.f32  # total / F: the uniforms scaled to the CDF
+    bin: ti.i32
+    cdf_below: ti.f32  # the mass of the bins before ``bin``
+    left: ti.f32  # ``bin``'s edges and mass
+    right: ti.f32
+    mass: ti.f32
+
+
+@ti.func
+def walk_start(t: ti.template(), weights: ti.template(), ray, near, far, n_fine):
+    """The walk of one ray at bin 0, before its first fine sample."""
+    n_bins = t.shape[1]
+    eps_per_length = IMPORTANCE_EPS / ti.max(far - near, TINY)
+    weight_sum = 0.0
+    for i in range(n_bins):
+        weight_sum += ti.max(weights[ray, i], 0.0)
+    # The bin widths telescope to far - near (coarse t sorted inside [near, far]).
+    total = weight_sum + eps_per_length * (far - near)
+    right = bin_right(t, ray, 0, n_bins, far)
+    return Walk(
+        near=near, far=far, eps_per_length=eps_per_length, total=total, u_scale=total / n_fine, bin=0,
+        cdf_below=0.0, left=near, right=right, mass=bin_mass(weights[ray, 0], near, right, eps_per_length),
+    )  # fmt: skip
+
+
+@ti.func
+def walk_next_bin(t: ti.template(), weights: ti.template(), ray, walk: ti.template()):
+    """Move ``walk`` (in place) to the next bin."""
+    walk.cdf_below += walk.mass
+    walk.bin += 1
+    walk.left = walk.right
+    walk.right = bin_right(t, ray, walk.bin, t.shape[1], walk.far)
+    walk.mass = bin_mass(weights[ray, walk.bin], walk.left, walk.right, walk.eps_per_length)
+
+
+@ti.func
+def walk_to(
+    t: ti.template(), weights: ti.template(), ray, j, n_fine, mixed_key, use_jitter, walk: ti.template()
+):
+    """Fine sample j of the ray: moves ``walk`` (in place) to the sample's bin and returns its position.
+
+    The sample's point on the CDF is (j + v) total / F, v hashed from ``mixed_key`` (``hash_uniform``)
+    unless use_jitter is 0 (then v = 0.5). A ray with no mass (a miss, near == far) puts every sample
+    at near, in bin 0.
+    """
+    sample = walk.near
+    if walk.total > 0.0:
+        v = 0.5
+        if use_jitter:
+            v = hash_uniform(ray * n_fine + j, mixed_key)
+        u = (j + v) * walk.u_scale
+        while walk.bin < t.shape[1] - 1 and walk.cdf_below + walk.mass <= u:
+            walk_next_bin(t, weights, ray, walk)
+        frac = 0.0
+        if walk.mass > 0.0:
+            frac = ti.min(ti.max((u - walk.cdf_below) / walk.mass, 0.0), 1.0)
+        sample = walk.left + frac * interval(walk.left, walk.right)
+    return sample
+
+
+@ti.dataclass
+class Merge:
+    """One ray's stable merge of its coarse samples with its importance samples, in flat outputs."""
+
+    first: ti.i32  # the ray's first slot
+    slot: ti.i32  # the next slot to write
+    placed: ti.i32  # coarse samples placed so far
+
+
+@ti.func
+def merge_start(ray, width):
+    """The merge of one ray whose merged row (``width`` slots) starts at flat slot ray * width."""
+    return Merge(first=ray * width, slot=ray * width, placed=0)
+
+
+@ti.func
+def place(t_all: ti.template(), order: ti.template(), merge: ti.template(), value, source, take):
+    """Write (value, source) to ``merge``'s next slot, and keep it only if ``take``. Branch-free: a slot
+    written but not kept is overwritten by the next one."""
+    t_all[merge.slot] = value
+    order[merge.slot] = source
+    merge.slot += ti.cast(take, ti.i32)
+
+
+@ti.func
+def merge_fine(
+    t: ti.template(), t_all: ti.template(), order: ti.template(), ray, merge: ti.template(), b, sample, j
+):
+    """Place the ray's importance sample j (``sample``, in bin b) after the coarse samples that come
+    before it, and advance ``merge`` (in place).
+
+    No search is needed, because coarse sample t_i lies in bin i: every coarse sample of an earlier bin
+    is ``<=`` the fine sample (t_{b-1} <= left_b), and only t_b needs a comparison. So: place the coarse
+    samples of the bins before b not placed yet (the first one branch-free, since in dense regions
+    there is at most one), then t_b if it is ``<=`` the fine sample, then the fine sample. A later
+    coarse sample can only tie with it (equal coarse samples of a degenerate ray make zero-width bins,
+    or the fine sample rounds onto the next edge): a loop that almost never runs places those first,
+    so the result is the stable merge exactly (ties put the coarse sample first).
+    """
+    n_bins = t.shape[1]
+    behind = merge.placed < b
+    place(t_all, order, merge, t[ray, ti.min(merge.placed, n_bins - 1)], merge.placed, behind)
+    merge.placed += ti.cast(behind, ti.i32)
+    while merge.placed < b:
+        place(t_all, order, merge, t[ray, merge.placed], merge.placed, True)
+        merge.placed += 1
+    take = (merge.placed <= b) & (t[ray, b] <= sample)
+    place(t_all, order, merge, t[ray, b], b, take)
+    merge.placed = ti.select(take, b + 1, merge.placed)
+    while merge.placed < n_bins and t[ray, merge.placed] <= sample:  # only on ties
+        place(t_all, order, merge, t[ray, merge.placed], merge.placed, True)
+        merge.placed += 1
+    place(t_all, order, merge, sample, n_bins + j, True)
+
+
+@ti.func
+def merge_finish(
+    t: ti.template(),
+    t_all: ti.template(),
+    order: ti.template(),
+    deltas: ti.template(),
+    ray,
+    merge: ti.template(),
+    far,
+):
+    """After the ray's last importance sample: place the coarse samples left, then the interval lengths
+    of the merged row (``row_intervals``) while it is still in cache, which was faster than a separate
+    launch of ``deltas_lanes`` (README)."""
+    n_bins = t.shape[1]
+    while merge.placed < n_bins:
+        place(t_all, order, merge, t[ray, merge.placed], merge.placed, True)
+        merge.placed += 1
+    row_intervals(t_all, deltas, merge.first, merge.slot - merge.first, far)  # every slot is kept by now
+
+
 @ti.kernel
 def inverse_cdf_kernel(
     t: f32_2d,
@@ -128,58 +279,14 @@ def inverse_cdf_kernel(
     t_fine: f32_2d,
     bins: i32_2d,
 ):
-    """Inverse CDF by a two-pointer walk (the uniforms are sorted): (R, S) t, weights, near, far (R,)
-    -> (R, F) t_fine and bins, the bin each fine sample lies in (what ``merge_binned_kernel`` merges by).
-
-    Bin i spans [left_i, right_i] = [near | mid(t[i-1], t[i]), mid(t[i], t[i+1]) | far] (``bin_right``);
-    its mass is ``bin_mass``. The walk carries the current bin's edges and mass, so each bin is visited
-    once per ray: O(S + F). A ray with no mass (near == far) puts every sample at near, in bin 0.
-    Uniforms are hashed from ``mixed_key`` (``hash_uniform``) unless use_jitter is 0 (then u = 0.5).
-    """
-    n_bins = t.shape[1]
+    """Inverse CDF by a two-pointer walk (``Walk``): (R, S) t, weights, near, far (R,) -> (R, F) t_fine
+    and bins, the bin each fine sample lies in (what ``merge_binned_kernel`` merges by)."""
     n_fine = t_fine.shape[1]
     for ray in range(t.shape[0]):
-        lo, hi = near[ray], far[ray]
-        eps_per_length = IMPORTANCE_EPS / ti.max(hi - lo, TINY)
-        weight_sum = 0.0
-        for i in range(n_bins):
-            weight_sum += ti.max(weights[ray, i], 0.0)
-        # The bin widths telescope to far - near (coarse t sorted inside [near, far]).
-        total = weight_sum + eps_per_length * (hi - lo)
-        u_scale = total / n_fine
-        i = 0
-        cdf_below = 0.0
-        left = lo
-        right = bin_right(t, ray, 0, n_bins, hi)
-        mass = bin_mass(weights[ray, 0], left, right, eps_per_length)
+        walk = walk_start(t, weights, ray, near[ray], far[ray], n_fine)
         for j in range(n_fine):
-            sample = lo  # a miss (near == far) has no mass: every sample sits at near
-            if total > 0.0:
-                v = 0.5
-                if use_jitter:
-                    v = hash_uniform(ray * n_fine + j, mixed_key)
-                u = (j + v) * u_scale
-                while i < n_bins - 1 and cdf_below + mass <= u:
-                    cdf_below += mass
-                    i += 1
-                    left = right
-                    right = bin_right(t, ray, i, n_bins, hi)
-                    mass = bin_mass(weights[ray, i], left, right, eps_per_length)
-                frac = 0.0
-                if mass > 0.0:
-                    frac = ti.min(ti.max((u - cdf_below) / mass, 0.0), 1.0)
-                sample = left + frac * interval(left, right)
-            t_fine[ray, j] = sample
-            bins[ray, j] = i
-
-
-@ti.func
-def place(t_all: ti.template(), order: ti.template(), k, value, source, take):
-    """Write (value, source) to flat slot k of the merged list, and keep it only if ``take``: returns
-    the next free slot. Branch-free: a slot written but not kept is overwritten by the next one."""
-    t_all[k] = value
-    order[k] = source
-    return k + ti.cast(take, ti.i32)
+            t_fine[ray, j] = walk_to(t, weights, ray, j, n_fine, mixed_key, use_jitter, walk)
+            bins[ray, j] = walk.bin
 
 
 @ti.kernel
@@ -189,45 +296,42 @@ def merge_binned_kernel(
     """The stable merge of each ray's coarse samples (R, S) with its importance samples (R, F), given
     the bin of every importance sample (``inverse_cdf_kernel``), and far (R,) -> the compositing input:
     flat (R*(S+F)) t_all, order and deltas, the numbers of ``merge_kernel`` (order indexes
-    [coarse | fine], ties put the coarse sample first) and ``deltas_kernel``.
-
-    No search is needed, because coarse sample t_i lies in bin i: for a fine sample in bin b, every
-    coarse sample of an earlier bin is ``<=`` it (t_{b-1} <= left_b), and only t_b needs a comparison.
-    So, for each fine sample in order: place the coarse samples of the bins before b not placed yet
-    (the first one branch-free, since in dense regions there is at most one), then t_b if it is
-    ``<=`` the fine sample, then the fine sample. A later coarse sample can only tie with it (equal
-    coarse samples of a degenerate ray make zero-width bins, or the fine sample rounds onto the next
-    edge): a loop that almost never runs places those first, so the result is the stable merge exactly.
-    Slots are written without data-dependent branches (``place``); the outputs are flat so the slot
-    index is a running counter. The interval lengths (``row_intervals``) follow per ray while its merged
-    row is still in cache, which was faster than a separate launch of ``deltas_lanes`` (README).
+    [coarse | fine], ties put the coarse sample first) and ``deltas_kernel``. ``merge_fine`` says how.
     """
-    n_bins = t.shape[1]
     n_fine = t_fine.shape[1]
     for ray in range(t.shape[0]):
-        first = ray * (n_bins + n_fine)
-        k = first  # next slot
-        placed = 0  # coarse samples placed
+        merge = merge_start(ray, t.shape[1] + n_fine)
         for j in range(n_fine):
-            b = bins[ray, j]
-            sample = t_fine[ray, j]
-            behind = placed < b
-            k = place(t_all, order, k, t[ray, ti.min(placed, n_bins - 1)], placed, behind)
-            placed += ti.cast(behind, ti.i32)
-            while placed < b:
-                k = place(t_all, order, k, t[ray, placed], placed, True)
-                placed += 1
-            take = (placed <= b) & (t[ray, b] <= sample)  # ties: the coarse sample first (stable)
-            k = place(t_all, order, k, t[ray, b], b, take)
-            placed = ti.select(take, b + 1, placed)
-            while placed < n_bins and t[ray, placed] <= sample:  # only on ties
-                k = place(t_all, order, k, t[ray, placed], placed, True)
-                placed += 1
-            k = place(t_all, order, k, sample, n_bins + j, True)
-        while placed < n_bins:
-            k = place(t_all, order, k, t[ray, placed], placed, True)
-            placed += 1
-        row_intervals(t_all, deltas, first, n_bins + n_fine, far[ray])
+            merge_fine(t, t_all, order, ray, merge, bins[ray, j], t_fine[ray, j], j)
+        merge_finish(t, t_all, order, deltas, ray, merge, far[ray])
+
+
+@ti.kernel
+def importance_merge_kernel(
+    t: f32_2d,
+    weights: f32_2d,
+    near: f32_1d,
+    far: f32_1d,
+    mixed_key: ti.u32,
+    use_jitter: ti.i32,
+    t_fine: f32_2d,
+    t_all: f32_1d,
+    order: i64_1d,
+    deltas: f32_1d,
+):
+    """``inverse_cdf_kernel`` then ``merge_binned_kernel`` in one pass per ray: each importance sample
+    is merged as soon as the walk has placed it, from the walk's own bin, so the bins are never stored
+    and the ray's samples are still in cache. (R, S) t, weights, near, far (R,) -> (R, F) t_fine and
+    flat (R*(S+F)) t_all, order and deltas, bit for bit the numbers of the two kernels."""
+    n_fine = t_fine.shape[1]
+    for ray in range(t.shape[0]):
+        walk = walk_start(t, weights, ray, near[ray], far[ray], n_fine)
+        merge = merge_start(ray, t.shape[1] + n_fine)
+        for j in range(n_fine):
+            sample = walk_to(t, weights, ray, j, n_fine, mixed_key, use_jitter, walk)
+            t_fine[ray, j] = sample
+            merge_fine(t, t_all, order, ray, merge, walk.bin, sample, j)
+        merge_finish(t, t_all, order, deltas, ray, merge, far[ray])
 
 
 @ti.func
@@ -354,7 +458,17 @@ def sample_importance(
     >>> sample_importance(t, w, 2, torch.tensor([0.0]), torch.tensor([4.0]))
     tensor([[2.2500, 2.7500]])
     """
-    t_fine, _ = _inverse_cdf(t, weights, n_samples, near, far, generator)
+    _check_importance(t, weights, n_samples, near, far)
+    n_rays = t.shape[0]
+    device = kernel_device()
+    t_fine = torch.empty((n_rays, n_samples), device=device)
+    bins = torch.empty((n_rays, n_samples), dtype=torch.int32, device=device)
+    if n_rays > 0:
+        launch(
+            "sample_importance", inverse_cdf_kernel,
+            to_kernel(t), to_kernel(weights), to_kernel(near), to_kernel(far), _mixed_key(generator),
+            int(generator is not None), t_fine, bins,
+        )  # fmt: skip
     return t_fine.to(t.device)
 
 
@@ -368,9 +482,9 @@ def sample_importance_and_merge(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sample_importance``, then ``merge_samples_with_deltas(t, t_fine, far)``, without the merge's
     search: -> t_fine (R, F), t_all (R, S+F), order (R, S+F) int64, deltas (R, S+F); the same numbers
-    as the two calls with the same generator state. Two launches: ``inverse_cdf_kernel``, which also
-    records each fine sample's bin, then ``merge_binned_kernel``, which merges by those bins and adds
-    the interval lengths.
+    as the two calls with the same generator state. One launch of ``importance_merge_kernel``: each
+    importance sample is merged by its bin as soon as the walk has placed it, then each ray's interval
+    lengths follow.
 
     >>> t = torch.tensor([[0.5, 1.5, 2.5, 3.5]]); w = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     >>> near, far = torch.tensor([0.0]), torch.tensor([4.0])
@@ -378,30 +492,25 @@ def sample_importance_and_merge(
     >>> order, deltas
     (tensor([[0, 1, 4, 2, 5, 3]]), tensor([[1.0000, 0.7500, 0.2500, 0.2500, 0.7500, 0.5000]]))
     """
-    t_fine, bins = _inverse_cdf(t, weights, n_samples, near, far, generator)
+    _check_importance(t, weights, n_samples, near, far)
     n_rays, width = t.shape[0], t.shape[1] + n_samples
     device = kernel_device()
+    t_fine = torch.empty((n_rays, n_samples), device=device)
     t_all = torch.empty((n_rays, width), device=device)
     order = torch.empty((n_rays, width), dtype=torch.int64, device=device)
     deltas = torch.empty((n_rays, width), device=device)
     if n_rays > 0:
         launch(
-            "sample_importance_and_merge", merge_binned_kernel,
-            to_kernel(t), t_fine, bins, to_kernel(far), t_all.view(-1), order.view(-1), deltas.view(-1),
+            "sample_importance_and_merge", importance_merge_kernel,
+            to_kernel(t), to_kernel(weights), to_kernel(near), to_kernel(far), _mixed_key(generator),
+            int(generator is not None), t_fine, t_all.view(-1), order.view(-1), deltas.view(-1),
         )  # fmt: skip
     return tuple(x.to(t.device) for x in (t_fine, t_all, order, deltas))
 
 
-def _inverse_cdf(
-    t: torch.Tensor,
-    weights: torch.Tensor,
-    n_samples: int,
-    near: torch.Tensor,
-    far: torch.Tensor,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``inverse_cdf_kernel`` after the argument checks: -> t_fine (R, F) and bins (R, F) int32, on the
-    kernel device."""
+def _check_importance(
+    t: torch.Tensor, weights: torch.Tensor, n_samples: int, near: torch.Tensor, far: torch.Tensor
+) -> None:
     _check_rays(near, far)
     if t.dim() != 2 or weights.shape != t.shape or t.shape[0] != near.shape[0]:
         raise ValueError(
@@ -410,17 +519,6 @@ def _inverse_cdf(
         )
     if n_samples < 1 or t.shape[1] < 1:
         raise ValueError(f"need at least one coarse and one fine sample; got {t.shape[1]} and {n_samples}.")
-    n_rays = t.shape[0]
-    device = kernel_device()
-    t_fine = torch.empty((n_rays, n_samples), device=device)
-    bins = torch.empty((n_rays, n_samples), dtype=torch.int32, device=device)
-    if n_rays > 0:
-        launch(
-            "sample_importance", inverse_cdf_kernel,
-            to_kernel(t), to_kernel(weights), to_kernel(near), to_kernel(far), _mixed_key(generator),
-            int(generator is not None), t_fine, bins,
-        )  # fmt: skip
-    return t_fine, bins
 
 
 def merge_samples(t_a: torch.Tensor, t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import taichi as ti
 import torch
 from test_train import TINY, metrics, params
 from tiny_run import train_in_process
@@ -30,7 +31,7 @@ from models.render import RenderConfig, render_image, render_rays
 from models.taichi_background import TaichiBackground
 from models.taichi_field import TaichiField
 from renderer.backend import launch as backend_launch
-from renderer.device import Workspace
+from renderer.device import Workspace, merge_outputs_kernel, split_grads_kernel
 from renderer.optimizers import adam_update, sgd_update
 
 N_IDS, LATENT = 4, 8
@@ -204,6 +205,47 @@ def test_loss_kernels_match_compute_losses(arch):
         np.testing.assert_allclose(gpr[:, 3], expected_opacity, rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(gpr[:, 4], 0.0)
         np.testing.assert_allclose(grad_w.to_numpy(), w.grad.numpy().reshape(-1), rtol=1e-5, atol=1e-8)
+
+
+def test_merge_outputs_and_split_grads_follow_order_with_unequal_halves(arch):
+    """The coarse/fine interleave of the field outputs and its inverse for gradients, against torch's
+    gather and scatter, with n_a != n_b (the step's tests use 8 + 8, where a swap of the two goes
+    unseen)."""
+    g = torch.Generator().manual_seed(0)
+    n_rays, n_a, n_b = 5, 6, 3
+    width = n_a + n_b
+    order = torch.stack([torch.randperm(width, generator=g) for _ in range(n_rays)])  # (R, S)
+    sigma_a, sigma_b = torch.rand(n_rays * n_a, 1, generator=g), torch.rand(n_rays * n_b, 1, generator=g)
+    rgb_a, rgb_b = torch.rand(n_rays * n_a, 3, generator=g), torch.rand(n_rays * n_b, 3, generator=g)
+    ws = Workspace()
+
+    def upload(name, x, dtype=ti.f32):
+        array = ws.get(name, tuple(x.shape), dtype)
+        array.from_numpy(x.numpy())
+        return array
+
+    order_nd = upload("order", order.reshape(-1), ti.i64)
+    sigma, rgb = ws.get("sigma", (n_rays * width,)), ws.get("rgb", (n_rays * width * 3,))
+    halves = (upload("sa", sigma_a), upload("ra", rgb_a), upload("sb", sigma_b), upload("rb", rgb_b))
+    backend_launch("merge_outputs", merge_outputs_kernel, order_nd, *halves, n_a, sigma, rgb)
+    # Per ray, the sources are [its n_a rows of a | its n_b rows of b], indexed by order.
+    sources = [torch.cat([x_a.view(n_rays, n_a, -1), x_b.view(n_rays, n_b, -1)], 1)
+               for x_a, x_b in ((sigma_a, sigma_b), (rgb_a, rgb_b))]
+    expected = [x.gather(1, order[..., None].expand(-1, -1, x.shape[2])) for x in sources]
+    assert np.array_equal(sigma.to_numpy(), expected[0].reshape(-1).numpy())
+    assert np.array_equal(rgb.to_numpy(), expected[1].reshape(-1).numpy())
+
+    grad_sigma = torch.rand(n_rays * width, generator=g)
+    grad_rgb = torch.rand(n_rays * width * 3, generator=g)
+    outs = [ws.get(name, shape) for name, shape in [("gsa", (n_rays * n_a, 1)), ("gra", (n_rays * n_a, 3)),
+                                                    ("gsb", (n_rays * n_b, 1)), ("grb", (n_rays * n_b, 3))]]
+    merged_grads = (upload("gs", grad_sigma), upload("gr", grad_rgb))
+    backend_launch("split_grads", split_grads_kernel, order_nd, *merged_grads, n_a, *outs)
+    for merged, (out_a, out_b) in ((grad_sigma.view(n_rays, width, 1), outs[::2]),
+                                   (grad_rgb.view(n_rays, width, 3), outs[1::2])):
+        split = torch.empty_like(merged).scatter_(1, order[..., None].expand_as(merged), merged)
+        assert np.array_equal(out_a.to_numpy(), split[:, :n_a].reshape(-1, merged.shape[2]).numpy())
+        assert np.array_equal(out_b.to_numpy(), split[:, n_a:].reshape(-1, merged.shape[2]).numpy())
 
 
 def test_auto_keeps_the_step_on_a_vulkan_or_metal_device_only():

@@ -51,7 +51,8 @@ def test_mean_image_baseline_and_summary_on_known_answers():
     depths = np.stack([np.full((8, 8), d, np.float32) for d in (6.0, 8.0)])
     train = SimpleNamespace(images=images, depths=depths)
     K, w2c = np.eye(3), np.zeros((3, 4))
-    views = [(0, images[0], None, K, w2c, depths[0]), (1, images[1], None, K, w2c, depths[1])]
+    views = [evaluation.View(0, images[0], None, K, w2c, depths[0]),
+             evaluation.View(1, images[1], None, K, w2c, depths[1])]
     records = evaluation.mean_image_baseline(train, views)
     # The mean image is 120 everywhere: 20/255 off for both views; the mean depth 7 is 1 off.
     expected = -10 * math.log10((20 / 255) ** 2)

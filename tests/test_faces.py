@@ -65,6 +65,32 @@ def test_projected_vertex_lands_where_expected(yaw, pitch):
     assert abs(on.sum() - raster.hit.sum()) < 0.02 * raster.hit.sum()
 
 
+def test_true_landmarks_are_the_projected_mesh_points_with_their_visibility():
+    """render_view keeps each Face Mesh landmark's true pixel, ray distance and visibility: a visible
+    landmark's pixel sees the landmark itself (the depth map there is its distance), and turning the head
+    hides some landmarks of the far cheek but none of the near one."""
+    config = F.FacesConfig()
+    identity = F.sample_identity(F.identity_rng(config, 0), config.shape_noise)
+    K = default_intrinsics(config.resolution, config.resolution)
+    for yaw in (0.0, 35.0):
+        view = F.render_view(identity, config, yaw, 0.0)
+        marks = view["true_landmarks"]
+        assert marks.shape == (F.N_MESH, 4) and marks.dtype == np.float32
+        projected = project(identity.vertices[:F.N_MESH], K, orbit_camera(yaw, 0.0))
+        np.testing.assert_allclose(marks[:, :2], projected, atol=1e-4)
+        visible = marks[:, 3] == 1.0
+        cols, rows = marks[visible, 0].astype(int), marks[visible, 1].astype(int)
+        depth_there = view["true_depth"][rows, cols]
+        assert np.all(np.abs(depth_there - marks[visible, 2]) < F.LANDMARK_VISIBLE_TOL)
+        assert visible[1]  # the nose tip is always seen
+        if yaw == 0.0:
+            assert visible.mean() > 0.75
+        else:  # the near cheek lies on the camera centre's side of the face (x of the same sign)
+            w2c = view["true_world_to_camera"]
+            side = identity.vertices[:F.N_MESH, 0] * np.sign((-w2c[:, :3].T @ w2c[:, 3])[0])
+            assert visible[side < -0.4].mean() < 0.6 < 0.85 < visible[side > 0.4].mean()
+
+
 def test_mediapipe_finds_every_render_of_a_small_set():
     """Face Mesh finds the face in seeded first-attempt renders of four identities at 256²."""
     config = F.FacesConfig()
@@ -98,6 +124,8 @@ def test_prepare_faces_writes_a_cache_with_the_truth_beside_it(faces_cache, caps
         assert ds.true_depths.shape == ds.true_masks.shape == (len(ds), 64, 64)
         assert ds.true_world_to_camera.shape == (len(ds), 3, 4)
         np.testing.assert_allclose(ds.true_K, np.broadcast_to(default_intrinsics(64, 64), ds.true_K.shape))
+        assert ds.true_landmarks.shape == (len(ds), F.N_MESH, 4)
+        assert set(np.unique(ds.true_landmarks[..., 3])) <= {0, 1} and ds.true_landmarks[..., 3].mean() > 0.5
         for i, source in enumerate(ds.sources):
             yaw, pitch = source["true_yaw_pitch_deg"]
             np.testing.assert_allclose(ds.true_world_to_camera[i], orbit_camera(yaw, pitch), atol=1e-6)

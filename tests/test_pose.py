@@ -34,6 +34,7 @@ from pose import (
     rotation_from_yaw_pitch_roll,
     segment_foreground,
     solve_camera,
+    solve_inputs,
 )
 from pose import landmarks as landmarks_module
 from pose.template import HEAD_RADIUS, TEMPLATE_PATH
@@ -289,15 +290,20 @@ def test_crop_intrinsics_match_pixel_map():
     assert padded[:, :4].max() == 0.0 and padded[:, 4:].min() == 1.0
 
 
-@pytest.mark.parametrize("framing", ["aligned", "landmarks"])
-def test_prepare_photo(photos, framing):
-    photo = prepare_photo(photos["grace_hopper"], 64, framing=framing)
+@pytest.mark.parametrize("framing, solve_points", [("aligned", "mesh"), ("landmarks", "mesh"),
+                                                   ("landmarks", "paper5")])
+def test_prepare_photo(photos, framing, solve_points):
+    config = PoseConfig(solve_points=solve_points)
+    photo = prepare_photo(photos["grace_hopper"], 64, framing=framing, config=config)
     assert photo.image.shape == (64, 64, 3) and photo.image.dtype == np.uint8
     assert photo.mask.shape == (64, 64) and photo.mask.dtype == np.uint8
     assert np.allclose(photo.K, [[128, 0, 32], [0, 128, 32], [0, 0, 1]])
     assert photo.world_to_camera.shape == (3, 4)
-    reprojected = project(load_template(), photo.K, photo.world_to_camera)
-    assert np.sqrt(np.mean(np.sum((reprojected - photo.landmarks.points) ** 2, 1))) == pytest.approx(
+    points, template, method = solve_inputs(photo.landmarks, config)
+    assert method == {"mesh": "face_mesh_all", "paper5": "face_mesh"}[solve_points]
+    assert len(points) == {"mesh": 468, "paper5": 5}[solve_points] == photo.info["n_points"]
+    reprojected = project(template, photo.K, photo.world_to_camera)
+    assert np.sqrt(np.mean(np.sum((reprojected - points) ** 2, 1))) == pytest.approx(
         photo.reprojection_error_px)
     assert photo.reprojection_error_px < 0.02 * 64
     assert np.all((photo.landmarks.points > 0) & (photo.landmarks.points < 64))
@@ -463,7 +469,8 @@ def test_fit_template_cli(tmp_path, photos):
     refined = load_template(path=out)
     assert np.allclose(refined[:2], load_template()[:2])        # the gauge: eyes unchanged
     assert not np.allclose(refined, load_template())
-    photo = prepare_photo(photos["astronaut"], 64, config=PoseConfig(template_path=str(out)))
+    config = PoseConfig(template_path=str(out), solve_points="paper5")
+    photo = prepare_photo(photos["astronaut"], 64, config=config)
     assert np.allclose(project(refined, photo.K, photo.world_to_camera), photo.landmarks.points,
                        atol=3 * photo.reprojection_error_px)
 
@@ -472,7 +479,8 @@ def test_docstring_examples():
     import doctest
     import importlib
 
-    modules = ("camera", "config", "framing", "image_io", "landmarks", "make_template", "refine", "template")
+    modules = ("camera", "config", "framing", "image_io", "landmarks", "make_template", "mesh_template",
+               "refine", "template")
     for name in modules:
         module = importlib.import_module(f"pose.{name}")
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, name

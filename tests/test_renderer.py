@@ -163,8 +163,8 @@ def test_importance_matches_reference(arch):
 
 @pytest.mark.parametrize("n_coarse, n_fine", [(32, 24), (13, 5)])
 def test_importance_and_merge_equals_importance_then_merge(arch, n_coarse, n_fine):
-    """The merge by bins is exactly sample_importance + merge_samples_with_deltas (the general merge),
-    ties and misses included."""
+    """The one-pass importance and merge by bins is exactly sample_importance + merge_samples_with_deltas
+    (the general merge), ties and misses included."""
     rays = 40
     g = torch.Generator().manual_seed(4)
     near = 4 + torch.rand(rays, generator=g)
@@ -630,7 +630,8 @@ def test_deltas_lanes_match_scalar_kernel_bit_for_bit(lane_launches, monkeypatch
 def test_sampling_kernels_take_taichi_ndarrays(arch):
     """The sampling kernels run with every array argument a ``ti.ndarray`` (kept in device memory between
     launches), and give the torch-tensor path's numbers: stratified -> inverse CDF -> merge by bins ->
-    interval lengths, and the general merge."""
+    interval lengths (the two kernels that the device step launches), the one-pass
+    ``importance_merge_kernel`` that ``sample_importance_and_merge`` launches, and the general merge."""
     import taichi as ti
 
     from renderer import sampling
@@ -670,6 +671,12 @@ def test_sampling_kernels_take_taichi_ndarrays(arch):
     got = [torch.from_numpy(x.to_numpy()).view(n_rays, -1) for x in (t_fine, t_all, order, deltas)]
     for g_, e in zip(got, expected, strict=True):
         assert torch.equal(g_, e)
+    one_pass = [ti.ndarray(ti.f32, (n_rays, n_fine))] + [
+        ti.ndarray(dtype, (n_rays * width,)) for dtype in (ti.f32, ti.i64, ti.f32)
+    ]
+    sampling.importance_merge_kernel(t_2d, weights_nd, near_nd, far_nd, mixed, 1, *one_pass)
+    for array, e in zip(one_pass, expected, strict=True):
+        assert torch.equal(torch.from_numpy(array.to_numpy()).view(n_rays, -1), e)
     separate = ti.ndarray(ti.f32, (n_rays * width,))
     sampling.deltas_kernel(t_all, far_nd, separate, width)
     assert torch.equal(torch.from_numpy(separate.to_numpy()).view(n_rays, width), expected[3])
