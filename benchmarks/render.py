@@ -14,12 +14,18 @@ CPU), and its baseline is the reference on that same device (``torch-reference``
 
     python benchmarks/render.py --arch cuda --preset paper --size 256
     python benchmarks/render.py --arch vulkan --field-backend taichi   # the field as Taichi kernels too
+    python benchmarks/render.py --checkpoint CKPT --render-skip-empty off on   # empty-space skipping
 
 With ``--field-backend taichi`` the field (and a background network) run as Taichi kernels, and on
 Vulkan and Metal two contenders are timed: ``<arch>`` (``models.render_image``: every launch gets torch
 tensors, which Taichi copies to the device and back) and ``<arch>-device``
 (``models.device_render``: everything stays in ``ti.ndarray``s; what render.py, evaluate.py and fit.py
 use there). Each reports the host <-> device bytes per image.
+
+With ``--render-skip-empty off on`` (a trained checkpoint needed: a fresh network has no empty space)
+each arch also renders through the class occupancy grid (``<arch>+skip-empty``: the checkpoint's grid,
+or one estimated from the model, as ``render.py --render-skip-empty on``), interleaved with the dense
+path, and the ratio of the two on the same arch is reported (``speedup_vs_dense``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def build_model(args: argparse.Namespace):
         from export.inference import load_model
 
         model = load_model(args.checkpoint)
+        args.model = model  # for --render-skip-empty on
         return model.field, model.background, model.latents.mean(), model.render_config
     torch.manual_seed(0)
     field_cfg = FieldConfig.paper() if args.preset == "paper" else FieldConfig.cpu()
@@ -79,7 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
                              "device-resident path where the arch is Vulkan or Metal)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--render-skip-empty", nargs="+", choices=("off", "on"), default=["off"],
+                        help="with --checkpoint: also render through the occupancy grid (on), beside the "
+                             "dense path (off)")
     args = parser.parse_args(argv)
+    if "on" in args.render_skip_empty and not args.checkpoint:
+        parser.error("--render-skip-empty on needs --checkpoint (a fresh network has no empty space)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -138,6 +150,21 @@ def main(argv: list[str] | None = None) -> dict:
         contenders = {arch: taichi_render}
         if renders_on_device(field, background):
             contenders[f"{arch}-device"] = device_render
+        occupancy = None
+        if "on" in args.render_skip_empty:
+            from export.inference import use_skip_empty
+
+            print(f"{arch}: {use_skip_empty(args.model, 'on')}")
+            occupancy, skip_cfg = args.model.occupancy, args.model.render_config
+
+            def skip_render(field=field, background=background, latent=latent, skip_cfg=skip_cfg,
+                            occupancy=occupancy) -> None:
+                render_image(field, background, latent, K, w2c, args.size, args.size, skip_cfg,
+                             chunk=args.chunk, occupancy=occupancy)
+
+            render_image(field, background, latent, K, w2c, 16, 16, skip_cfg, chunk=args.chunk,
+                         occupancy=occupancy)  # compile kernels
+            contenders[f"{arch}+skip-empty"] = skip_render
         times: dict[str, list[float]] = {name: [] for name in contenders}
         copied: dict[str, int] = {}
         for name, fn in contenders.items():  # compile the kernels, then count one image's copies
@@ -156,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
             results["contenders"][name] = {"median_s": median, "rays_per_s": n_rays / median,
                                            "times_s": times[name], "device": str(device),
                                            "baseline": reference_name, "bytes_copied_per_image": copied[name]}
+        if occupancy is not None:
+            skip = results["contenders"][f"{arch}+skip-empty"]
+            skip["speedup_vs_dense"] = results["contenders"][arch]["median_s"] / skip["median_s"]
+            skip["occupied_fraction"] = occupancy.grid.occupied_fraction()
         if device.type == "cuda":
             results["gpu"] = torch.cuda.get_device_name(device)
     if not base_times:  # nothing ran: still time the CPU reference once
@@ -173,13 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['samples_per_ray']} samples/ray), "
         f"median of {args.repeats}"
     )
-    print(f"{'renderer':<18}{'median s':>10}{'rays/s':>12}{'vs reference':>14}{'MB copied':>11}")
+    print(f"{'renderer':<22}{'median s':>10}{'rays/s':>12}{'vs reference':>14}{'MB copied':>11}"
+          f"{'vs dense':>10}")
     for name, entry in results["contenders"].items():
         if "median_s" in entry:
             copied = entry.get("bytes_copied_per_image")
-            megabytes = f"{copied / 1e6:>11.2f}" if copied is not None else ""
-            print(f"{name:<18}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
-                  f"{entry['speedup_vs_reference']:>13.2f}x{megabytes}")
+            megabytes = f"{copied / 1e6:>11.2f}" if copied is not None else f"{'':>11}"
+            dense = f"{entry['speedup_vs_dense']:>9.2f}x" if "speedup_vs_dense" in entry else ""
+            print(f"{name:<22}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
+                  f"{entry['speedup_vs_reference']:>13.2f}x{megabytes}{dense}")
     if args.json:
         from common.atomic import write_json
 

@@ -34,6 +34,7 @@ import renderer
 import renderer.reference
 from benchmarks.step_report import machine, step_config, summarise, write_summary
 from models.gpu_setup import enable_tf32
+from models.render import RenderConfig
 from models.step_timing import PhaseTimer, TimedField, breakdown_table, timed_step
 from models.train_config import TrainConfig, training_data
 from models.trainer import NullTimer, Trainer
@@ -83,6 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrain", type=int, default=100,
                         help="steps trained before a --render-skip-empty measurement, the grid's warm-up "
                              "being the first half of them (default 100)")
+    parser.add_argument("--occupancy-codes", type=int, default=None,
+                        help="with --render-skip-empty: latent codes per grid update (default: the preset's)")
+    parser.add_argument("--occupancy-fraction", type=float, default=None,
+                        help="with --render-skip-empty: share of cells evaluated per update (default: the "
+                             "preset's)")
+    parser.add_argument("--occupancy-every", type=int, default=None,
+                        help="with --render-skip-empty: steps between grid updates (default: the preset's)")
+    parser.add_argument("--cpu-preset-step", action="store_true",
+                        help="with --checkpoint: time the cpu preset's samples per ray and batch (at most "
+                             "the checkpoint's identities) on the checkpoint's networks")
     args = parser.parse_args(argv)
     if args.render_skip_empty:
         return main_skip_empty(args)
@@ -173,14 +184,29 @@ def main_skip_empty(args) -> dict:
     if args.checkpoint:
         payload = read_checkpoint(Path(args.checkpoint), "cpu")
         config = TrainConfig.from_json(payload["config"])
+        if args.cpu_preset_step:  # the checkpoint's networks, the cpu preset's samples and batch
+            cpu = TrainConfig.cpu()
+            config.render = dataclasses.replace(config.render, n_coarse=cpu.render.n_coarse,
+                                                n_fine=cpu.render.n_fine)
+            config.batch = dataclasses.replace(cpu.batch, identities=min(cpu.batch.identities,
+                                                                          config.data.synthetic_identities))
+            payload["rng"]["ranks"] = []  # another batch shape: the sampler starts from a fresh seed
         pretrain = 0
     else:
         config = TrainConfig.cpu()
         config.data.cache = args.cache
         config.optim.decay_steps = config.run.steps  # as train.py resolves it
         pretrain = args.pretrain
-    # Warm-up ends halfway through pre-training (the default 256 steps would take minutes here).
-    config.render = dataclasses.replace(config.render, skip_empty=True, occupancy_warmup=pretrain // 2)
+    # The grid's schedule is this version's cpu preset (a dense run's checkpoint has none of its own),
+    # with --occupancy-codes/--occupancy-fraction/--occupancy-every applied; warm-up ends halfway through
+    # pre-training (the default 256 steps would take minutes here).
+    preset = RenderConfig.cpu()
+    schedule = {"occupancy_codes": args.occupancy_codes or preset.occupancy_codes,
+                "occupancy_fraction": args.occupancy_fraction or preset.occupancy_fraction,
+                "occupancy_every": args.occupancy_every or preset.occupancy_every,
+                "occupancy_resolution": preset.occupancy_resolution, "early_stop_eps": preset.early_stop_eps}
+    config.render = dataclasses.replace(config.render, skip_empty=True, occupancy_warmup=pretrain // 2,
+                                        **schedule)
     config.data = training_data(config.data)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir), backend, payload, set())
@@ -205,16 +231,18 @@ def main_skip_empty(args) -> dict:
             "step_ms_with_grid_update": (medians["step"] + amortised) * 1e3 if name == "on" else None,
             "field_evals_per_ray": statistics.mean(s["field_per_ray"] for s in samples),
             "ms_per_step_median": {k: v * 1e3 for k, v in medians.items()}, "rays_per_step": rays}
-        print(f"\n== --render-skip-empty {name} ({backend.arch}), cpu preset, {args.steps} steps ==")
+        print(f"\n== --render-skip-empty {name} ({backend.arch}), {cfg.n_coarse} + {cfg.n_fine} samples, "
+              f"{rays} rays, {args.steps} steps ==")
         print(breakdown_table(medians, rays, shares))
         print(f"field evaluations per ray: {results[name]['field_evals_per_ray']:.1f}")
     summary = {
         "machine": machine(),
         "arch": backend.arch, "steps": args.steps, "pretrain_steps": pretrain, "checkpoint": args.checkpoint,
-        "samples_per_ray": [cfg.n_coarse, cfg.n_fine],
+        "samples_per_ray": [cfg.n_coarse, cfg.n_fine], "cpu_preset_step": args.cpu_preset_step,
         "rays_per_step": results[next(iter(results))]["rays_per_step"],
         "pretrain_s": pretrain_s, "grid_update_ms": update_s * 1e3,
         "grid_update_every": cfg.occupancy_every, "grid_resolution": cfg.occupancy_resolution,
+        "grid_codes": cfg.occupancy_codes, "grid_fraction": cfg.occupancy_fraction,
         "occupied_fraction": occupancy.grid.occupied_fraction(),
         "occupied_before_dilation": float(occupancy.grid.core.float().mean()), "results": results}
     if "off" in results and "on" in results:

@@ -14,8 +14,9 @@ a random ``occupancy_fraction`` of all cells plus as many occupied ones (so empt
 found), for ``occupancy_codes - 1`` latent codes taken in turn from the table (a rotating subset, so every
 identity is visited over time) and the mean code, keeping the largest density per point. Both fold into
 the grid with decay; during the first ``occupancy_warmup`` steps every cell stays occupied (the field is
-still forming). Cells that training rays' weights use stay occupied (``OccupancyGrid.mark_used``), so
-the grid never takes away a surface the rendering relies on.
+still forming), and the first update after them evaluates every cell and forgets the earlier
+estimates. Cells that training rays' weights use stay occupied (``OccupancyGrid.mark_used``), so the
+grid never takes away a surface the rendering relies on.
 
 Rendering a ray batch, with the field evaluated once per kept sample:
 1. march the grid: the coarse stratified samples that fall in occupied cells (packed), field with
@@ -59,6 +60,7 @@ class ClassOccupancy:
         self.fraction = cfg.occupancy_fraction
         self.cursor = 0  # the next identity of the rotating subset
         self.updates = 0
+        self.refreshed = False  # whether an update after warm-up has re-estimated every cell afresh
         # The largest density training samples had in each cell since the last update (-1: none).
         self.observed = torch.full((self.grid.n_cells,), -1.0, device=self.grid.density.device)
         self.last_stats: dict[str, float] = {}
@@ -85,9 +87,16 @@ class ClassOccupancy:
                 best = sigma[0] if best is None else torch.maximum(best, sigma[0])
             return best
 
-        fraction = 1.0 if self.updates == 0 else self.fraction  # the first update sees every cell
+        # The first update sees every cell, and so does the first one after warm-up, which also forgets
+        # the estimates made while the field was forming: a young field is dense nearly everywhere, and
+        # cells that neither training samples nor the random share revisit would keep that estimate
+        # (a 600-step run ended with every cell above the threshold, while a fresh estimate of the same
+        # model occupied 16 % of them).
+        refresh = step >= self.warmup and not self.refreshed
+        fraction = 1.0 if self.updates == 0 or refresh else self.fraction
         self.last_stats = self.grid.update(density, generator, warmup=step < self.warmup, fraction=fraction,
-                                           observed=self.observed)
+                                           observed=self.observed, reset=refresh)
+        self.refreshed = self.refreshed or refresh
         self.observed.fill_(-1.0)
         self.updates += 1
         return self.last_stats
@@ -125,11 +134,12 @@ class ClassOccupancy:
 
     def state_dict(self) -> dict:
         return {"grid": self.grid.state_dict(), "cursor": self.cursor, "updates": self.updates,
-                "observed": self.observed.cpu()}
+                "observed": self.observed.cpu(), "refreshed": self.refreshed}
 
     def load_state_dict(self, state: dict) -> None:
         self.grid.load_state_dict(state["grid"])
         self.cursor, self.updates = int(state["cursor"]), int(state["updates"])
+        self.refreshed = bool(state.get("refreshed", False))  # older grids: re-estimated at the next update
         observed = state.get("observed")  # grids saved before training samples were observed lack it
         self.observed = (torch.full_like(self.grid.density, -1.0) if observed is None
                          else observed.to(self.grid.density.device, torch.float32).clone())

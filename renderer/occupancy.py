@@ -292,6 +292,7 @@ class OccupancyGrid:
         fraction: float = 0.25,
         chunk: int = 65536,
         observed: torch.Tensor | None = None,
+        reset: bool = False,
     ) -> dict[str, float]:
         """Re-estimate the grid from ``density_fn`` (points (M, 3) -> density (M,), any torch device)
         at cell-jittered points, decay the old estimates, and re-mark the occupied cells.
@@ -301,6 +302,8 @@ class OccupancyGrid:
         (bounds memory); observed: (C,) densities already known per cell, negative where none is
         (the largest a training step's samples had there): folded in like evaluated values, so those
         cells are re-estimated without evaluating the field again.
+        reset: forget the old estimates first (the new values replace them instead of ``max(decay *
+        old, new)``), for a re-estimate once the field has formed.
         Cells that ``mark_used`` flagged since the last update stay occupied. Returns
         {"evaluated": cells evaluated, "observed": cells taken from ``observed``, "occupied": share of
         cells occupied after the update}.
@@ -319,6 +322,8 @@ class OccupancyGrid:
             merged[cells.long()] = torch.maximum(merged[cells.long()], values)
             cells = torch.nonzero(merged >= 0, as_tuple=True)[0].to(torch.int32)
             values = merged[cells.long()].contiguous()
+        if reset:
+            self.density.zero_()
         launch("occupancy_update", update_kernel, cells, values, self.decay, self.density)
         threshold = min(self.threshold, float(self.density.mean()))
         launch("occupancy_binarize", binarize_kernel, self.density, threshold, int(warmup), self.resolution,

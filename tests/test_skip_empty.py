@@ -96,7 +96,7 @@ def test_training_samples_reestimate_their_cells_without_evaluating_the_field_ag
     cfg = RenderConfig(n_coarse=32, n_fine=16, occupancy_resolution=16, occupancy_warmup=0,
                        occupancy_fraction=1e-6, occupancy_codes=1)
     occupancy = ClassOccupancy(cfg)
-    occupancy.updates = 1  # past the first update, which evaluates every cell
+    occupancy.updates, occupancy.refreshed = 1, True  # past the updates that evaluate every cell
     rays, codes = rays_and_codes(300, seed=11)
     with torch.no_grad():  # rendering for inference observes nothing
         render_rays_skip_empty(field, Flat(), rays, codes, cfg, occupancy, generator=None)
@@ -116,6 +116,34 @@ def test_training_samples_reestimate_their_cells_without_evaluating_the_field_ag
     copy = ClassOccupancy(cfg)
     copy.load_state_dict(occupancy.state_dict())
     assert torch.equal(copy.observed, occupancy.observed)
+
+
+class Fog(nn.Module):
+    """Dense everywhere (a field early in training)."""
+
+    def forward(self, points, latents):
+        return torch.full(points.shape[:-1], 5.0), torch.full((*points.shape[:-1], 3), 0.5)
+
+
+def test_the_first_update_after_warmup_forgets_what_the_young_field_said(arch):
+    """Estimates made during warm-up (fog everywhere) are replaced by a full re-estimate once warm-up
+    ends, so the grid matches a fresh estimate of the formed field instead of keeping every cell."""
+    cfg = RenderConfig(n_coarse=32, n_fine=0, occupancy_resolution=16, occupancy_warmup=2,
+                       occupancy_fraction=1e-6, occupancy_codes=1)
+    owner = ClassOccupancy(cfg)
+    table = torch.zeros(3, 8)
+    owner.update(0, Fog(), table, torch.Generator().manual_seed(0))  # every cell, in warm-up
+    owner.update(1, Ball(), table, torch.Generator().manual_seed(1))  # warm-up, almost no cells
+    assert owner.grid.occupied_fraction() == 1.0 and not owner.refreshed
+    stats = owner.update(2, Ball(), table, torch.Generator().manual_seed(2))  # warm-up over: all, afresh
+    assert stats["evaluated"] == 16**3 and owner.refreshed
+    fresh = ClassOccupancy(cfg)
+    fresh.update(2, Ball(), table, torch.Generator().manual_seed(2))
+    assert torch.equal(owner.grid.occupied, fresh.grid.occupied) and owner.grid.occupied_fraction() < 0.3
+    assert owner.update(3, Ball(), table)["evaluated"] <= 2  # later updates: the small share again
+    copy = ClassOccupancy(cfg)
+    copy.load_state_dict(owner.state_dict())
+    assert copy.refreshed
 
 
 def test_occupancy_owner_rotates_codes_and_round_trips(arch):
