@@ -29,7 +29,7 @@ class PoseConfig:
         segmentation_model: Selfie Segmentation model: 0 = general (256×256), 1 = landscape.
         solve_points: which Face Mesh points the camera solve fits: "mesh" = all 468, against the
             mesh template calibrated on renders with known cameras (`pose.mesh_template`; median
-            rotation error 2.3° on the faces benchmark's registered textures, README); "paper5" = the
+            rotation error 2.4° on the faces benchmark's registered textures, README); "paper5" = the
             official code's 5 points (eye and mouth corners, nose tip) against the 5-point template
             (3.3° there). The Face Detection fallback always uses its 4 points.
         template_path: a 5-point template JSON (e.g. one refined by `python -m pose.fit_template`) for
