@@ -109,25 +109,13 @@ def fit_latent(
     for _ in bar:
         index = torch.randperm(pixels.shape[0], generator=generator)[:n_rays].to(device)
         rays = renderer.generate_rays(pixels[index], K_t, w2c_t, radius=model.render_config.radius)
+        codes = latent[None].expand(n_rays, -1)
         if getattr(model, "occupancy", None) is not None:  # --render-skip-empty on
-            out = render_rays_skip_empty(
-                model.field,
-                model.background,
-                rays,
-                latent[None].expand(n_rays, -1),
-                model.render_config,
-                model.occupancy,
-                generator=generator,
-            )
+            out = render_rays_skip_empty(model.field, model.background, rays, codes, model.render_config,
+                                         model.occupancy, generator=generator)  # fmt: skip
         else:
-            out = render_rays(
-                model.field,
-                model.background,
-                rays,
-                latent[None].expand(n_rays, -1),
-                model.render_config,
-                generator=generator,
-            )
+            out = render_rays(model.field, model.background, rays, codes, model.render_config,
+                              generator=generator)
         terms = compute_losses(
             out.color,
             out.opacity,
