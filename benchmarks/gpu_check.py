@@ -6,16 +6,18 @@ On a machine with an NVIDIA GPU (Python 3.12, CUDA torch, numpy, scipy, scikit-i
 and pytest installed; no network; taichi possibly absent), it:
 
 1. installs the taichi 1.7.4 and dill wheels from ``--wheels`` offline into a temporary prefix
-   (``pip install --no-index --no-deps --target``) when taichi cannot be imported;
+   (``pip install --no-index --no-deps --target``) when taichi cannot be imported (and a colorama wheel
+   there when colorama is missing), then checks that taichi imports;
 2. unpacks the ``.deb`` files of ``--vulkan-debs`` (Debian's ``libvulkan1`` and the libraries NVIDIA's
    Vulkan driver loads) with ``dpkg-deb -x`` when the machine has no Vulkan loader, and points
    ``VK_ICD_FILENAMES`` / ``VK_DRIVER_FILES`` at NVIDIA's ICD file where the driver keeps it;
-3. runs the renderer test files with the ``arch`` fixture on ``cuda`` (LOLNERF_REQUIRE_CUDA=1), and on
+3. prepares 64 synthetic heads at 256² and trains the paper preset for 200 steps on CUDA on them,
+   checking that PSNR rises (first, so that a slow later stage never crowds out this quality check);
+4. runs the renderer test files with the ``arch`` fixture on ``cuda`` (LOLNERF_REQUIRE_CUDA=1), and on
    ``vulkan`` when an NVIDIA Vulkan device is found (it says which);
-4. runs ``benchmarks/renderer.py`` at 4,096 × 192 and 65,536 × 192 rays (Taichi against the torch
+5. runs ``benchmarks/renderer.py`` at 4,096 × 192 and 65,536 × 192 rays (Taichi against the torch
    reference on the same GPU), ``benchmarks/train_step.py`` with the paper preset, and
    ``benchmarks/render.py`` at 256², on CUDA and, when present, on Vulkan (torch on the GPU beside it);
-5. trains the paper preset for 200 steps on CUDA on synthetic heads and checks that PSNR rises;
 6. writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``; exits 1 if any stage failed (or was cut
    by the time budget), 2 for a bad argument.
 
@@ -192,8 +194,11 @@ def install_wheels(wheels: Path, prefix: Path, python: str = sys.executable) -> 
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise CheckError(f"pip could not install {names} offline: {last}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(prefix), os.environ.get("PYTHONPATH", "")]))
-    check = subprocess.run([python, "-c", "import taichi"], capture_output=True, text=True, timeout=120,
-                           env=env)
+    try:
+        check = subprocess.run([python, "-c", "import taichi"], capture_output=True, text=True, timeout=120,
+                               env=env)
+    except subprocess.TimeoutExpired as err:
+        raise CheckError("taichi was installed but did not import within 120 s.") from err
     if check.returncode != 0:
         last = (check.stderr.strip().splitlines() or ["no output"])[-1]
         raise CheckError(f"taichi was installed from {wheels} but does not import: {last} (add the wheel "
@@ -301,6 +306,8 @@ class Runner:
             print(f"[gpu_check] {name}: not run (time budget spent)", flush=True)
             return record
         print(f"[gpu_check] {name} (at most {limit:.0f} s) ...", flush=True)
+        if "--json" in command:  # an earlier run's figures in a reused --out must not pass as this run's
+            Path(command[command.index("--json") + 1]).unlink(missing_ok=True)
         started = time.monotonic()
         with open(log, "w") as handle:
             try:

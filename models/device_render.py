@@ -222,13 +222,15 @@ class DeviceRenderer:
                 value.from_numpy(param.detach().cpu().float().numpy())
             if constant:
                 self.forward_pass.bg_color.from_numpy(self.background.color.detach().cpu().float().numpy())
-        self.transfers.uploaded += sum(p.numel() * 4 for p in self._params)
+        self.transfers.uploaded += sum(p.numel() * 4 for p in self._params) + (12 if constant else 0)
         self._uploaded = versions
 
     def render_image(self, latent: torch.Tensor, K: torch.Tensor, world_to_camera: torch.Tensor, height: int,
                      width: int, chunk: int = 8192) -> dict[str, torch.Tensor]:  # fmt: skip
         """As ``models.render_image``: latent (L,), K (3, 3), world_to_camera (3, 4) ->
         {"color": (H, W, 3), "opacity": (H, W), "depth": (H, W)} as CPU tensors, deterministic samples."""
+        if self.generation != runtime_generation():  # Taichi restarted: every buffer here is gone
+            self.__init__(self.field, self.background, self.render_config)
         self.sync_parameters()
         up, ws = self.transfers, self.ws
         K_dev = up.upload(ws, "in.K", K.detach().cpu().float().numpy().reshape(1, 3, 3))
@@ -237,9 +239,11 @@ class DeviceRenderer:
         pixels = pixel_grid(height, width).numpy()
         n_pixels = pixels.shape[0]
         # Every chunk has the same size (the last one padded with copies of the last pixel), so the
-        # workspace keeps one set of buffers instead of reallocating them for a shorter last chunk.
-        chunk = max(1, min(int(chunk), n_pixels))
-        padded = -(-n_pixels // chunk) * chunk
+        # workspace keeps one set of buffers instead of reallocating them for a shorter last chunk; the
+        # chunks are balanced, so the padding is under one ray per chunk.
+        n_chunks = -(-n_pixels // max(1, int(chunk)))
+        chunk = -(-n_pixels // n_chunks)
+        padded = n_chunks * chunk
         pixels = np.concatenate([pixels, np.repeat(pixels[-1:], padded - n_pixels, axis=0)])
         codes = ws.get("codes", (chunk, code.shape[0]))
         launch("fill_codes", fill_rows_kernel, code, codes)

@@ -11,6 +11,7 @@ come out (12 bytes); ``transfers`` counts both.
     terms = step.run(batch, generator)        # {"rgb", "mask", "hard", "total"} or None (not finite)
     step.to_torch()                           # parameters, table and optimiser state back into torch
 
+Its forward pass is ``models.device_render.DeviceForward`` (shared with device-resident rendering).
 It does what ``models.trainer.Trainer.train_step`` does on the torch path, kernel for kernel: the
 same stratified samples and importance draws from the same generator (so, seeded alike, both paths
 render the same rays), one field evaluation per sample (coarse, then fine), compositing, the LOLNeRF

@@ -177,6 +177,7 @@ class Trainer:
     # ----- state -------------------------------------------------------------------------------------
     def restore(self, payload: dict) -> None:
         """Load networks, table, optimisers, schedulers, step and RNG states from a checkpoint payload."""
+        self.prefetched = self.sampler_state = None  # a batch drawn before the restore is not trained on
         self.field.load_state_dict(payload["field"])
         self.background.load_state_dict(payload["background"])
         self.latents.load_state_dict(payload["latents"])

@@ -75,7 +75,8 @@ def test_the_device_renderer_renders_render_images_image(arch, monkeypatch, back
     assert expected["opacity"].max() > 0.2 and expected["opacity"].min() < expected["opacity"].max() - 0.1
 
     n_params = sum(p.numel() for p in field.parameter_list()) + sum(p.numel() for p in bg.parameters())
-    pixels = 4 * 128  # padded to whole chunks of 128
+    n_params += 3 if background == "constant" else 0  # its colour
+    pixels = 4 * 100  # 400 pixels in 4 balanced chunks of 100
     assert device.transfers.uploaded == 4 * (n_params + 9 + 12 + LATENT + 2 * pixels)
     assert device.transfers.downloaded == 4 * PER_RAY * pixels
 
@@ -116,3 +117,21 @@ def test_one_renderer_is_kept_and_reused_for_the_same_model(arch):
     other_field, _ = _models("constant")
     assert device_renderer(other_field, bg, cfg) is not first
     assert device_renderer(field, bg, RenderConfig(n_coarse=8, n_fine=8)) is not first
+
+
+def test_a_renderer_outlives_a_restart_of_taichi(arch):
+    """A restart invalidates every ndarray; a renderer someone holds makes its buffers again."""
+    from conftest import _start
+
+    from renderer.backend import runtime_generation
+
+    field, bg = _models("network")
+    cfg = RenderConfig(n_coarse=16, n_fine=8)
+    K, w2c = _camera()
+    code = torch.zeros(LATENT)
+    device = DeviceRenderer(field, bg, cfg)
+    before = device.render_image(code, K, w2c, SIZE, SIZE)
+    generation = runtime_generation()
+    _start(arch)
+    assert runtime_generation() != generation
+    _assert_same(device.render_image(code, K, w2c, SIZE, SIZE), before)

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import fit
+from export import fitting
+from export.fitting import FitConfig
 from export.inference import load_model, render_view, start_renderer
 from export.mesh import read_ply
 from export.metrics import psnr, ssim
@@ -39,15 +41,15 @@ def test_fitting_a_heldout_view_comes_within_3db_of_the_training_reconstruction(
     image, mask = np.asarray(heldout.images[index]), np.asarray(heldout.masks[index])
     K, w2c = heldout.K[index], heldout.world_to_camera[index]
     start = render_view(model, model.latents.mean(), K, w2c, 64, 64)
-    result = fit.fit_latent(model, image, mask, K, w2c, fit.FitConfig(steps=120, rays_per_step=512, seed=0))
-    scores, _ = fit.reconstruction_scores(model, result.latent, image, mask, K, w2c)
+    result = fitting.fit_latent(model, image, mask, K, w2c, FitConfig(steps=120, rays_per_step=512, seed=0))
+    scores, _ = fitting.reconstruction_scores(model, result.latent, image, mask, K, w2c)
 
     assert scores["psnr"] >= psnr_train - 3.0, (scores["psnr"], psnr_train)
     assert scores["psnr"] > psnr(start["color"], image) + 1.0  # the fit did the work, not the mean latent
     assert len(result.history) == 120 and result.history[-1]["total"] < result.history[0]["total"]
     # Seeded: the same call gives the same latent.
-    again = fit.fit_latent(model, image, mask, K, w2c, fit.FitConfig(steps=3, rays_per_step=64, seed=5))
-    once = fit.fit_latent(model, image, mask, K, w2c, fit.FitConfig(steps=3, rays_per_step=64, seed=5))
+    again = fitting.fit_latent(model, image, mask, K, w2c, FitConfig(steps=3, rays_per_step=64, seed=5))
+    once = fitting.fit_latent(model, image, mask, K, w2c, FitConfig(steps=3, rays_per_step=64, seed=5))
     np.testing.assert_array_equal(again.latent.numpy(), once.latent.numpy())
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -181,7 +182,6 @@ def test_vulkan_debs_are_unpacked_and_the_nvidia_icd_found(tmp_path, monkeypatch
 
 
 def test_stages_keep_to_their_limits_and_the_budget(tmp_path, monkeypatch):
-    import time
 
     monkeypatch.setattr(gpu_check, "STAGE_BUDGETS_S", {"quick": 30, "slow": 6, "late": 30})
 
@@ -253,3 +253,13 @@ def test_a_gpu_run_that_fails_writes_both_summaries_and_exits_1(tmp_path, monkey
     assert any("budget was spent" in r["detail"] for r in summary["stages"])
     assert (out / "gpu_check.md").read_text().startswith("# gpu_check: FAILED")
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_stage_never_reads_an_earlier_runs_figures(tmp_path):
+    """The file a stage's --json names is deleted before it runs: a reused --out lends it nothing."""
+    old = tmp_path / "renderer-cuda-4096.json"
+    old.write_text('{"stale": true}')
+    runner = gpu_check.Runner(tmp_path, dict(os.environ), budget_s=60, started=time.monotonic())
+    record = runner.run("renderer-cuda-4096", [sys.executable, "-c", "pass", "--json", str(old)])
+    assert record["ok"] and not old.exists()
+    assert gpu_check.require_figures(record, gpu_check.read_json(old) or {}) == {} and not record["ok"]
