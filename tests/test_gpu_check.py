@@ -182,7 +182,6 @@ def test_vulkan_debs_are_unpacked_and_the_nvidia_icd_found(tmp_path, monkeypatch
 
 
 def test_stages_keep_to_their_limits_and_the_budget(tmp_path, monkeypatch):
-
     monkeypatch.setattr(gpu_check, "STAGE_BUDGETS_S", {"quick": 30, "slow": 6, "late": 30})
 
     runner = gpu_check.Runner(tmp_path, dict(os.environ), budget_s=10, started=time.monotonic())
