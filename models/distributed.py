@@ -73,11 +73,21 @@ def any_rank(flag: torch.Tensor) -> bool:
     >>> any_rank(torch.tensor(False))
     False
     """
+    return any_rank_each(flag.reshape(1))[0]
+
+
+def any_rank_each(flags: torch.Tensor) -> list[bool]:
+    """``any_rank`` of each entry of a 1-d bool tensor, for one all-reduce and one host read in all (so a
+    step's several collective decisions cost one sync).
+
+    >>> any_rank_each(torch.tensor([False, True]))
+    [False, True]
+    """
     _, world_size = world()
+    values = flags.reshape(-1).to(torch.float32)
     if world_size > 1:
-        flag = flag.reshape(1).to(torch.float32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in values.tolist()]
 
 
 def all_agree(flag: bool, device: torch.device) -> bool:

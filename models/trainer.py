@@ -6,7 +6,8 @@
 A step: sample a pixel batch of this rank's identities -> rays -> ``render_rays`` through DDP (shared
 networks only) -> losses -> backward -> Adam on the networks, the latent table's own optimiser on its
 rows -> learning-rate schedules. A NaN/inf loss skips the step on every rank. A step syncs with the host
-once (the finiteness check after backward); logged values are read every ``--log-every`` steps. The next
+once (the finiteness check after backward, with the ranks' stop requests in the same all-reduce);
+logged values are read every ``--log-every`` steps. The next
 step's batch is sampled while the GPU runs this one's backward, and copied from pinned memory.
 """
 
@@ -27,7 +28,7 @@ from torch import nn
 from common.atomic import write_text
 from models.background import make_background
 from models.checkpoint import CheckpointKeeper, checkpoint_payload
-from models.distributed import all_agree, any_rank, gather_owned_rows, owned_identities, world
+from models.distributed import all_agree, any_rank_each, gather_owned_rows, owned_identities, world
 from models.field_backend import background_as_backend, make_field
 from models.latents import LatentTable, make_latent_optimizer
 from models.losses import compute_losses, psnr_from_mse
@@ -143,6 +144,8 @@ class Trainer:
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim))
                            for name, opt in self.optimizers.items()}
         self.ray_generator = torch.Generator(device="cpu").manual_seed(run.seed * 1000 + 7 + self.rank)
+        self.stop: StopRequest | None = None  # set by run(); train_step folds its flag into the step's sync
+        self.stop_agreed: bool | None = None  # that flag agreed by all ranks in the last torch-path step
         self.prefetched: dict | None = None  # the next step's batch, already on its way to the device
         self.sampler_state: dict | None = None
         self.timer = NullTimer()
@@ -293,10 +296,15 @@ class Trainer:
             # While the GPU works through the queued forward and backward, the CPU samples the next batch
             # and starts its copy (on the CPU, where nothing is queued, this only changes the order).
             self.prefetch()
-        # The step's one host sync: is the loss finite on every rank? Checked after backward, so the GPU
-        # never waits between forward and backward; a skipped step's gradients are discarded by the next
-        # zero_grad. (Under DDP backward has already all-reduced them, on every rank alike.)
-        if any_rank(~torch.isfinite(terms["total"].detach())):
+        # The step's one host sync: is the loss finite on every rank, and has any rank been asked to stop?
+        # Checked after backward, so the GPU never waits between forward and backward; a skipped step's
+        # gradients are discarded by the next zero_grad. (Under DDP backward has already all-reduced
+        # them, on every rank alike.)
+        total = terms["total"].detach()
+        stop_now = self.stop is not None and self.stop.signal_name is not None
+        bad, self.stop_agreed = any_rank_each(torch.stack([~torch.isfinite(total),
+                                                            torch.tensor(stop_now, device=total.device)]))
+        if bad:
             return None
         with timer.phase("optimiser"):
             for opt in self.optimizers.values():
@@ -342,6 +350,7 @@ class Trainer:
         from tqdm import tqdm
 
         run = self.config.run
+        self.stop = stop
         if self.is_main:
             drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)
         log = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
@@ -374,7 +383,10 @@ class Trainer:
                                         rays_s=f"{metrics['rays_per_s']:.0f}")
                         if log:
                             self.log_metrics(log, tb, metrics, seconds)
-                if all_agree(stop.signal_name is not None, self.device):
+                # Under DDP the torch path's step has already agreed on it in its one sync; one process
+                # (or the device step) reads the flag directly, which costs nothing.
+                agreed = self.stop_agreed if self.world_size > 1 and self.stop_agreed is not None else None
+                if agreed if agreed is not None else all_agree(stop.signal_name is not None, self.device):
                     reason = "signal"
                     break
                 if self.step % run.checkpoint_every == 0 and self.bad_in_row == 0:

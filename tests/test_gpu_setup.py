@@ -175,3 +175,18 @@ def test_batches_reach_cuda_through_pinned_memory_without_blocking():
     assert value.calls == ["pin_memory", ("to", "cuda:0", True)]
     cpu = torch.ones(2)
     assert Trainer.to_device(SimpleNamespace(device=torch.device("cpu")), {"rgb": cpu})["rgb"] is cpu
+
+
+def test_a_steps_collective_decisions_share_one_all_reduce(monkeypatch):
+    """Under DDP the step's finiteness check and the stop request are agreed in one all-reduce and one
+    host read (``any_rank_each``), not one each."""
+    calls = []
+
+    def fake_all_reduce(tensor, op=None):
+        calls.append(tuple(tensor.shape))
+        tensor.copy_(torch.maximum(tensor, torch.tensor([0.0, 1.0])))  # another rank was asked to stop
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed.dist, "all_reduce", fake_all_reduce)
+    assert distributed.any_rank_each(torch.tensor([False, False])) == [False, True]
+    assert calls == [(2,)]
