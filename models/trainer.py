@@ -7,8 +7,8 @@ A step: sample a pixel batch of this rank's identities -> rays -> ``render_rays`
 networks only) -> losses -> backward -> Adam on the networks, the latent table's own optimiser on its
 rows -> learning-rate schedules. A NaN/inf loss skips the step on every rank. A step syncs with the host
 once (the finiteness check after backward, with the ranks' stop requests in the same all-reduce);
-logged values are read every ``--log-every`` steps. The next
-step's batch is sampled while the GPU runs this one's backward, and copied from pinned memory.
+logged values are read every ``--log-every`` steps. The next step's batch is sampled while the GPU
+runs this one's backward, and copied from pinned memory.
 """
 
 from __future__ import annotations
