@@ -11,7 +11,8 @@ CPU: renderer + data + optimiser under 15 %). Phases are measured as ``models.st
 
     python benchmarks/train_step.py --render-skip-empty off on      # skipping empty space, both ways
 
-With ``--render-skip-empty`` it instead trains ``--pretrain`` steps with skipping on (so that the field
+With ``--render-skip-empty`` (the cpu preset with torch on the CPU; ``--preset``, ``--identities`` and
+``--device`` do not apply) it instead trains ``--pretrain`` steps with skipping on (so that the field
 has empty space and the grid has left warm-up), then alternates measured steps with skipping off and on
 (one value alone measures that one) and reports, per setting, the step time in ms (median; with "on"
 the grid update's cost is spread over its period and listed apart) and the field evaluations per ray.
@@ -179,7 +180,10 @@ def main_skip_empty(args) -> dict:
 
     from models.checkpoint import read_checkpoint
 
-    backend = renderer.init_backend(args.arch, "cpu")
+    try:  # the skip-empty comparison runs its field on the CPU (the cpu preset's setting)
+        backend = renderer.init_backend(args.arch, "cpu")
+    except (renderer.BackendUnavailableError, ValueError) as err:
+        raise SystemExit(str(err)) from None
     payload = None
     if args.checkpoint:
         payload = read_checkpoint(Path(args.checkpoint), "cpu")
@@ -201,10 +205,11 @@ def main_skip_empty(args) -> dict:
     # with --occupancy-codes/--occupancy-fraction/--occupancy-every applied; warm-up ends halfway through
     # pre-training (the default 256 steps would take minutes here).
     preset = RenderConfig.cpu()
-    schedule = {"occupancy_codes": args.occupancy_codes or preset.occupancy_codes,
-                "occupancy_fraction": args.occupancy_fraction or preset.occupancy_fraction,
-                "occupancy_every": args.occupancy_every or preset.occupancy_every,
-                "occupancy_resolution": preset.occupancy_resolution, "early_stop_eps": preset.early_stop_eps}
+    given = {"occupancy_codes": args.occupancy_codes, "occupancy_fraction": args.occupancy_fraction,
+             "occupancy_every": args.occupancy_every}
+    schedule = {key: getattr(preset, key) if value is None else value for key, value in given.items()}
+    schedule.update({
+        "occupancy_resolution": preset.occupancy_resolution, "early_stop_eps": preset.early_stop_eps})
     config.render = dataclasses.replace(config.render, skip_empty=True, occupancy_warmup=pretrain // 2,
                                         **schedule)
     config.data = training_data(config.data)
