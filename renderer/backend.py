@@ -23,6 +23,7 @@ for each kernel and the results copied back; the chosen backend's ``reason`` say
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import taichi as ti
@@ -37,6 +38,37 @@ NO_VULKAN = (
     "no Vulkan driver found: install your GPU's Vulkan driver, or mesa-vulkan-drivers and libvulkan1 "
     "for a CPU fallback (lavapipe)"
 )
+
+
+def guard_ndarray_deletion() -> None:
+    """Make a ``ti.ndarray`` that outlives its Taichi runtime harmless when it is finally deleted.
+
+    Taichi 1.7's ``Ndarray.__del__`` asks the *current* program to delete the array's C++ object. For an
+    array made before a ``ti.reset()``/``ti.init()`` that pointer is dangling, and when the allocator has
+    given the address to an array of the new program, the deletion frees that live array: a later
+    launch then fails with "argument not found" or reads freed memory (docs/TAICHI.md). Each array
+    here remembers the runtime that made it (``ti.init`` starts a new one) and asks only that runtime to
+    delete it; an earlier runtime's arrays were freed with it. Installed once, when this module loads.
+    """
+    ndarray = ti.lang._ndarray.ScalarNdarray  # the only ndarray class with a __del__ in Taichi 1.7
+    if getattr(ndarray, "_runtime_guarded", False):
+        return
+    impl = ti.lang.impl
+    make, delete = ndarray.__init__, ndarray.__del__
+
+    def __init__(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        self._made_by = weakref.ref(impl.get_runtime())
+
+    def __del__(self):
+        made_by = getattr(self, "_made_by", None)
+        if made_by is not None and made_by() is impl.get_runtime():
+            delete(self)
+
+    ndarray.__init__, ndarray.__del__, ndarray._runtime_guarded = __init__, __del__, True
+
+
+guard_ndarray_deletion()
 
 
 class BackendUnavailableError(RuntimeError):

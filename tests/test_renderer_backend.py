@@ -1,8 +1,10 @@
 """Backend selection errors and the profiling switch."""
 
+import gc
 import json
 import sys
 
+import numpy as np
 import pytest
 import taichi as ti
 import torch
@@ -138,3 +140,62 @@ def test_profile_table_and_chrome_trace(arch, tmp_path, capsys):
     assert kernels[1] in printed and "total ms" in printed
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name") == "renderer.composite_forward" for e in events)
+
+
+class _RecordingProgram:
+    """Stands in for Taichi's program: records which arrays it is asked to delete, forwards the rest."""
+
+    def __init__(self, program):
+        self.program, self.deleted = program, []
+
+    def delete_ndarray(self, arr):
+        self.deleted.append(arr)
+        self.program.delete_ndarray(arr)
+
+    def __getattr__(self, name):
+        return getattr(self.program, name)
+
+
+def test_an_array_from_before_a_restart_is_never_deleted_by_the_new_runtime(restore_taichi):
+    """Taichi 1.7 deletes any dropped ndarray through the *current* program: for an array of an earlier
+    runtime that is a dangling pointer, which can free a live array of the new runtime (seen in CI as
+    "argument not found" in a resumed run's Adam launch). The guard sends each deletion to the runtime
+    that made the array, so only the new runtime's own arrays reach it."""
+    assert backend._start("cpu", False, 0)
+    old = ti.ndarray(ti.f32, (4,))
+    assert backend._start("cpu", False, 0)
+    runtime = ti.lang.impl.get_runtime()
+    new = ti.ndarray(ti.f32, (4,))
+    new_arr, recorder = new.arr, _RecordingProgram(runtime.prog)
+    runtime.prog = recorder
+    try:
+        del old
+        gc.collect()
+        assert recorder.deleted == []
+        del new
+        gc.collect()
+        assert recorder.deleted == [new_arr]  # the new runtime's own arrays are still freed
+    finally:
+        runtime.prog = recorder.program
+
+
+def test_arrays_of_the_new_runtime_survive_the_old_ones_being_dropped(restore_taichi):
+    """The same end to end: many arrays made, Taichi restarted, as many made again (the allocator reuses
+    the old addresses), the old ones dropped; every new one still holds its values and launches."""
+    assert backend._start("cpu", False, 0)
+    old = [ti.ndarray(ti.f32, (16,)) for _ in range(300)]
+    assert backend._start("cpu", False, 0)
+    new = [ti.ndarray(ti.f32, (16,)) for _ in range(300)]
+    for i, array in enumerate(new):
+        array.fill(float(i))
+    del old
+    gc.collect()
+    for i, array in enumerate(new):
+        _double(array)
+        assert np.array_equal(array.to_numpy(), np.full(16, 2.0 * i, np.float32)), i
+
+
+@ti.kernel
+def _double(a: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+    for i in a:
+        a[i] += a[i]
