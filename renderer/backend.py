@@ -62,7 +62,8 @@ def guard_ndarray_deletion() -> None:
 
     def __del__(self):
         made_by = getattr(self, "_made_by", None)
-        if made_by is not None and made_by() is impl.get_runtime():
+        current = getattr(impl, "get_runtime", None)  # None while the interpreter shuts down
+        if made_by is not None and current is not None and made_by() is current():
             delete(self)
 
     ndarray.__init__, ndarray.__del__, ndarray._runtime_guarded = __init__, __del__, True
