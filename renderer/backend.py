@@ -43,7 +43,7 @@ NO_VULKAN = (
 def guard_ndarray_deletion() -> None:
     """Make a ``ti.ndarray`` that outlives its Taichi runtime harmless when it is finally deleted.
 
-    Taichi 1.7's ``Ndarray.__del__`` asks the *current* program to delete the array's C++ object. For an
+    Taichi 1.7's ``ScalarNdarray.__del__`` asks the *current* program to delete the array's C++ object. For an
     array made before a ``ti.reset()``/``ti.init()`` that pointer is dangling, and when the allocator has
     given the address to an array of the new program, the deletion frees that live array: a later
     launch then fails with "argument not found" or reads freed memory (docs/TAICHI.md). Each array
@@ -63,7 +63,9 @@ def guard_ndarray_deletion() -> None:
     def __del__(self):
         made_by = getattr(self, "_made_by", None)
         current = getattr(impl, "get_runtime", None)  # None while the interpreter shuts down
-        if made_by is not None and current is not None and made_by() is current():
+        if made_by is None:  # made before this guard was installed: Taichi's own behaviour
+            delete(self)
+        elif current is not None and made_by() is current():
             delete(self)
 
     ndarray.__init__, ndarray.__del__, ndarray._runtime_guarded = __init__, __del__, True
