@@ -151,6 +151,28 @@ class SkipStats:
     last: ClassVar[dict[str, float]] = {}
 
 
+def field_at_samples(field: nn.Module, points: torch.Tensor, latents: torch.Tensor,
+                     ray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The field at packed samples: points (N, 3) of rays ``ray`` (N,) with codes ``latents`` (R, L) ->
+    sigma (N,), rgb (N, 3).
+
+    Where every ray shares one code (``render_image`` expands a single latent: a zero row stride), the
+    samples go to the field as one ray of N samples, so its latent term is computed once instead of per
+    sample and no (N, L) copy of the code is made.
+
+        >>> from models.field import ConditionedField, FieldConfig
+        >>> field = ConditionedField(FieldConfig(depth=2, width=8), latent_dim=4)
+        >>> code = torch.zeros(4)[None].expand(3, -1)  # three rays, one code
+        >>> sigma, rgb = field_at_samples(field, torch.zeros(5, 3), code, torch.tensor([0, 0, 1, 2, 2]))
+        >>> sigma.shape, rgb.shape
+        (torch.Size([5]), torch.Size([5, 3]))
+    """
+    if latents.shape[0] > 1 and latents.stride(0) == 0:
+        sigma, rgb = field(points[None], latents[:1])
+        return sigma[0], rgb[0]
+    return field(points, latents[ray])
+
+
 def render_rays_skip_empty(
     field: nn.Module,
     background: nn.Module,
@@ -175,7 +197,7 @@ def render_rays_skip_empty(
     n_c = coarse.t.shape[0]
     ray_c = ray_indices(coarse.counts, n_c)
     points = rays.origins[ray_c] + coarse.t[:, None] * rays.directions[ray_c]
-    sigma_c, rgb_c = field(points, latents[ray_c])
+    sigma_c, rgb_c = field_at_samples(field, points, latents, ray_c)
     with torch.no_grad():
         first = renderer.composite_packed(
             sigma_c.detach(),
@@ -211,26 +233,27 @@ def render_rays_skip_empty(
             cells = occupancy_cells(fine_points, grid.resolution, grid.radius)
             keep_f = (grid.occupied[cells] != 0) & (t_fine < cut_depth[:, None])
             keep_f &= (rays.far > rays.near)[:, None]
-        sigma_f, rgb_f = field(fine_points[keep_f], latents[torch.nonzero(keep_f)[:, 0]])
-        with torch.no_grad():
-            # Index of each (R, S+F) merged sample among cat([packed coarse, packed fine]).
-            packed_c = torch.full((n_rays * n_coarse,), -1, dtype=torch.int64, device=dev)
-            packed_c[dense_slot] = torch.arange(n_c, device=dev)
-            packed_f = torch.full((n_rays * n_fine,), -1, dtype=torch.int64, device=dev)
-            packed_f[torch.nonzero(keep_f.view(-1))[:, 0]] = n_c + torch.arange(sigma_f.shape[0], device=dev)
-            source = torch.cat([packed_c.view(n_rays, n_coarse), packed_f.view(n_rays, n_fine)], 1)
-            source = source.gather(1, order)
-            keep = source >= 0
-            counts = keep.sum(1).to(torch.int32)
-            pick = source[keep]
-        sigma = torch.cat([sigma_c, sigma_f])[pick]
-        rgb = torch.cat([rgb_c, rgb_f])[pick]
-        t_kept, deltas_kept = t_all[keep], deltas[keep]
+            slot_f = keep_f.view(-1).nonzero()[:, 0]  # kept fine samples' (R * F) slots, one nonzero only
+        sigma_f, rgb_f = field_at_samples(field, fine_points.view(-1, 3)[slot_f], latents,
+                                          torch.div(slot_f, n_fine, rounding_mode="floor"))
         width = n_coarse + n_fine
         n_f = sigma_f.shape[0]
+        with torch.no_grad():
+            # Index of each (R, S+F) merged sample among cat([packed coarse, packed fine]), -1 if skipped.
+            source = torch.full((n_rays * width,), -1, dtype=torch.int64, device=dev)
+            source[ray_c * width + coarse.bins.to(torch.int64)] = torch.arange(n_c, device=dev)
+            source[slot_f + torch.div(slot_f, n_fine, rounding_mode="floor") * n_coarse + n_coarse] = \
+                torch.arange(n_c, n_c + n_f, device=dev)
+            source = source.view(n_rays, width).gather(1, order)
+            keep = source >= 0
+            counts = keep.sum(1).to(torch.int32)
+            kept = keep.view(-1).nonzero()[:, 0]  # the kept merged samples' (R * (S+F)) slots
+            pick = source.view(-1)[kept]
+        sigma = torch.cat([sigma_c, sigma_f])[pick]
+        rgb = torch.cat([rgb_c, rgb_f])[pick]
+        t_kept, deltas_kept = t_all.reshape(-1)[kept], deltas.reshape(-1)[kept]
     else:
-        keep = torch.zeros(n_rays * n_coarse, dtype=torch.bool, device=dev).index_fill_(0, dense_slot, True)
-        keep = keep.view(n_rays, n_coarse)
+        kept = dense_slot
         sigma, rgb, t_kept, deltas_kept, counts = sigma_c, rgb_c, coarse.t, coarse.deltas, coarse.counts
         width = n_coarse
         n_f = 0
@@ -243,8 +266,8 @@ def render_rays_skip_empty(
         grid.mark_used(rays, t_kept, offsets, counts, out.weights.detach())
         occupancy.observe(rays, t_kept, counts, sigma)
     # The hard-surface loss averages over every sample of the dense list; skipped samples weigh 0.
-    weights = torch.zeros((n_rays, width), dtype=out.weights.dtype, device=dev)
-    weights = weights.masked_scatter(keep, out.weights)
+    weights = torch.zeros(n_rays * width, dtype=out.weights.dtype, device=dev)
+    weights = weights.index_put((kept,), out.weights).view(n_rays, width)
     SkipStats.last = {
         "coarse_per_ray": n_c / max(n_rays, 1),
         "fine_per_ray": n_f / max(n_rays, 1),

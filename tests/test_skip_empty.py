@@ -209,3 +209,27 @@ def test_the_device_step_is_not_chosen_with_skipping_and_refused_when_asked_for(
             "--field-backend", "taichi", "--device-step", "on", "--render-skip-empty", "on",
         ])  # fmt: skip
     assert not (tmp_path / "cache").exists()  # refused before any preparation
+
+
+def test_one_code_shared_by_every_ray_renders_as_separate_copies_of_it(arch):
+    """render_image expands one latent over the rays (row stride 0), and the packed samples then reach
+    the field as one ray of many samples; values and gradients match rays that each hold a copy."""
+    torch.manual_seed(2)
+    field = ConditionedField(FieldConfig(depth=2, width=16, n_frequencies=2), latent_dim=8)
+    cfg = RenderConfig(n_coarse=16, n_fine=8, occupancy_resolution=8)
+    occupancy = ClassOccupancy(cfg)
+    rays, _ = rays_and_codes(40, seed=5)
+    code = torch.randn(8, generator=torch.Generator().manual_seed(9))
+    shared, copies = code[None].expand(40, -1), code[None].repeat(40, 1)
+    assert shared.stride(0) == 0 and copies.stride(0) == 8
+    outs, grads = [], []
+    for codes in (shared, copies):
+        out = render_rays_skip_empty(field, Flat(), rays, codes, cfg, occupancy,
+                                     generator=torch.Generator().manual_seed(1))
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.color.sum() + out.depth.sum(), list(field.parameters())))
+    assert SkipStats.last["field_per_ray"] > 0
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
