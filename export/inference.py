@@ -234,14 +234,27 @@ def latent_mesh(
     """Marching cubes on the density of one latent over [-bound, bound]^3, coloured by the colour field.
 
     ``level=None`` picks the level with ``surface_level``. Raises ValueError when no density reaches it.
+    With an occupancy grid attached (``use_skip_empty(model, "on")``) the field is evaluated only at grid
+    points in occupied cells and is zero elsewhere, as the renders see it.
     """
     device = model_device(model)
     latent = torch.as_tensor(latent, dtype=torch.float32).to(device)
     if level is None:
         level = surface_level(model, latent)
+    occupancy = getattr(model, "occupancy", None)
 
     def density(points: torch.Tensor) -> torch.Tensor:
-        return model.field(points.to(device), latent[None].expand(points.shape[0], -1))[0]
+        points = points.to(device)
+        if occupancy is None:
+            return model.field(points[None], latent[None])[0][0]
+        from renderer.reference import occupancy_cells
+
+        grid = occupancy.grid
+        cells = occupancy_cells(points, grid.resolution, grid.radius).to(grid.occupied.device)
+        inside = (grid.occupied[cells] != 0).to(device)
+        sigma = torch.zeros(points.shape[0], device=device)
+        sigma[inside] = model.field(points[inside][None], latent[None])[0][0]
+        return sigma
 
     def color(points: torch.Tensor) -> torch.Tensor:
         return model.field(points.to(device), latent[None].expand(points.shape[0], -1))[1]

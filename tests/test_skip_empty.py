@@ -233,3 +233,34 @@ def test_one_code_shared_by_every_ray_renders_as_separate_copies_of_it(arch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_meshes_evaluate_only_occupied_cells_and_keep_the_surface(arch):
+    """latent_mesh with a grid attached: the field runs at the grid points of occupied cells only (a
+    quarter of the cube's for this ball), and the mesh is the one the dense grid gives."""
+    from types import SimpleNamespace
+
+    from export.inference import latent_mesh
+    from export.mesh import mesh_volume
+
+    class Counting(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.points = inner, 0
+
+        def forward(self, points, latents):
+            self.points += points.shape[:-1].numel()
+            return self.inner(points, latents)
+
+    field = Counting(Ball())
+    cfg = RenderConfig(n_coarse=32, n_fine=0, occupancy_resolution=32, occupancy_warmup=0)
+    occupancy = ClassOccupancy(cfg)
+    occupancy.update(1, field.inner, torch.zeros(2, 8), generator=torch.Generator().manual_seed(0))
+    model = SimpleNamespace(field=field, latents=SimpleNamespace(codes=torch.zeros(2, 8)), occupancy=None)
+    dense = latent_mesh(model, torch.zeros(8), resolution=48, level=15.0)
+    dense_points, field.points = field.points, 0
+    model.occupancy = occupancy
+    skipped = latent_mesh(model, torch.zeros(8), resolution=48, level=15.0)
+    assert dense_points >= 48**3 and field.points - (dense_points - 48**3) < 0.3 * 48**3  # 23 %
+    assert mesh_volume(skipped) == pytest.approx(mesh_volume(dense), rel=1e-4)
+    assert mesh_volume(dense) == pytest.approx(4.0 / 3.0 * 3.14159 * 0.8**3, rel=0.05)
