@@ -16,7 +16,8 @@ units). Candidates:
 - ``mesh``: all 468 points against the shipped mesh template (``pose/data/mesh_template.json``, the
   default ``PoseConfig(solve_points="mesh")``); refused when its calibration seed is the evaluated one;
 - ``mesh_all_textures``: the same against a template triangulated on all calibration renders, the
-  cameraman's texture too;
+  cameraman's texture too with ``--cameraman-texture`` (without it every render is registered, so this is
+  the mesh template triangulated afresh on this generator's calibration renders);
 - ``mesh_attention``: the 468 points of Face Mesh's attention model against a template triangulated from
   its own detections on the calibration renders;
 - ``facemesh_3d``: Face Mesh's own 3D output (x, y, z) aligned to the mean mesh by a 3D similarity
@@ -29,8 +30,12 @@ Calibrated templates are fitted on renders of ``--calibration-seed`` (default 1)
 cameras, only those textured by the template portraits (``dataset.mesh_template``, REGISTERED_TEXTURES)
 unless said otherwise; the evaluation seed (``--seed``, default 0) must differ.
 
+By default the faces source textures its identities with astronaut and grace_hopper only (generator
+version 3); ``--cameraman-texture`` brings back the cameraman's texture (misregistered on the mesh:
+docs/MEDIAPIPE.md) for both seeds, as the generator before version 3 drew it.
+
 Reported per candidate, over all renders and separately over the registered textures (astronaut,
-grace_hopper) and the cameraman's (whose texture is misregistered on the mesh: docs/MEDIAPIPE.md):
+grace_hopper) and, with ``--cameraman-texture``, the cameraman's:
 
 - rotation error: the angle of R_solved · R_trueᵀ (degrees), median and 90th percentile;
 - relative rotation error: the same for the rotation between two views of one identity;
@@ -249,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="camera solves to measure (default: all)")
     parser.add_argument("--refine", action="store_true",
                         help="also measure the 5-point candidates after joint template refinement")
+    parser.add_argument("--cameraman-texture", action="store_true",
+                        help="also texture identities with the misregistered cameraman portrait, as the "
+                             "generator before version 3 did (default: astronaut and grace_hopper only)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--cache", default=None,
                         help="folder to keep the renders' landmarks in (.npz), reused by later runs")
@@ -262,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache) if args.cache else None
     start = time.perf_counter()
     renders, misses = calibration.render_landmark_set(args.identities, args.views, args.seed,
-                                                      args.render_size, cache)
+                                                      args.render_size, cache, args.cameraman_texture)
     calibration_renders, _ = calibration.render_landmark_set(args.calibration_identities, args.views,
-                                                             args.calibration_seed, args.render_size, cache)
+                                                             args.calibration_seed, args.render_size, cache,
+                                                             args.cameraman_texture)
     render_seconds = time.perf_counter() - start
     table = solvers(args.candidates, calibration_renders, args.seed, args.render_size)
     results = measure(renders, table, args.render_size, args.refine)

@@ -23,6 +23,9 @@ class PrepareConfig:
         synthetic_identities: number of identities the synthetic or faces generator draws.
         faces_render_size: side of the faces source's renders, which MediaPipe sees before they are
             resized to ``resolution`` like photos (``dataset.faces``).
+        faces_cameraman_texture: faces: also texture identities with scikit-image's cameraman, whose Face
+            Mesh is misregistered by about 10° of head rotation, so the truth of his renders is wrong
+            (``dataset.faces.FacesConfig.cameraman_texture``, docs/MEDIAPIPE.md); off by default.
         srn_world_scale: SRN scenes are multiplied by this so the objects sit at radius ~1.5, like a head,
             inside the renderer's radius-2 sphere; None estimates it from the silhouettes and cameras
             (``dataset.srn.fit_scene``). Recorded in the manifest as world_scale, with the scene_fit.
@@ -46,6 +49,10 @@ class PrepareConfig:
         "help": "identities the synthetic or faces generator draws"})
     faces_render_size: int = field(default=256, metadata={
         "help": "faces: side of the rendered image MediaPipe sees, before it is resized to --resolution"})
+    faces_cameraman_texture: bool = field(default=False, metadata={
+        "help": "faces: also texture identities with the cameraman portrait, whose Face Mesh is "
+                "misregistered by about 10 degrees, so his renders disagree with their truth (as the "
+                "generator before version 3 did)"})
     srn_world_scale: float | None = field(default=None, metadata={
         "help": "multiply SRN scenes by this; none: from the data, so the objects fit at radius 1.5 "
                 "(SRN cars: about 3)"})

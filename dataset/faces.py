@@ -6,19 +6,24 @@ triangles with barycentric texture lookup; nothing here uses ``renderer/``):
 
 - **Portraits** (``portraits``): scikit-image's astronaut and cameraman (grayscale) and matplotlib's
   grace_hopper, and their mirror images: six base faces (docs/MEDIAPIPE.md, Real photos available
-  offline).
+  offline). By default only the four registered ones (astronaut, grace_hopper, mirrored or not) are
+  used, for shapes and textures alike; ``FacesConfig.cameraman_texture`` opts the cameraman's texture
+  back in.
 - **Shape.** Face Mesh's 468 3D landmarks of each base face (the model inside the pinned wheel), aligned
   by 3D similarity to their mean and put in head units by the same frame as the landmark template
   (``pose.make_template``: outer eye corners 1.2 apart, origin 1.4 behind the nose tip, face towards
   -z, y down). An identity blends the shapes of the four calibration faces (astronaut, grace_hopper,
   mirrored or not) with Dirichlet weights, scales each axis by a few per cent and adds smooth random
-  bumps. The cameraman lends only its texture: its Face Mesh (a 70-px face turned aside) disagrees with
+  bumps. The cameraman never lends its shape: its Face Mesh (a 70-px face turned aside) disagrees with
   the others' eye-nose-mouth geometry by about 10° of head rotation, which would make its truth frame
-  ambiguous.
+  ambiguous. Its landmarks being off, its texture is misregistered on the mesh too (its painted eyes
+  and mouth are not where the vertices are, so Face Mesh finds them 8–9 px RMS off at 256²,
+  docs/MEDIAPIPE.md), and renders textured by it disagree with their ground truth: off by default.
 - **Triangles** (``face_triangles``): the 3-cliques of mediapipe's ``FACEMESH_TESSELATION`` edge list
   (less the two separating 3-cycles that are not faces of the surface); the eye and mouth openings it
   leaves are closed by a fan around one added vertex each.
-- **Texture and colour.** One of the six base faces' photos, drawn uniformly, mapped through its own
+- **Texture and colour.** One of the texture portraits' base faces (``FacesConfig.texture_portraits``:
+  four by default, six with the cameraman), drawn uniformly, its photo mapped through its own
   landmarks (vertex i takes the photo's colour at its landmark i), times a per-identity skin tone;
   Lambertian shading under a per-identity world light is baked per vertex, so a point has the same
   colour from every view. The background is a random colour gradient with low-frequency noise.
@@ -49,10 +54,14 @@ import numpy as np
 from common.conventions import CAMERA_DISTANCE, default_intrinsics, orbit_camera
 
 # Bump when the generator changes what it draws, so caches built by an older generator are rebuilt.
-GENERATOR_VERSION = 2  # 2: the projected true landmarks (``true_landmarks``) are kept with the truth
+# 2: the projected true landmarks (``true_landmarks``) are kept with the truth; 3: no cameraman texture by
+# default (identities draw their texture from the four registered base faces).
+GENERATOR_VERSION = 3
 N_MESH = 468  # Face Mesh landmarks (without the iris refinement)
 # The portraits the landmark template was derived from (pose.make_template.calibration_photos).
 CALIBRATION_PORTRAITS = ("astronaut", "grace_hopper")
+# Every portrait the generator can use, in base-face order (``portraits``).
+PORTRAIT_NAMES = ("astronaut", "cameraman", "grace_hopper")
 # A landmark counts as visible in a view when the true depth map at its pixel is within this distance (head
 # units, about one pixel's footprint at 64² and 7 units) of its own distance from the camera.
 LANDMARK_VISIBLE_TOL = 0.05
@@ -72,6 +81,10 @@ class FacesConfig:
         max_yaw_deg, max_pitch_deg: camera angles are uniform in ± these (``common.conventions``).
         shape_noise: amplitude (head units) of the smooth random bumps added to each identity's shape.
         max_attempts: cameras drawn per view until MediaPipe finds the face and the solve is accepted.
+        cameraman_texture: also draw textures from the cameraman (and its mirror), as generator versions
+            up to 2 did: 6 texture base faces instead of 4. Off by default, because his Face Mesh is
+            misregistered by about 10° of head rotation (docs/MEDIAPIPE.md), so the truth of the renders
+            he textures is wrong. With it on, identity i is the same as in generator version 2.
         seed: seeds every random choice.
     """
 
@@ -86,6 +99,7 @@ class FacesConfig:
     max_pitch_deg: float = 15.0
     shape_noise: float = 0.03
     max_attempts: int = 8
+    cameraman_texture: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,6 +111,13 @@ class FacesConfig:
             problems.append(f"camera_distance must be above the render radius 2 (got {self.camera_distance})")
         if problems:
             raise ValueError("Invalid FacesConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def texture_portraits(self) -> tuple[str, ...]:
+        """The portraits whose photos (mirrored or not) texture the identities, in ``PORTRAIT_NAMES``
+        order: astronaut and grace_hopper, and the cameraman with ``cameraman_texture``."""
+        return tuple(name for name in PORTRAIT_NAMES
+                     if name in CALIBRATION_PORTRAITS or (self.cameraman_texture and name == "cameraman"))
 
 
 @dataclass(frozen=True)
@@ -114,7 +135,8 @@ class BaseFace:
 class FaceIdentity:
     """One identity: vertices (V, 3) head units (468 Face Mesh points, then the hole-fill points),
     uv (V, 2) texture pixels, the texture photo (H, W, 3) float32, per-vertex shading (V,), skin tone
-    (3,), background parameters, and the base faces' shape weights (6,; the cameraman's are 0)."""
+    (3,), background parameters, the base faces' shape weights (6,; the cameraman's are 0) and the name of
+    the base face lending the texture (``BaseFace.name``, e.g. "grace_hopper (mirrored)")."""
 
     vertices: np.ndarray
     uv: np.ndarray
@@ -163,8 +185,8 @@ def base_faces() -> tuple[BaseFace, ...]:
     The world frame is the landmark template's: the portraits the template was derived from
     (``pose.make_template.calibration_photos``: astronaut, grace_hopper and their mirrors) are aligned to
     their running mean by 3D similarity (generalised Procrustes) exactly as ``pose.make_template`` does,
-    the mean's canonical frame takes it to head units, and every base face (the cameraman too) is
-    aligned by similarity to that mean.
+    the mean's canonical frame takes it to head units, and every base face (the cameraman too, for
+    ``FacesConfig.cameraman_texture``) is aligned by similarity to that mean.
     """
     from pose.make_template import apply, canonical_frame, similarity
 
@@ -271,9 +293,19 @@ def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
 # Identities
 
 
-def sample_identity(rng: np.random.Generator, shape_noise: float = 0.03) -> FaceIdentity:
-    """Draw one identity: blended, perturbed shape; one portrait's texture; skin tone; light; background."""
+def sample_identity(rng: np.random.Generator, shape_noise: float = 0.03,
+                    textures: tuple[str, ...] = CALIBRATION_PORTRAITS) -> FaceIdentity:
+    """Draw one identity: blended, perturbed shape; one portrait's texture; skin tone; light; background.
+
+    The texture is drawn uniformly from the base faces of the portraits ``textures`` (each mirrored or not;
+    ``FacesConfig.texture_portraits``). The random calls are the same whatever ``textures`` is: only the
+    texture index's range and the base face it picks change, so with all three portraits this is
+    generator version 2 (the default, astronaut and grace_hopper, is version 3).
+    """
     bases = base_faces()
+    unknown = sorted(set(textures) - set(PORTRAIT_NAMES))
+    if unknown or not textures:
+        raise ValueError(f"textures must be some of {', '.join(PORTRAIT_NAMES)} (got {list(textures)}).")
     triangles, _ = face_triangles()
     shapes = [i for i, b in enumerate(bases) if b.name.split(" ")[0] in CALIBRATION_PORTRAITS]
     weights = np.zeros(len(bases))
@@ -286,8 +318,8 @@ def sample_identity(rng: np.random.Generator, shape_noise: float = 0.03) -> Face
         amplitude = rng.normal(0.0, shape_noise)
         bump = np.exp(-np.sum((shape - centre) ** 2, axis=1) / (2 * sigma**2))
         shape = shape + amplitude * bump[:, None] * np.array([0.3, 0.3, 1.0])
-    texture_index = int(rng.integers(len(bases)))
-    base = bases[texture_index]
+    choices = [i for i, b in enumerate(bases) if b.name.split(" ")[0] in textures]
+    base = bases[choices[int(rng.integers(len(choices)))]]
     vertices = close_holes(shape)
     uv = close_holes(base.uv)
     light = np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.3), -1.0])
@@ -449,14 +481,18 @@ def identity_rng(config: FacesConfig, identity: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, identity, 7])
 
 
+def make_identity(config: FacesConfig, identity: int) -> FaceIdentity:
+    """Identity ``identity`` of ``config``, as the source draws it (seeded by (seed, identity); textures
+    from ``config.texture_portraits``)."""
+    return sample_identity(identity_rng(config, identity), config.shape_noise, config.texture_portraits)
+
+
 def view_angles(config: FacesConfig, identity: int, view: int, attempt: int) -> tuple[float, float]:
     """(yaw, pitch) in degrees of one attempt at one view, seeded by (seed, identity, view, attempt)."""
     rng = np.random.default_rng([config.seed, identity, view, attempt, 8])
     return (float(rng.uniform(-config.max_yaw_deg, config.max_yaw_deg)),
             float(rng.uniform(-config.max_pitch_deg, config.max_pitch_deg)))
 
-
-PORTRAIT_NAMES = ("astronaut", "cameraman", "grace_hopper")
 
 
 def true_landmarks(identity: FaceIdentity, K: np.ndarray, world_to_camera: np.ndarray,
@@ -527,7 +563,8 @@ class FacesSource:
         from pose import template_metadata
 
         return {"faces": asdict(self.config), "generator_version": GENERATOR_VERSION,
-                "portraits": list(PORTRAIT_NAMES), "pose": prepare_config.to_dict()["pose"],
+                "portraits": list(self.config.texture_portraits),
+                "pose": prepare_config.to_dict()["pose"],
                 "template_points": template_metadata(prepare_config.pose.template_path)["points"]}
 
     def manifest_extra(self, prepare_config) -> dict:
@@ -559,7 +596,7 @@ class FacesSource:
 
         config = self.config
         index = int(item.split("_")[-1])
-        identity = sample_identity(identity_rng(config, index), config.shape_noise)
+        identity = make_identity(config, index)
         records = []
         for view in range(config.train_views + config.heldout_views):
             failures = Counter()

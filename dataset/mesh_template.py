@@ -17,7 +17,8 @@ photo's own Face Mesh landmarks, and the cameraman's (a 70-px face turned 55° a
 textured by it, Face Mesh's landmarks lie 8–10 px RMS from the true vertices at 256², against 3–4 px for
 the other portraits, with the eye and mouth corners shifted 5–8 px in one direction (docs/MEDIAPIPE.md).
 Its painted features are not where its vertices are, so its renders would teach the template the
-texture's misregistration.
+texture's misregistration. Since generator version 3 the faces source draws no cameraman texture unless
+asked (``FacesConfig.cameraman_texture``); ``--textures cameraman`` asks for it.
 """
 
 from __future__ import annotations
@@ -39,16 +40,17 @@ REGISTERED_TEXTURES = faces.CALIBRATION_PORTRAITS  # the portraits whose texture
 RENDER_KEYS = ("identity", "texture", "mesh", "mesh_refined", "vertices", "world_to_camera")
 
 
-def render_landmark_set(identities: int, views: int, seed: int, size: int, cache: Path | None = None
-                        ) -> tuple[list[dict], int]:
+def render_landmark_set(identities: int, views: int, seed: int, size: int, cache: Path | None = None,
+                        cameraman_texture: bool = False) -> tuple[list[dict], int]:
     """Renders of the faces source that Face Mesh finds, with their landmarks and truth.
 
     Each render's dict: identity (int), texture (the portrait lending the texture), mesh (468, 3) Face
     Mesh output in pixels (x·W, y·H, z·W), mesh_refined (478, 3) the same from Face Mesh with
     ``refine_landmarks=True`` (its attention model; NaN where it finds no face), vertices (468, 3) the
     true head-unit vertices, world_to_camera (3, 4) the true camera (K: ``default_intrinsics(size,
-    size)``). With ``cache``, the set is read from (or written to) one ``.npz`` in that folder per
-    (seed, identities, views, size, generator version).
+    size)``). ``cameraman_texture``: the faces source's opt-in (``FacesConfig.cameraman_texture``; off,
+    the textures are astronaut and grace_hopper only). With ``cache``, the set is read from (or written
+    to) one ``.npz`` in that folder per (seed, identities, views, size, generator version, cameraman).
 
     Returns:
         (renders, how many renders were redrawn because Face Mesh found no face).
@@ -56,7 +58,7 @@ def render_landmark_set(identities: int, views: int, seed: int, size: int, cache
     path = None
     if cache is not None:
         path = Path(cache) / (f"face_landmarks_seed{seed}_{identities}x{views}_{size}"
-                              f"_v{faces.GENERATOR_VERSION}.npz")
+                              f"_v{faces.GENERATOR_VERSION}{'_cameraman' if cameraman_texture else ''}.npz")
         if path.exists():
             data = np.load(path)
             renders = [dict(zip(RENDER_KEYS, values, strict=True))
@@ -64,11 +66,12 @@ def render_landmark_set(identities: int, views: int, seed: int, size: int, cache
             for render in renders:
                 render["identity"], render["texture"] = int(render["identity"]), str(render["texture"])
             return renders, int(data["misses"])
-    config = faces.FacesConfig(seed=seed, render_size=size, resolution=size)
+    config = faces.FacesConfig(seed=seed, render_size=size, resolution=size,
+                               cameraman_texture=cameraman_texture)
     K = default_intrinsics(size, size)
     renders, misses = [], 0
     for identity in range(identities):
-        face = faces.sample_identity(faces.identity_rng(config, identity), config.shape_noise)
+        face = faces.make_identity(config, identity)
         for view in range(views):
             for attempt in range(config.max_attempts):
                 yaw, pitch = faces.view_angles(config, identity, view, attempt)
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.identities < 1 or args.views < 1 or args.render_size < 64:
         parser.error("--identities and --views must be at least 1 and --render-size at least 64.")
     renders, misses = render_landmark_set(args.identities, args.views, args.seed, args.render_size,
-                                          Path(args.cache) if args.cache else None)
+                                          Path(args.cache) if args.cache else None,
+                                          cameraman_texture="cameraman" in args.textures)
     used = [r for r in renders if registered(r, tuple(args.textures))]
     if len(used) < 20:
         parser.error(f"only {len(used)} renders have the chosen textures; render more identities.")

