@@ -90,9 +90,10 @@ def add_field_backend_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_skip_empty_flag(parser: argparse.ArgumentParser) -> None:
-    """``--render-skip-empty on|off``, as in train.py: march the class occupancy grid and composite
+    """``--render-skip-empty auto|on|off``, as in train.py: march the class occupancy grid and composite
     packed samples with early stop (``export.inference.use_skip_empty``)."""
-    parser.add_argument("--render-skip-empty", default="off", choices=("on", "off"),
-                        help="skip empty space and hidden samples (default off: README, Training, has the "
-                             "speed and quality figures); on uses the checkpoint's occupancy grid or "
-                             "estimates one")
+    parser.add_argument("--render-skip-empty", default="auto", choices=("auto", "on", "off"),
+                        help="skip empty space and hidden samples (README, Training, has the speed and "
+                             "quality figures): on uses the checkpoint's occupancy grid or estimates one; "
+                             "auto (the default) is on for a run trained with skipping, unless the field "
+                             "renders on the Taichi device, which has no skip-empty path")

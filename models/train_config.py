@@ -236,6 +236,9 @@ class TrainConfig:
 
             >>> TrainConfig.from_json({"preset": "cpu", "run": {"steps": 7}}).run.steps
             7
+
+        A render section without ``skip_empty`` was written before empty-space skipping existed (its run
+        rendered every sample), so it reads as off although the presets now have it on.
         """
         preset = data.get("preset") if data.get("preset") in PRESETS else "paper"
         base = cls.named(preset)
@@ -245,6 +248,8 @@ class TrainConfig:
             if isinstance(saved, dict):
                 known = {f.name for f in dataclasses.fields(section)}
                 values.update({(name, key): value for key, value in saved.items() if key in known})
+        if isinstance(data.get("render"), dict) and "skip_empty" not in data["render"]:
+            values["render", "skip_empty"] = False  # written before skipping existed: trained dense
         return base.with_values(values)
 
 

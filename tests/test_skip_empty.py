@@ -160,7 +160,7 @@ def test_occupancy_owner_rotates_codes_and_round_trips(arch):
 
 
 @pytest.mark.slow
-def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, keep_taichi_arch):
+def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, keep_taichi_arch, monkeypatch):
     """train.py --render-skip-empty on: the grid leaves warm-up, lands in the checkpoint, and the
     inference path (render.py, fit.py, evaluate.py) renders with it; a checkpoint without one gets a
     grid estimated from the model."""
@@ -184,7 +184,16 @@ def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, k
     assert "checkpoint's 16^3 grid" in use_skip_empty(model, "on")
     skipped = render_view(model, model.latents.mean(), K, w2c, 32, 32)
     assert abs(skipped["color"] - dense["color"]).max() < 0.05
+    # auto (the inference scripts' default): on for a run trained with skipping, off where the field
+    # renders on the Taichi device, and off for a run trained without it.
+    assert use_skip_empty(model, "auto").startswith("empty-space skipping: on, the checkpoint's")
+    import export.inference
+
+    monkeypatch.setattr(export.inference, "renders_on_device", lambda field, background: True)
+    assert "renders on the Taichi device" in use_skip_empty(model, "auto") and model.occupancy is None
+    monkeypatch.undo()
     del model.payload["occupancy"]
+    assert "trained without it" in use_skip_empty(model, "auto") and model.occupancy is None
     assert "estimated now" in use_skip_empty(model, "on")
     assert use_skip_empty(model, "off") == "empty-space skipping: off" and model.occupancy is None
 
@@ -209,6 +218,25 @@ def test_the_device_step_is_not_chosen_with_skipping_and_refused_when_asked_for(
             "--field-backend", "taichi", "--device-step", "on", "--render-skip-empty", "on",
         ])  # fmt: skip
     assert not (tmp_path / "cache").exists()  # refused before any preparation
+
+
+def test_skipping_is_on_by_default_and_yields_to_the_device_resident_step(tmp_path, keep_taichi_arch, capsys):
+    """Left at its default, --render-skip-empty is on, except where the device-resident step trains
+    (it has no skip-empty path): there it is turned off, saying so, instead of refusing the step."""
+    from tiny_run import TINY_ARGS, train_in_process
+
+    from models.checkpoint import latest_checkpoint, load_checkpoint
+
+    common = ["--arch", "cpu", "--device", "cpu", "--cache", str(tmp_path / "cache"), "--steps", "2",
+              *TINY_ARGS, "--synthetic-identities", "4"]
+    plain = train_in_process([*common, "--out", str(tmp_path / "plain")])
+    assert load_checkpoint(latest_checkpoint(plain)).config.render.skip_empty
+    assert load_checkpoint(latest_checkpoint(plain)).payload["occupancy"]["updates"] >= 1
+    capsys.readouterr()
+    on_device = train_in_process([*common, "--out", str(tmp_path / "device"), "--field-backend", "taichi",
+                                  "--device-step", "on"])
+    assert "empty-space skipping: off (the device-resident step has none" in capsys.readouterr().out
+    assert not load_checkpoint(latest_checkpoint(on_device)).config.render.skip_empty
 
 
 def test_one_code_shared_by_every_ray_renders_as_separate_copies_of_it(arch):

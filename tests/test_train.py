@@ -180,8 +180,10 @@ def test_help_lists_every_config_flag(capsys):
 def test_profile_prints_breakdown_and_writes_trace(cache, tmp_path, capsys):
     run_dir = train(tmp_path / "prof", cache, "--profile", "2")
     out = capsys.readouterr().out
+    # Skipping empty space is on by default: packed compositing and the samples each ray kept.
     for phase in ("data", "field forward", "renderer forward", "field backward", "renderer backward",
-                  "optimiser", "composite_forward_lanes", "share of the step outside the field MLP"):
+                  "optimiser", "packed_forward_kernel", "march_kernel",
+                  "share of the step outside the field MLP", "kept samples per ray (last step)"):
         assert phase in out
     trace = json.loads((run_dir / "profile_trace.json").read_text())
     assert trace["traceEvents"]

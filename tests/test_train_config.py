@@ -46,14 +46,16 @@ def test_json_round_trip_and_the_format_is_what_earlier_versions_wrote():
     config = cpu_as_resolved()
     written = config.to_json()
     # config.json and checkpoints keep their format; the only keys added since are the skip-empty
-    # settings (issue 12), which an older dict lacks and from_json fills from the preset.
+    # settings (issue 12), which an older dict lacks and from_json fills from the preset, except skip_empty
+    # itself: such a run rendered every sample, so it reads as off (the presets have it on).
     added = {"skip_empty", "early_stop_eps", "occupancy_resolution", "occupancy_every", "occupancy_warmup",
              "occupancy_codes", "occupancy_fraction"}
     assert set(written["render"]) - set(OLD_CPU_CONFIG["render"]) == added
     written["render"] = {k: v for k, v in written["render"].items() if k not in added}
     assert written == OLD_CPU_CONFIG
     assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
-    assert TrainConfig.from_json(OLD_CPU_CONFIG) == config
+    dense = dataclasses.replace(config, render=dataclasses.replace(config.render, skip_empty=False))
+    assert config.render.skip_empty and TrainConfig.from_json(OLD_CPU_CONFIG) == dense
 
 
 def test_from_json_fills_what_an_older_dict_lacks_from_its_preset_and_ignores_unknown_fields():
@@ -126,8 +128,10 @@ def test_a_checkpoint_written_before_trainconfig_loads_and_renders_the_same(tmp_
 
     model = load_model(path)
     assert model.config == TrainConfig.from_json(old) and model.config.preset == "cpu"
-    # What the old dict holds, and the cpu preset's value for what it lacks (the skip-empty settings).
-    saved_render = dataclasses.replace(RenderConfig.cpu(), n_coarse=32, n_fine=32, radius=2.0)
+    # What the old dict holds, and the cpu preset's value for what it lacks (the skip-empty settings;
+    # skipping itself off: the old run rendered every sample).
+    saved_render = dataclasses.replace(RenderConfig.cpu(), n_coarse=32, n_fine=32, radius=2.0,
+                                       skip_empty=False)
     assert model.render_config == saved_render == model.config.render and not saved_render.skip_empty
     assert training_cache(model) == tmp_path / "cache" and training_resolution(model) == 64
     assert training_losses(model) == model.config.loss
