@@ -95,7 +95,7 @@ class ClassOccupancy:
         refresh = step >= self.warmup and not self.refreshed
         fraction = 1.0 if self.updates == 0 or refresh else self.fraction
         self.last_stats = self.grid.update(density, generator, warmup=step < self.warmup, fraction=fraction,
-                                           observed=self.observed, reset=refresh)
+                                           observed=self.observed, reset=refresh, combine=rank_maximum())
         self.refreshed = self.refreshed or refresh
         self.observed.fill_(-1.0)
         self.updates += 1
@@ -143,6 +143,20 @@ class ClassOccupancy:
         observed = state.get("observed")  # grids saved before training samples were observed lack it
         self.observed = (torch.full_like(self.grid.density, -1.0) if observed is None
                          else observed.to(self.grid.density.device, torch.float32).clone())
+
+
+def rank_maximum():
+    """In a distributed run, a function taking the element-wise maximum of a tensor over the ranks in
+    place (a MAX all-reduce); None in one process. Each rank estimates the grid from its own batches,
+    identities and random cells; merged so, every rank marks the same cells (the union of what they
+    saw) and the checkpoint's grid, rank 0's, is every rank's."""
+    import torch.distributed as dist
+
+    from models.distributed import world
+
+    if world()[1] == 1:
+        return None
+    return lambda tensor: dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
 
 
 class SkipStats:

@@ -293,6 +293,7 @@ class OccupancyGrid:
         chunk: int = 65536,
         observed: torch.Tensor | None = None,
         reset: bool = False,
+        combine: Callable[[torch.Tensor], None] | None = None,
     ) -> dict[str, float]:
         """Re-estimate the grid from ``density_fn`` (points (M, 3) -> density (M,), any torch device)
         at cell-jittered points, decay the old estimates, and re-mark the occupied cells.
@@ -304,6 +305,10 @@ class OccupancyGrid:
         cells are re-estimated without evaluating the field again.
         reset: forget the old estimates first (the new values replace them instead of ``max(decay *
         old, new)``), for a re-estimate once the field has formed.
+        combine: called in place on the new value of every cell ((C,) float32, negative where this
+        call has none) and on the used-cell flags (as float32) before they are folded in, e.g. a MAX
+        all-reduce over the ranks of a distributed run: every rank then folds the same values into the
+        same cells (the union of what each evaluated and observed) and marks the same cells.
         Cells that ``mark_used`` flagged since the last update stay occupied. Returns
         {"evaluated": cells evaluated, "observed": cells taken from ``observed``, "occupied": share of
         cells occupied after the update}.
@@ -316,10 +321,16 @@ class OccupancyGrid:
         ])  # fmt: skip
         values = torch.nan_to_num(values, nan=float("inf")).contiguous()  # an unknown value: keep the cell
         n_evaluated, n_observed = cells.shape[0], 0
-        if observed is not None:  # one value per cell: the larger of evaluated and observed
-            merged = observed.to(device=values.device, dtype=torch.float32).clone()
+        if observed is not None or combine is not None:  # one value per cell: the largest known
+            merged = (torch.full((self.n_cells,), -1.0, device=values.device) if observed is None
+                      else observed.to(device=values.device, dtype=torch.float32).clone())
             n_observed = int((merged >= 0).sum())
             merged[cells.long()] = torch.maximum(merged[cells.long()], values)
+            if combine is not None:
+                combine(merged)
+                used = self.used.float()
+                combine(used)
+                self.used = (used > 0).to(torch.uint8).contiguous()
             cells = torch.nonzero(merged >= 0, as_tuple=True)[0].to(torch.int32)
             values = merged[cells.long()].contiguous()
         if reset:

@@ -292,3 +292,40 @@ def test_meshes_evaluate_only_occupied_cells_and_keep_the_surface(arch):
     assert dense_points >= 48**3 and field.points - (dense_points - 48**3) < 0.3 * 48**3  # 23 %
     assert mesh_volume(skipped) == pytest.approx(mesh_volume(dense), rel=1e-4)
     assert mesh_volume(dense) == pytest.approx(4.0 / 3.0 * 3.14159 * 0.8**3, rel=0.05)
+
+
+def _update_grid_on_rank(rank: int, world_size: int, store: str, out: str) -> None:
+    """One rank of test_ranks_merge_their_grid_updates: four small updates from its own random cells."""
+    import torch.distributed as dist
+
+    from renderer.backend import init_backend
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        init_backend("cpu", "cpu", verbose=False)
+        cfg = RenderConfig(n_coarse=32, n_fine=0, occupancy_resolution=16, occupancy_warmup=0,
+                           occupancy_fraction=0.05, occupancy_codes=1)
+        owner = ClassOccupancy(cfg)
+        owner.updates, owner.refreshed = 1, True  # past the updates that evaluate every cell
+        for step in range(4):
+            if rank == 1 and step == 3:
+                owner.grid.used[5] = 1  # a corner cell only rank 1's rays used: every rank keeps it
+            owner.update(step + 1, Ball(), torch.zeros(2, 8),
+                         generator=torch.Generator().manual_seed(100 * rank + step))
+        torch.save({"density": owner.grid.density.cpu(), "occupied": owner.grid.occupied.cpu()},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_merge_their_grid_updates(tmp_path):
+    """Under torch.distributed every rank estimates from its own random cells (and batches), and the
+    updates are merged (a MAX all-reduce of each cell's new value and of the used flags), so every
+    rank holds the same grid: the one the checkpoint saves from rank 0."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_update_grid_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    grids = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(grids[0]["density"], grids[1]["density"])
+    assert torch.equal(grids[0]["occupied"], grids[1]["occupied"])
+    assert grids[0]["occupied"][5] == 1 and 0.0 < grids[0]["occupied"].float().mean() < 1.0
