@@ -18,8 +18,12 @@ NOT_PHASES = ("rays", "bytes")  # per-step sample fields that are counts, not ph
 
 def step_config(preset: str, cache: str, identities: int | None = None) -> TrainConfig:
     """The ``preset`` training configuration on ``cache`` (default: the preset's synthetic cache, prepared
-    if missing), with ``identities`` synthetic identities when given (at least the preset's batch)."""
+    if missing), with ``identities`` synthetic identities when given (at least the preset's batch), and
+    every sample rendered: these benchmarks compare renderers and steps on the dense path (the skip-empty
+    path always runs the Taichi kernels, and the device-resident step has none); ``train_step.py
+    --render-skip-empty`` measures skipping."""
     config = TrainConfig.named(preset)
+    config.render.skip_empty = False
     config.data.cache = cache
     if identities is not None:
         if identities < config.batch.identities:

@@ -329,3 +329,19 @@ def test_ranks_merge_their_grid_updates(tmp_path):
     assert torch.equal(grids[0]["density"], grids[1]["density"])
     assert torch.equal(grids[0]["occupied"], grids[1]["occupied"])
     assert grids[0]["occupied"][5] == 1 and 0.0 < grids[0]["occupied"].float().mean() < 1.0
+
+
+def test_the_step_benchmarks_time_the_dense_path(tmp_path):
+    """benchmarks/train_step.py (Taichi against the torch reference) and benchmarks/device_step.py (whose
+    device-resident step has no skip-empty path) time the dense step although training skips by default."""
+    import importlib.util
+    from pathlib import Path
+
+    from models.train_config import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_report.py"
+    spec = importlib.util.spec_from_file_location("bench_step_report", path)
+    step_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_report)
+    config = step_report.step_config("cpu", str(tmp_path / "cache"), identities=16)
+    assert TrainConfig.cpu().render.skip_empty and not config.render.skip_empty
