@@ -19,8 +19,8 @@ estimates. Cells that training rays' weights use stay occupied (``OccupancyGrid.
 grid never takes away a surface the rendering relies on.
 
 Rendering a ray batch, with the field evaluated once per kept sample:
-1. march the grid: the coarse stratified samples that fall in occupied cells (packed), field with
-   gradients;
+1. march the grid (one launch, which also gives the ray's whole list of coarse depths): the coarse
+   stratified samples that fall in occupied cells (packed), field with gradients;
 2. their detached compositing with early stop gives the weights; scattered back to (R, S) (zeros where
    skipped) they drive importance sampling and the merge exactly as in ``render_rays``;
 3. a fine sample is kept if its cell is occupied and it lies before the ray's coarse cut-off (the first
@@ -206,8 +206,7 @@ def render_rays_skip_empty(
     n_rays, n_coarse, n_fine = rays.near.shape[0], cfg.n_coarse, cfg.n_fine
     eps = cfg.early_stop_eps
     dev = rays.near.device
-    state = generator.get_state() if generator is not None else None
-    coarse = grid.march(rays, n_coarse, generator)
+    coarse, t_coarse = grid.march_with_depths(rays, n_coarse, generator)  # packed, and the dense depths
     n_c = coarse.t.shape[0]
     ray_c = ray_indices(coarse.counts, n_c)
     points = rays.origins[ray_c] + coarse.t[:, None] * rays.directions[ray_c]
@@ -233,12 +232,6 @@ def render_rays_skip_empty(
         if n_c > 0:
             cut_depth = torch.where(was_cut, coarse.t[cut_at.clamp_max(n_c - 1)], cut_depth)
     if n_fine > 0:
-        # The dense coarse depths, from the generator state march started from: the same numbers.
-        replay = None
-        if generator is not None:
-            replay = torch.Generator(device=generator.device)
-            replay.set_state(state)
-        t_coarse = renderer.sample_stratified(rays.near, rays.far, n_coarse, replay)
         t_fine, t_all, order, deltas = renderer.sample_importance_and_merge(
             t_coarse, weights_c, n_fine, rays.near, rays.far, generator=generator
         )

@@ -134,44 +134,36 @@ def march_kernel(
     n_samples: ti.i32,
     radius: ti.f32,
     res: ti.i32,
-    write: ti.template(),
-    offsets: i32_1d,
-    counts: i32_1d,
     t_out: f32_1d,
     deltas_out: f32_1d,
-    bins_out: i32_1d,
+    keep_out: u8_1d,
 ):
-    """Stratified samples of each ray kept where the grid is occupied. Pass 1 (``write`` False) counts
-    them into ``counts``; pass 2 writes t, deltas and bins at the ray's ``offsets`` (the prefix sum of
-    the counts, taken in torch between the passes). Both passes make the same decisions."""
+    """Every stratified sample of each ray in the dense (R * S) layout: its depth (as
+    ``renderer.sample_stratified``), its interval in the full list (as ``sample_deltas``, clamped at 0)
+    and whether its cell is occupied (never for a ray that misses the sphere). One launch; the caller
+    packs the kept ones. Every element is written (on Vulkan an argument a kernel only writes is not
+    copied in, docs/TAICHI.md)."""
     for ray in range(near.shape[0]):
         lo, hi = near[ray], far[ray]
         ox, oy, oz = origins[ray, 0], origins[ray, 1], origins[ray, 2]
         dx, dy, dz = directions[ray, 0], directions[ray, 1], directions[ray, 2]
         bin_width = (hi - lo) / n_samples
         first = ray * n_samples
-        n = 0
-        slot = 0
-        if ti.static(write):
-            slot = offsets[ray]
-        if hi > lo:
-            current = stratified_t(lo, bin_width, first, 0, mixed_key, use_jitter)
-            for s in range(n_samples):
-                # The next sample is recomputed (not looked up) so that a kept sample's interval is the
-                # one it has in the full list, whether or not the next sample is kept.
-                after = hi
-                if s + 1 < n_samples:
-                    after = stratified_t(lo, bin_width, first, s + 1, mixed_key, use_jitter)
+        current = stratified_t(lo, bin_width, first, 0, mixed_key, use_jitter)
+        for s in range(n_samples):
+            # The next sample is recomputed (not looked up) so that a kept sample's interval is the one it
+            # has in the full list, whether or not the next sample is kept.
+            after = hi
+            if s + 1 < n_samples:
+                after = stratified_t(lo, bin_width, first, s + 1, mixed_key, use_jitter)
+            keep = 0
+            if hi > lo:
                 cell = cell_of(ox + current * dx, oy + current * dy, oz + current * dz, radius, res)
-                if occupied[cell] != 0:
-                    if ti.static(write):
-                        t_out[slot + n] = current
-                        deltas_out[slot + n] = ti.max(after - current, 0.0)
-                        bins_out[slot + n] = s
-                    n += 1
-                current = after
-        if ti.static(not write):
-            counts[ray] = n
+                keep = ti.cast(occupied[cell] != 0, ti.i32)
+            t_out[first + s] = current
+            deltas_out[first + s] = ti.max(after - current, 0.0)
+            keep_out[first + s] = ti.cast(keep, ti.u8)
+            current = after
 
 
 @ti.kernel
@@ -370,29 +362,35 @@ class OccupancyGrid:
         Same samples as ``renderer.sample_stratified(rays.near, rays.far, n_samples, generator)`` (same
         generator state) minus those in empty cells, with their full-list ``sample_deltas``.
         """
+        return self.march_with_depths(rays, n_samples, generator)[0]
+
+    @torch.no_grad()
+    def march_with_depths(self, rays: Rays, n_samples: int, generator: torch.Generator | None = None
+                          ) -> tuple[PackedSamples, torch.Tensor]:
+        """``march`` and, from the same launch, every ray's dense stratified depths t (R, S): the
+        numbers ``renderer.sample_stratified`` gives for that generator state (the importance sampler
+        needs the whole list)."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
         device = kernel_device()
         n_rays = rays.near.shape[0]
-        args = (
-            to_kernel(rays.origins), to_kernel(rays.directions), to_kernel(rays.near), to_kernel(rays.far),
-            self.occupied, _mixed_key(generator), int(generator is not None), int(n_samples), self.radius,
-            self.resolution,
-        )  # fmt: skip
-        counts = torch.zeros(n_rays, dtype=torch.int32, device=device)
-        none_f, none_i = torch.zeros(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+        t_dense = torch.empty(n_rays * n_samples, device=device)
+        deltas_dense = torch.empty(n_rays * n_samples, device=device)
+        keep = torch.empty(n_rays * n_samples, dtype=torch.uint8, device=device)
+        key = _mixed_key(generator)  # drawn even without rays: the generator advances alike for any batch
         if n_rays > 0:
-            launch("occupancy_march_count", march_kernel, *args, False, none_i, counts, none_f, none_f,
-                   none_i)  # fmt: skip
-        offsets = offsets_from_counts(counts)
-        total = int(counts.sum())  # one device sync: the packed arrays' size
-        t = torch.empty(total, device=device)
-        deltas = torch.empty(total, device=device)
-        bins = torch.empty(total, dtype=torch.int32, device=device)
-        if total > 0:
-            launch("occupancy_march", march_kernel, *args, True, offsets, counts, t, deltas, bins)
+            launch(
+                "occupancy_march", march_kernel, to_kernel(rays.origins), to_kernel(rays.directions),
+                to_kernel(rays.near), to_kernel(rays.far), self.occupied, key, int(generator is not None),
+                int(n_samples), self.radius, self.resolution, t_dense, deltas_dense, keep,
+            )  # fmt: skip
+        slots = torch.nonzero(keep, as_tuple=True)[0]  # ray-major, bins ascending: the packed order
+        counts = keep.view(n_rays, n_samples).sum(1, dtype=torch.int32)
         out = rays.near.device
-        return PackedSamples(t.to(out), deltas.to(out), offsets.to(out), counts.to(out), bins.to(out))
+        packed = PackedSamples(t_dense[slots].to(out), deltas_dense[slots].to(out),
+                               offsets_from_counts(counts).to(out), counts.to(out),
+                               (slots % n_samples).to(torch.int32).to(out))
+        return packed, t_dense.view(n_rays, n_samples).to(out)
 
     def state_dict(self) -> dict:
         """The grid's settings and state, for checkpoints (CPU tensors)."""

@@ -159,6 +159,33 @@ def test_march_on_a_fresh_grid_gives_the_dense_samples(arch):
     assert torch.equal(packed.bins, torch.arange(16, dtype=torch.int32).repeat(int(hits.sum())))
 
 
+@pytest.mark.parametrize("n_samples", [32, 13])
+def test_march_gives_the_dense_stratified_depths_from_the_same_launch(arch, n_samples):
+    """march_with_depths' dense t (R, S) is sample_stratified's for the same generator state, for every
+    ray (those that miss the sphere too), and both advance the generator alike; its packed samples are
+    march's."""
+    rays = random_rays(120, seed=12)
+    grid = OccupancyGrid(resolution=16, radius=RADIUS)
+    grid.update(blob, fraction=1.0)
+    for seed in (None, 3):
+        gen_a = None if seed is None else torch.Generator().manual_seed(seed)
+        gen_b = None if seed is None else torch.Generator().manual_seed(seed)
+        packed, t = grid.march_with_depths(rays, n_samples, gen_a)
+        want = renderer.sample_stratified(rays.near, rays.far, n_samples, gen_b)
+        assert t.shape == (120, n_samples) and (~(rays.far > rays.near)).sum() > 3
+        torch.testing.assert_close(t, want, rtol=0, atol=1e-6)
+        jitter = (None if seed is None
+                  else ref.hashed_uniforms(120, n_samples, torch.Generator().manual_seed(seed), "cpu"))
+        torch.testing.assert_close(t, ref.sample_stratified(rays.near, rays.far, n_samples, jitter=jitter),
+                                   rtol=0, atol=2e-6)  # the plain-torch reference
+        if seed is not None:
+            assert torch.equal(torch.randint(0, 2**30, (4,), generator=gen_a),
+                               torch.randint(0, 2**30, (4,), generator=gen_b))
+        again = grid.march(rays, n_samples, None if seed is None else torch.Generator().manual_seed(seed))
+        for a, b in zip(packed, again, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_march_through_an_empty_grid_and_no_rays(arch):
     grid = OccupancyGrid(resolution=8, radius=RADIUS)
     grid.occupied.zero_()
