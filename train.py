@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> Path:
         if rank == 0:
             print("[train] empty-space skipping: off (the device-resident step has none; pass "
                   "--render-skip-empty on to skip empty space on torch tensors instead).")
+    elif config.render.skip_empty and rank == 0:
+        r = config.render
+        print(f"[train] empty-space skipping: on ({r.occupancy_resolution}^3 occupancy grid, every cell "
+              f"occupied for the first {r.occupancy_warmup} steps, early stop at transmittance "
+              f"{r.early_stop_eps:g}; --render-skip-empty off renders every sample).")
     if rank == 0:
         print(f"[train] training step: {'on the Taichi device' if device_step else 'torch tensors'} ({why}).")
 

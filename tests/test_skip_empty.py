@@ -230,9 +230,9 @@ def test_skipping_is_on_by_default_and_yields_to_the_device_resident_step(tmp_pa
     common = ["--arch", "cpu", "--device", "cpu", "--cache", str(tmp_path / "cache"), "--steps", "2",
               *TINY_ARGS, "--synthetic-identities", "4"]
     plain = train_in_process([*common, "--out", str(tmp_path / "plain")])
+    assert "[train] empty-space skipping: on (64^3 occupancy grid" in capsys.readouterr().out
     assert load_checkpoint(latest_checkpoint(plain)).config.render.skip_empty
     assert load_checkpoint(latest_checkpoint(plain)).payload["occupancy"]["updates"] >= 1
-    capsys.readouterr()
     on_device = train_in_process([*common, "--out", str(tmp_path / "device"), "--field-backend", "taichi",
                                   "--device-step", "on"])
     assert "empty-space skipping: off (the device-resident step has none" in capsys.readouterr().out
