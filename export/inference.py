@@ -77,8 +77,8 @@ def use_skip_empty(model: LoadedCheckpoint, mode: str) -> str:
     for a run trained with skipping (its checkpoint holds the grid), except where the field renders on
     the Taichi device (``models.device_render``, which has no skip-empty path), and "off" otherwise.
     """
+    saved = model.payload.get("occupancy") if isinstance(model.payload, dict) else None
     if mode == "auto":
-        saved = model.payload.get("occupancy") if isinstance(model.payload, dict) else None
         if saved is None:
             model.occupancy = None
             return "empty-space skipping: off (auto: the run was trained without it)"
@@ -95,7 +95,6 @@ def use_skip_empty(model: LoadedCheckpoint, mode: str) -> str:
 
     model.render_config = replace(model.render_config, skip_empty=True)
     occupancy = ClassOccupancy(model.render_config)
-    saved = model.payload.get("occupancy") if isinstance(model.payload, dict) else None
     if saved is not None:
         occupancy.load_state_dict(saved)
         source = f"the checkpoint's {occupancy.grid.resolution}^3 grid"
@@ -259,11 +258,7 @@ def latent_mesh(
         points = points.to(device)
         if occupancy is None:
             return model.field(points[None], latent[None])[0][0]
-        from renderer.reference import occupancy_cells
-
-        grid = occupancy.grid
-        cells = occupancy_cells(points, grid.resolution, grid.radius).to(grid.occupied.device)
-        inside = (grid.occupied[cells] != 0).to(device)
+        inside = occupancy.grid.occupied_at(points)
         sigma = torch.zeros(points.shape[0], device=device)
         sigma[inside] = model.field(points[inside][None], latent[None])[0][0]
         return sigma

@@ -222,7 +222,8 @@ def render_rays_skip_empty(
             0.0,
             eps=eps,
         )
-        dense_slot = ray_c * n_coarse + coarse.bins.to(torch.int64)  # packed coarse -> (R, S) slot
+        bins_c = coarse.bins.to(torch.int64)
+        dense_slot = ray_c * n_coarse + bins_c  # packed coarse -> (R, S) slot
         weights_c = torch.zeros(n_rays * n_coarse, device=dev).index_put_((dense_slot,), first.weights)
         weights_c = weights_c.view(n_rays, n_coarse)
         # The ray's coarse cut-off: the first coarse sample not composited (+inf when none was cut).
@@ -237,20 +238,18 @@ def render_rays_skip_empty(
         )
         with torch.no_grad():
             fine_points = rays.origins[:, None] + t_fine[..., None] * rays.directions[:, None]
-            cells = occupancy_cells(fine_points, grid.resolution, grid.radius)
-            keep_f = (grid.occupied[cells] != 0) & (t_fine < cut_depth[:, None])
+            keep_f = grid.occupied_at(fine_points) & (t_fine < cut_depth[:, None])
             keep_f &= (rays.far > rays.near)[:, None]
             slot_f = keep_f.view(-1).nonzero()[:, 0]  # kept fine samples' (R * F) slots, one nonzero only
-        sigma_f, rgb_f = field_at_samples(field, fine_points.view(-1, 3)[slot_f], latents,
-                                          torch.div(slot_f, n_fine, rounding_mode="floor"))
+            ray_f = torch.div(slot_f, n_fine, rounding_mode="floor")
+        sigma_f, rgb_f = field_at_samples(field, fine_points.view(-1, 3)[slot_f], latents, ray_f)
         width = n_coarse + n_fine
         n_f = sigma_f.shape[0]
         with torch.no_grad():
             # Index of each (R, S+F) merged sample among cat([packed coarse, packed fine]), -1 if skipped.
             source = torch.full((n_rays * width,), -1, dtype=torch.int64, device=dev)
-            source[ray_c * width + coarse.bins.to(torch.int64)] = torch.arange(n_c, device=dev)
-            source[slot_f + torch.div(slot_f, n_fine, rounding_mode="floor") * n_coarse + n_coarse] = \
-                torch.arange(n_c, n_c + n_f, device=dev)
+            source[ray_c * width + bins_c] = torch.arange(n_c, device=dev)
+            source[slot_f + ray_f * n_coarse + n_coarse] = torch.arange(n_c, n_c + n_f, device=dev)
             source = source.view(n_rays, width).gather(1, order)
             keep = source >= 0
             counts = keep.sum(1).to(torch.int32)

@@ -248,6 +248,19 @@ class OccupancyGrid:
         """Share of the cells marked occupied (a device sync)."""
         return float(self.occupied.float().mean())
 
+    def occupied_at(self, points: torch.Tensor) -> torch.Tensor:
+        """Whether each point lies in an occupied cell (outside the cube: its border cell):
+        points (..., 3) -> (...) bool, on the points' device.
+
+        >>> grid = OccupancyGrid(resolution=2, radius=1.0)   # fresh: every cell occupied
+        >>> grid.occupied_at(torch.zeros(4, 3)).tolist()
+        [True, True, True, True]
+        """
+        from renderer.reference import occupancy_cells  # the torch form of the kernels' cell_of
+
+        cells = occupancy_cells(points, self.resolution, self.radius).to(self.occupied.device)
+        return (self.occupied[cells] != 0).to(points.device)
+
     def cell_points(self, cells: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A uniform point in each cell (hashed from the generator), or the centres without one:
         cells (M,) flat indices -> points (M, 3) float32 on the kernel device."""
