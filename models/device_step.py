@@ -34,8 +34,10 @@ import torch
 from models.background import ConstantBackground
 from models.device_losses import loss_grads_kernel, loss_scales, loss_sums_kernel, loss_terms
 from models.device_render import DeviceForward, Rendered
+from models.device_skip import DeviceGrid, DeviceSkipForward, PackedEvaluation, PackedRendered, device_density
 from models.losses import LossConfig
 from models.render import RenderConfig
+from models.skip_empty import ClassOccupancy
 from models.taichi_background import TaichiBackground, background_backward
 from models.taichi_field import TaichiField, field_backward
 from renderer.backend import launch
@@ -48,7 +50,9 @@ from renderer.device import (
     scatter_add_rows_kernel,
     split_grads_kernel,
 )
+from renderer.device_packed import dense_to_packed_kernel, split_packed_grads_kernel
 from renderer.optimizers import adam_update, sgd_update
+from renderer.packed import packed_backward_kernel
 
 
 class _DeviceParam:
@@ -157,8 +161,10 @@ class DeviceTrainStep:
 
     ``field`` is a ``TaichiField``; ``background`` a ``TaichiBackground`` or ``ConstantBackground``;
     ``optimizers`` as the trainer's: {"networks": Adam over field + background parameters, "latents":
-    Adam or SGD over the table}. ``timer`` (a ``models.step_timing.PhaseTimer``) may be swapped in to
-    time the phases.
+    Adam or SGD over the table}. ``occupancy`` (a ``models.skip_empty.ClassOccupancy``, with
+    ``--render-skip-empty on``): render through its grid with packed samples (``models.device_skip``)
+    and update it with ``update_occupancy``. ``timer`` (a ``models.step_timing.PhaseTimer``) may be
+    swapped in to time the phases.
     """
 
     def __init__(
@@ -169,6 +175,7 @@ class DeviceTrainStep:
         optimizers: dict[str, torch.optim.Optimizer],
         render_config: RenderConfig,
         loss_config: LossConfig,
+        occupancy: ClassOccupancy | None = None,
     ):
         if not isinstance(field, TaichiField):
             raise ValueError("the device-resident step needs the Taichi field (--field-backend taichi).")
@@ -196,8 +203,14 @@ class DeviceTrainStep:
             raise ValueError("the latent optimiser must hold exactly the latent table.")
         self._bg_color = None if self.bg_params else self.ws.get("bg_color", (3,))
         field_values, bg_values = [p.value for p in self.field_params], [p.value for p in self.bg_params]
-        self.rendering = DeviceForward(self.ws, field, background, render_config, field_values, bg_values,
-                                       self._bg_color, phase=self._phase)  # fmt: skip
+        self.occupancy = occupancy
+        self.grid = None if occupancy is None else DeviceGrid(self.ws, occupancy)
+        if self.grid is None:
+            self.rendering = DeviceForward(self.ws, field, background, render_config, field_values, bg_values,
+                                           self._bg_color, phase=self._phase)  # fmt: skip
+        else:
+            self.rendering = DeviceSkipForward(self.ws, field, background, render_config, field_values,
+                                               bg_values, self._bg_color, phase=self._phase, grid=self.grid)
         self.from_torch()
 
     # ----- state -------------------------------------------------------------------------------------
@@ -207,11 +220,29 @@ class DeviceTrainStep:
         self.table.from_torch()
         if self._bg_color is not None:
             self._bg_color.from_numpy(self.background.color.detach().cpu().float().numpy())
+        if self.grid is not None:
+            self.grid.upload()
 
     def to_torch(self) -> None:
-        """Write parameters, table and optimiser state into the torch modules (checkpoints, previews)."""
+        """Write parameters, table and optimiser state into the torch modules (checkpoints, previews), and
+        what the steps saw of the occupancy grid into ``occupancy``."""
         self.networks.to_torch()
         self.table.to_torch()
+        if self.grid is not None:
+            self.grid.flush()
+
+    def update_occupancy(self, step: int, generator: torch.Generator | None) -> bool:
+        """The grid's update when ``step`` is a multiple of ``occupancy_every`` (as
+        ``ClassOccupancy.maybe_update`` on the torch path, with the same draws from ``generator``): the
+        field's density on the device's parameters, the table's codes, and what the steps since the
+        last update saw. True when it ran."""
+        if self.grid is None or step % self.occupancy.every != 0:
+            return False
+        self.grid.flush()
+        codes = torch.from_numpy(self.transfers.download(self.table.params[0].value))
+        self.occupancy.update(step, device_density(self.rendering, self.ws), codes, generator)
+        self.grid.upload()
+        return True
 
     # ----- helpers -----------------------------------------------------------------------------------
     def _phase(self, name: str):
@@ -271,54 +302,95 @@ class DeviceTrainStep:
             self.table.step()
         return terms
 
-    def _forward(self, inputs: dict, generator: torch.Generator) -> Rendered:
-        """Each ray's code from the table, then ``DeviceForward.forward`` (the same draws as render_rays)."""
+    def _forward(self, inputs: dict, generator: torch.Generator) -> Rendered | PackedRendered:
+        """Each ray's code from the table, then ``DeviceForward.forward`` (the same draws as render_rays),
+        or through the grid ``DeviceSkipForward.forward_packed`` (as render_rays_skip_empty)."""
         n_rays = inputs["n_rays"]
+        table = self.table.params[0].value
         codes = self.ws.get("codes", (n_rays, self.field.latent_dim))
-        launch("gather_codes", gather_rows_kernel, self.table.params[0].value, inputs["identity"], 1, codes)
+        launch("gather_codes", gather_rows_kernel, table, inputs["identity"], 1, codes)
+        if self.grid is not None:
+            return self.rendering.forward_packed(inputs["pixels"], inputs["K"], inputs["w2c"], codes, n_rays,
+                                                 generator, table=table, identity=inputs["identity"],
+                                                 observe=True)  # fmt: skip
         return self.rendering.forward(inputs["pixels"], inputs["K"], inputs["w2c"], codes, n_rays, generator)
 
-    def _backward(self, inputs: dict, state: Rendered) -> None:
+    def _backward(self, inputs: dict, state: Rendered | PackedRendered) -> None:
         """Loss -> compositing -> (coarse, fine) field and background -> parameter and table gradients."""
         ws = self.ws
         n_rays, width, identity = state.n_rays, state.width, inputs["identity"]
-        n_coarse = self.render_config.n_coarse
         grad_per_ray = ws.get("grad_per_ray", (n_rays, 5))
         grad_weights = ws.get("grad_weights", (n_rays * width,))
         launch("loss_grads", loss_grads_kernel, state.per_ray, state.weights, inputs["rgb"], inputs["mask"],
                int(inputs["has_mask"]), *loss_scales(n_rays, width, inputs["has_mask"], self.loss_config),
                grad_per_ray, grad_weights)  # fmt: skip
-        grad_sigma = ws.get("grad_sigma", (n_rays * width,))
-        grad_rgb = ws.get("grad_rgb", (n_rays * width * 3,))
         grad_bg = ws.get("grad_background", (n_rays, 3))
-        launch("composite_backward", composite_backward_kernel, state.rgb, state.t_all, state.deltas,
-               state.background, state.weights, state.per_ray, grad_per_ray, grad_weights, 1, grad_sigma,
-               grad_rgb, grad_bg, width)  # fmt: skip
-        passes = [state.coarse] + ([state.fine] if state.fine is not None else [])
-        for evaluation in passes:
-            evaluation.grad_sigma = ws.get(evaluation.prefix + "grad_sigma", (evaluation.rows, 1))
-            evaluation.grad_rgb = ws.get(evaluation.prefix + "grad_rgb", (evaluation.rows, 3))
-        if state.fine is not None:
-            launch("split_grads", split_grads_kernel, state.order, grad_sigma, grad_rgb, n_coarse,
-                   state.coarse.grad_sigma, state.coarse.grad_rgb, state.fine.grad_sigma,
-                   state.fine.grad_rgb)  # fmt: skip
+        if isinstance(state, PackedRendered):
+            self._composite_backward_packed(state, grad_per_ray, grad_weights, grad_bg)
         else:
-            launch("layout", flat_to_rows_kernel, grad_sigma, state.coarse.grad_sigma)
-            launch("layout", flat_to_rows_kernel, grad_rgb, state.coarse.grad_rgb)
+            self._composite_backward_dense(state, grad_per_ray, grad_weights, grad_bg)
+        passes = [state.coarse] + ([state.fine] if state.fine is not None else [])
         self.networks.zero_grad()
         self.table.zero_grad()
         table_grad = self.table.params[0].grad
         values, grads = [p.value for p in self.field_params], [p.grad for p in self.field_params]
         for evaluation in passes:
-            grad_codes = ws.get(evaluation.prefix + "grad_codes", (n_rays, self.field.latent_dim))
+            # Dense: one code per ray (its samples' gradients summed by field_backward's repeat); packed:
+            # one code row per sample, gathered from the table by its ray's identity, scattered back alike.
+            packed = isinstance(evaluation, PackedEvaluation)
+            code_rows, index = (evaluation.rows, evaluation.row_identity) if packed else (n_rays, identity)
+            grad_codes = ws.get(evaluation.prefix + "grad_codes", (code_rows, self.field.latent_dim))
             with self._phase("field backward"):
                 field_backward(values, evaluation.acts, evaluation.codes, evaluation.grad_sigma,
                                evaluation.grad_rgb, self.field.spec(), self._buffers(evaluation.prefix),
                                grads=grads, grad_latents=grad_codes, repeat=evaluation.per_ray)  # fmt: skip
-            launch("scatter_codes", scatter_add_rows_kernel, grad_codes, identity, 1, table_grad)
+            launch("scatter_codes", scatter_add_rows_kernel, grad_codes, index, 1, table_grad)
         if state.bg is not None:
             acts, codes = state.bg
             grad_codes = ws.get("bg.grad_codes", (n_rays, self.field.latent_dim))
             background_backward([p.value for p in self.bg_params], acts, codes, grad_bg, self._buffers("bg."),
                                 grads=[p.grad for p in self.bg_params], grad_latents=grad_codes)  # fmt: skip
             launch("scatter_codes", scatter_add_rows_kernel, grad_codes, identity, 1, table_grad)
+
+    def _evaluation_grads(self, state: Rendered | PackedRendered) -> None:
+        """Buffers for the gradients of each evaluation's outputs: grad_sigma (rows, 1), grad_rgb
+        (rows, 3)."""
+        for evaluation in [state.coarse] + ([state.fine] if state.fine is not None else []):
+            evaluation.grad_sigma = self.ws.get(evaluation.prefix + "grad_sigma", (evaluation.rows, 1))
+            evaluation.grad_rgb = self.ws.get(evaluation.prefix + "grad_rgb", (evaluation.rows, 3))
+
+    def _composite_backward_dense(self, state: Rendered, grad_per_ray, grad_weights, grad_bg) -> None:
+        """Dense compositing backward, its gradients split to the coarse and fine evaluations."""
+        ws, width = self.ws, state.width
+        grad_sigma = ws.get("grad_sigma", (state.n_rays * width,))
+        grad_rgb = ws.get("grad_rgb", (state.n_rays * width * 3,))
+        launch("composite_backward", composite_backward_kernel, state.rgb, state.t_all, state.deltas,
+               state.background, state.weights, state.per_ray, grad_per_ray, grad_weights, 1, grad_sigma,
+               grad_rgb, grad_bg, width)  # fmt: skip
+        self._evaluation_grads(state)
+        if state.fine is not None:
+            launch("split_grads", split_grads_kernel, state.order, grad_sigma, grad_rgb,
+                   self.render_config.n_coarse, state.coarse.grad_sigma, state.coarse.grad_rgb,
+                   state.fine.grad_sigma, state.fine.grad_rgb)  # fmt: skip
+        else:
+            launch("layout", flat_to_rows_kernel, grad_sigma, state.coarse.grad_sigma)
+            launch("layout", flat_to_rows_kernel, grad_rgb, state.coarse.grad_rgb)
+
+    def _composite_backward_packed(self, state: PackedRendered, grad_per_ray, grad_weights, grad_bg) -> None:
+        """Packed compositing backward (early stop as the forward), its gradients back to the packed
+        coarse and fine evaluations (padding rows get zeros, so they add nothing to any gradient)."""
+        ws, cap = self.ws, state.t.shape[0]
+        grad_weights_packed = ws.get("m.grad_weights", (cap,))
+        launch("dense_to_packed", dense_to_packed_kernel, grad_weights, state.slot, grad_weights_packed)
+        grad_sigma, grad_rgb = ws.get("m.grad_sigma", (cap,)), ws.get("m.grad_rgb", (cap * 3,))
+        launch("composite_packed_backward", packed_backward_kernel, state.rgb, state.t, state.deltas,
+               state.offsets, state.kept, state.background, state.packed_weights, state.per_ray, grad_per_ray,
+               grad_weights_packed, 1, grad_sigma, grad_rgb, grad_bg)  # fmt: skip
+        self._evaluation_grads(state)
+        if state.fine is not None:
+            launch("split_grads", split_packed_grads_kernel, state.source, state.slot, grad_sigma, grad_rgb,
+                   state.coarse.grad_sigma, state.coarse.grad_rgb, state.fine.grad_sigma,
+                   state.fine.grad_rgb)  # fmt: skip
+        else:  # the merged list is the coarse one, row for row
+            launch("layout", flat_to_rows_kernel, grad_sigma, state.coarse.grad_sigma)
+            launch("layout", flat_to_rows_kernel, grad_rgb, state.coarse.grad_rgb)

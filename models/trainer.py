@@ -165,11 +165,9 @@ class Trainer:
 
             if self.world_size > 1:
                 raise ValueError("the device-resident step runs in one process only.")
-            if self.module.occupancy is not None:
-                raise ValueError("the device-resident step has no skip-empty rendering: train with "
-                                 "--render-skip-empty off, or --device-step off.")
             self.device_step = DeviceTrainStep(self.field, self.background, self.latents, self.optimizers,
-                                               self.module.render_config, config.loss)
+                                               self.module.render_config, config.loss,
+                                               occupancy=self.module.occupancy)
 
     def sync_to_torch(self) -> None:
         """Bring the device-resident step's parameters and optimiser state into the torch modules (a
@@ -321,6 +319,9 @@ class Trainer:
         """``train_step`` on the device-resident path: the batch goes in, the loss terms come out."""
         with self.timer.phase("data"):
             batch = self.sampler.sample()
+        if self.module.occupancy is not None:  # the grid's update, as on the torch path
+            with self.timer.phase("occupancy"):
+                self.device_step.update_occupancy(self.step, self.ray_generator)
         self.device_step.timer = self.timer
         self.device_step.transfers.reset()
         terms = self.device_step.run(batch, self.ray_generator, poison=self.step + 1 in self.nan_steps)
