@@ -155,20 +155,12 @@ def main(argv: list[str] | None = None) -> Path:
             raise SystemExit(f"{run_dir} already holds checkpoints; pass --resume to continue that run or "
                              f"choose another --out.")
 
-    # After the configuration is known: a resumed run's saved skip-empty setting counts as asked for. Left
-    # at its default (on), skipping yields to the device-resident step, which has no skip-empty path.
-    skip_asked = resume_payload is not None or ("render", "skip_empty") in overrides
     try:
         device_step, why = choose_device_step(args.device_step, field_backend, backend.arch, backend.device,
-                                              world()[1], skip_empty=config.render.skip_empty and skip_asked)
+                                              world()[1])
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if device_step and config.render.skip_empty:
-        config.render = dataclasses.replace(config.render, skip_empty=False)
-        if rank == 0:
-            print("[train] empty-space skipping: off (the device-resident step has none; pass "
-                  "--render-skip-empty on to skip empty space on torch tensors instead).")
-    elif config.render.skip_empty and rank == 0:
+    if config.render.skip_empty and rank == 0:
         r = config.render
         print(f"[train] empty-space skipping: on ({r.occupancy_resolution}^3 occupancy grid, every cell "
               f"occupied for the first {r.occupancy_warmup} steps, early stop at transmittance "

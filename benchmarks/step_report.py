@@ -20,8 +20,7 @@ def step_config(preset: str, cache: str, identities: int | None = None) -> Train
     """The ``preset`` training configuration on ``cache`` (default: the preset's synthetic cache, prepared
     if missing), with ``identities`` synthetic identities when given (at least the preset's batch), and
     every sample rendered: these benchmarks compare renderers and steps on the dense path (the skip-empty
-    path always runs the Taichi kernels, and the device-resident step has none); ``train_step.py
-    --render-skip-empty`` measures skipping."""
+    path always runs the Taichi kernels); ``train_step.py --render-skip-empty`` measures skipping."""
     config = TrainConfig.named(preset)
     config.render.skip_empty = False
     config.data.cache = cache

@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import taichi as ti
 import torch
 
@@ -42,7 +41,13 @@ from models.skip_empty import ClassOccupancy, SkipStats
 from models.taichi_field import field_forward
 from renderer.backend import launch
 from renderer.composite import PER_RAY
-from renderer.device import Workspace, flat_to_rows_kernel, gather_rows_kernel, rows_to_flat_kernel
+from renderer.device import (
+    TransferLog,
+    Workspace,
+    flat_to_rows_kernel,
+    gather_rows_kernel,
+    rows_to_flat_kernel,
+)
 from renderer.device_packed import (
     add_counts_kernel,
     capacity,
@@ -73,18 +78,20 @@ class DeviceGrid:
     updates. ``ClassOccupancy`` stays the record (checkpoints, updates): ``flush`` hands it what the
     steps saw, ``upload`` takes its new occupancy."""
 
-    def __init__(self, ws: Workspace, occupancy: ClassOccupancy):
+    def __init__(self, ws: Workspace, occupancy: ClassOccupancy, transfers: TransferLog | None = None):
         self.occupancy = occupancy
+        self.transfers = transfers if transfers is not None else TransferLog()
+        self.ws = ws
         grid = occupancy.grid
         self.resolution, self.radius = grid.resolution, grid.radius
-        self.occupied = ws.get("grid.occupied", (grid.n_cells,), ti.u8)
         self.used = ws.get("grid.used", (grid.n_cells,), ti.u8)
         self.observed = ws.get("grid.observed", (grid.n_cells,))
         self.upload()
 
     def upload(self) -> None:
         """Take the grid's occupancy, and start the steps' record afresh (after an update or a resume)."""
-        self.occupied.from_numpy(self.occupancy.grid.occupied.cpu().numpy())
+        occupied = self.occupancy.grid.occupied.cpu().numpy()
+        self.occupied = self.transfers.upload(self.ws, "grid.occupied", occupied)
         self.used.fill(0)
         self.observed.fill(-1.0)
 
@@ -92,9 +99,9 @@ class DeviceGrid:
         """Fold what training steps saw into the grid (used flags OR-ed, densities max-ed) and start the
         record afresh: before an update or a checkpoint reads the grid."""
         grid, occupancy = self.occupancy.grid, self.occupancy
-        used = torch.from_numpy(self.used.to_numpy()).to(grid.used.device)
+        used = torch.from_numpy(self.transfers.download(self.used)).to(grid.used.device)
         grid.used = torch.maximum(grid.used, used).contiguous()
-        observed = torch.from_numpy(self.observed.to_numpy()).to(occupancy.observed.device)
+        observed = torch.from_numpy(self.transfers.download(self.observed)).to(occupancy.observed.device)
         occupancy.observed = torch.maximum(occupancy.observed, observed)
         self.used.fill(0)
         self.observed.fill(-1.0)
@@ -143,6 +150,7 @@ class DeviceSkipForward(DeviceForward):
     def __init__(self, *args, grid: DeviceGrid, **kwargs):
         super().__init__(*args, **kwargs)
         self.grid = grid
+        self.transfers = grid.transfers  # the packed counts come back through it (8 bytes a batch)
         self.last_stats: dict[str, float] = {}
 
     def _pack(self, prefix: str, keep: Ndarray, t: Ndarray, deltas: Ndarray, n_rays: int,
@@ -155,7 +163,7 @@ class DeviceSkipForward(DeviceForward):
         launch("count_kept", count_kept_kernel, keep, counts)
         launch("exclusive_scan", exclusive_scan_kernel, counts, offsets,
                ws.get("scan.blocks", (scan_blocks(n_rays),), ti.i32), total)  # fmt: skip
-        n = int(total.to_numpy()[0])  # the one number the host needs: it sizes the packed buffers
+        n = int(self.transfers.download(total)[0])  # what the host needs: it sizes the packed buffers
         cap = capacity(n)
         packed = {"counts": counts, "offsets": offsets,
                   "index": ws.get(prefix + "index", (n_rays * width,), ti.i32),
@@ -285,7 +293,7 @@ class DeviceSkipForward(DeviceForward):
                               origins, directions)  # fmt: skip
 
 
-def device_density(forward: DeviceForward, ws: Workspace):
+def device_density(forward: DeviceSkipForward, ws: Workspace):
     """A density function for ``ClassOccupancy.update`` on the device copies of the field's parameters:
     ``(points (1, M, 3), code (1, L)) -> (sigma (1, M), None)`` as CPU tensors. Each call uploads the
     points and the code and downloads the densities (16 bytes a point), once every ``occupancy_every``
@@ -294,12 +302,11 @@ def device_density(forward: DeviceForward, ws: Workspace):
     def density(points: torch.Tensor, code: torch.Tensor):
         pts = points.reshape(-1, 3).detach().cpu().float().numpy()
         m = pts.shape[0]
-        points_dev = ws.get("occ.points", (m, 3))
-        points_dev.from_numpy(np.ascontiguousarray(pts))
-        code_dev = ws.get("occ.code", (1, forward.field.latent_dim))
-        code_dev.from_numpy(code.reshape(1, -1).detach().cpu().float().numpy())
+        points_dev = forward.transfers.upload(ws, "occ.points", pts)
+        code_np = code.reshape(1, -1).detach().cpu().float().numpy()
+        code_dev = forward.transfers.upload(ws, "occ.code", code_np)
         acts = field_forward(forward.field_values, points_dev, code_dev, forward.field.spec(),
                              lambda name, shape: ws.get("occ." + name, shape), repeat=m)  # fmt: skip
-        return torch.from_numpy(acts.sigma.to_numpy().reshape(1, m)), None
+        return torch.from_numpy(forward.transfers.download(acts.sigma).reshape(1, m)), None
 
     return density

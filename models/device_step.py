@@ -204,7 +204,7 @@ class DeviceTrainStep:
         self._bg_color = None if self.bg_params else self.ws.get("bg_color", (3,))
         field_values, bg_values = [p.value for p in self.field_params], [p.value for p in self.bg_params]
         self.occupancy = occupancy
-        self.grid = None if occupancy is None else DeviceGrid(self.ws, occupancy)
+        self.grid = None if occupancy is None else DeviceGrid(self.ws, occupancy, self.transfers)
         if self.grid is None:
             self.rendering = DeviceForward(self.ws, field, background, render_config, field_values, bg_values,
                                            self._bg_color, phase=self._phase)  # fmt: skip

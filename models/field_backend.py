@@ -56,14 +56,13 @@ def choose_field_backend(requested: str, arch: str, device: torch.device) -> tup
 
 
 def choose_device_step(requested: str, field_backend: str, arch: str, device: torch.device,
-                       world_size: int, skip_empty: bool = False) -> tuple[bool, str]:
+                       world_size: int) -> tuple[bool, str]:
     """(whether the step stays on the Taichi device (``models.device_step``), why).
 
     ``auto`` keeps it on the device when the field runs as Taichi kernels on a Vulkan or Metal arch and
     torch has no device there (every torch tensor would be copied per launch); ``on`` asks for it on
     any arch (x64 too: the same kernels, no copies to save), ``off`` never. It needs the Taichi field
-    and one process, and it has no skip-empty rendering (``skip_empty``: ``--render-skip-empty on``,
-    which then trains on torch tensors under ``auto`` and is refused with ``on``).
+    and one process. It skips empty space as the torch path does (``models.device_skip``).
 
     >>> choose_device_step("auto", "taichi", "vulkan", torch.device("cpu"), 1)[0]
     True
@@ -77,9 +76,6 @@ def choose_device_step(requested: str, field_backend: str, arch: str, device: to
         missing = "the field runs in torch (it needs --field-backend taichi)"
     elif world_size > 1:
         missing = "it runs in one process only (this run has several ranks)"
-    elif skip_empty:
-        missing = ("it has no skip-empty rendering (--render-skip-empty on trains on torch tensors; pass "
-                   "--render-skip-empty off to keep the step on the device)")
     if requested == "on":
         if missing:
             raise ValueError(f"--device-step on cannot be served: {missing}.")

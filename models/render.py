@@ -42,9 +42,8 @@ class RenderConfig:
     # Skipping empty and hidden samples (models.skip_empty).
     skip_empty: bool = dataclass_field(default=True, metadata={
         "help": "on | off: march the class occupancy grid and composite packed samples with early stop "
-                "(models/skip_empty.py; README, Skipping empty space, has the speed and quality figures); "
-                "left at on, train.py turns it off where the device-resident step runs (--device-step), "
-                "which has no skip-empty path"})
+                "(models/skip_empty.py, and models/device_skip.py for the device-resident step; README, "
+                "Skipping empty space, has the speed and quality figures)"})
     early_stop_eps: float = dataclass_field(default=1e-4, metadata={
         "help": "skip-empty only: a ray stops once its transmittance falls below this"})
     occupancy_resolution: int = dataclass_field(default=128, metadata={

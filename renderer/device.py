@@ -39,7 +39,8 @@ f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
 i64_1d = ti.types.ndarray(dtype=ti.i64, ndim=1)
 
-_TI_DTYPES = {np.dtype(np.float32): ti.f32, np.dtype(np.int64): ti.i64, np.dtype(np.int32): ti.i32}
+_TI_DTYPES = {np.dtype(np.float32): ti.f32, np.dtype(np.int64): ti.i64, np.dtype(np.int32): ti.i32,
+              np.dtype(np.uint8): ti.u8}
 
 
 def is_device_array(x) -> bool:
@@ -121,7 +122,7 @@ class TransferLog:
         self.uploaded = self.downloaded = 0
 
     def upload(self, ws: Workspace, name: str, values: np.ndarray) -> ti.lang._ndarray.Ndarray:
-        """Copy ``values`` (float32, int32 or int64 numpy) into the workspace buffer ``name``."""
+        """Copy ``values`` (float32, int32, int64 or uint8 numpy) into the workspace buffer ``name``."""
         values = np.ascontiguousarray(values)
         array = ws.get(name, values.shape, _TI_DTYPES[values.dtype])
         array.from_numpy(values)

@@ -198,31 +198,9 @@ def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, k
     assert use_skip_empty(model, "off") == "empty-space skipping: off" and model.occupancy is None
 
 
-def test_the_device_step_is_not_chosen_with_skipping_and_refused_when_asked_for(tmp_path, keep_taichi_arch):
-    """--device-step has no skip-empty path: auto trains on torch tensors, on is one clear error (train.py
-    says it before preparing any data)."""
-    from tiny_run import TINY_ARGS, train_in_process
-
-    from models.field_backend import choose_device_step
-
-    cpu = torch.device("cpu")
-    assert choose_device_step("auto", "taichi", "vulkan", cpu, 1)[0]
-    chosen, why = choose_device_step("auto", "taichi", "vulkan", cpu, 1, skip_empty=True)
-    assert not chosen and "--render-skip-empty" in why
-    with pytest.raises(ValueError, match="no skip-empty rendering"):
-        choose_device_step("on", "taichi", "cpu", cpu, 1, skip_empty=True)
-    with pytest.raises(SystemExit, match="--device-step on cannot be served: it has no skip-empty"):
-        train_in_process([
-            "--arch", "cpu", "--device", "cpu", "--out", str(tmp_path / "run"),
-            "--cache", str(tmp_path / "cache"), "--steps", "2", *TINY_ARGS,
-            "--field-backend", "taichi", "--device-step", "on", "--render-skip-empty", "on",
-        ])  # fmt: skip
-    assert not (tmp_path / "cache").exists()  # refused before any preparation
-
-
-def test_skipping_is_on_by_default_and_yields_to_the_device_resident_step(tmp_path, keep_taichi_arch, capsys):
-    """Left at its default, --render-skip-empty is on, except where the device-resident step trains
-    (it has no skip-empty path): there it is turned off, saying so, instead of refusing the step."""
+def test_the_device_step_skips_empty_space_by_default(tmp_path, keep_taichi_arch, capsys):
+    """Left at its default, --render-skip-empty is on, on the torch path and on the device-resident step
+    alike (models.device_skip): both say so, train with the grid and checkpoint it."""
     from tiny_run import TINY_ARGS, train_in_process
 
     from models.checkpoint import latest_checkpoint, load_checkpoint
@@ -235,8 +213,11 @@ def test_skipping_is_on_by_default_and_yields_to_the_device_resident_step(tmp_pa
     assert load_checkpoint(latest_checkpoint(plain)).payload["occupancy"]["updates"] >= 1
     on_device = train_in_process([*common, "--out", str(tmp_path / "device"), "--field-backend", "taichi",
                                   "--device-step", "on"])
-    assert "empty-space skipping: off (the device-resident step has none" in capsys.readouterr().out
-    assert not load_checkpoint(latest_checkpoint(on_device)).config.render.skip_empty
+    out = capsys.readouterr().out
+    assert "[train] empty-space skipping: on (64^3 occupancy grid" in out
+    assert "[train] training step: on the Taichi device (asked for on)" in out
+    ckpt = load_checkpoint(latest_checkpoint(on_device))
+    assert ckpt.config.render.skip_empty and ckpt.payload["occupancy"]["updates"] >= 1
 
 
 def test_one_code_shared_by_every_ray_renders_as_separate_copies_of_it(arch):
@@ -332,8 +313,9 @@ def test_ranks_merge_their_grid_updates(tmp_path):
 
 
 def test_the_step_benchmarks_time_the_dense_path(tmp_path):
-    """benchmarks/train_step.py (Taichi against the torch reference) and benchmarks/device_step.py (whose
-    device-resident step has no skip-empty path) time the dense step although training skips by default."""
+    """benchmarks/train_step.py (Taichi against the torch reference) and benchmarks/device_step.py (three
+    step implementations) time the dense step although training skips by default (train_step.py
+    --render-skip-empty measures skipping)."""
     import importlib.util
     from pathlib import Path
 
