@@ -95,5 +95,4 @@ def add_skip_empty_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-skip-empty", default="auto", choices=("auto", "on", "off"),
                         help="skip empty space and hidden samples (README, Training, has the speed and "
                              "quality figures): on uses the checkpoint's occupancy grid or estimates one; "
-                             "auto (the default) is on for a run trained with skipping, unless the field "
-                             "renders on the Taichi device, which has no skip-empty path")
+                             "auto (the default) is on for a run trained with skipping")

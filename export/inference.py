@@ -19,7 +19,7 @@ from common.conventions import CAMERA_DISTANCE
 from export.mesh import Mesh, density_grid, extract_mesh, vertex_colors
 from models.background import ConstantBackground
 from models.checkpoint import LoadedCheckpoint, load_checkpoint
-from models.device_render import render_image_on_device, renders_on_device
+from models.device_render import render_image_on_device
 
 DEFAULT_MESH_LEVEL = 10.0
 
@@ -74,17 +74,14 @@ def use_skip_empty(model: LoadedCheckpoint, mode: str) -> str:
 
     "on" takes the grid saved in the checkpoint (runs trained with skipping on), or else estimates one
     now from the model itself: every cell, at the mean code and a few codes of the table. "auto" is "on"
-    for a run trained with skipping (its checkpoint holds the grid), except where the field renders on
-    the Taichi device (``models.device_render``, which has no skip-empty path), and "off" otherwise.
+    for a run trained with skipping (its checkpoint holds the grid) and "off" otherwise. Where the field
+    renders on the Taichi device (``models.device_render``) images skip empty space there too.
     """
     saved = model.payload.get("occupancy") if isinstance(model.payload, dict) else None
     if mode == "auto":
         if saved is None:
             model.occupancy = None
             return "empty-space skipping: off (auto: the run was trained without it)"
-        if renders_on_device(model.field, model.background):
-            model.occupancy = None
-            return "empty-space skipping: off (auto: the field renders on the Taichi device, which has none)"
         mode = "on"
     if mode == "off":
         model.occupancy = None

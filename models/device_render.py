@@ -194,21 +194,32 @@ def _versions(params: list[torch.nn.Parameter]) -> tuple[int, ...]:
 class DeviceRenderer:
     """``models.render_image`` on the Taichi device (module docstring). The parameters are uploaded when
     it is made and again whenever torch has written into them since (an optimiser step, a loaded state
-    dict), so one renderer serves a whole evaluation or a training run's previews."""
+    dict), so one renderer serves a whole evaluation or a training run's previews. With ``occupancy``
+    (a ``models.skip_empty.ClassOccupancy``) it renders through the grid with packed samples
+    (``models.device_skip``), as ``render_image(..., occupancy=...)`` does; the grid's occupancy is
+    uploaded with each image (one byte a cell)."""
 
-    def __init__(self, field: TaichiField, background: torch.nn.Module, render_config: RenderConfig):
+    def __init__(self, field: TaichiField, background: torch.nn.Module, render_config: RenderConfig,
+                 occupancy=None):  # fmt: skip
         self.ws = Workspace()
         self.generation = runtime_generation()  # a restarted Taichi runtime invalidates every buffer
         self.transfers = TransferLog()
         self.field, self.background, self.render_config = field, background, render_config
+        self.occupancy = occupancy
         field_params = field.parameter_list()
         bg_params = background.parameter_list() if isinstance(background, TaichiBackground) else []
         self._params = field_params + bg_params
         self._values = [self.ws.get(f"param{i}", tuple(p.shape)) for i, p in enumerate(self._params)]
         bg_color = None if bg_params else self.ws.get("bg_color", (3,))
-        self.forward_pass = DeviceForward(self.ws, field, background, render_config,
-                                          self._values[:len(field_params)], self._values[len(field_params):],
-                                          bg_color)  # fmt: skip
+        values = (self._values[:len(field_params)], self._values[len(field_params):], bg_color)
+        if occupancy is None:
+            self.forward_pass = DeviceForward(self.ws, field, background, render_config, *values)
+        else:
+            from models.device_skip import DeviceGrid, DeviceSkipForward  # it builds on DeviceForward
+
+            self.grid = DeviceGrid(self.ws, occupancy, self.transfers)
+            self.forward_pass = DeviceSkipForward(self.ws, field, background, render_config, *values,
+                                                  grid=self.grid)  # fmt: skip
         self._uploaded: tuple[int, ...] | None = None
 
     def sync_parameters(self) -> None:
@@ -230,8 +241,10 @@ class DeviceRenderer:
         """As ``models.render_image``: latent (L,), K (3, 3), world_to_camera (3, 4) ->
         {"color": (H, W, 3), "opacity": (H, W), "depth": (H, W)} as CPU tensors, deterministic samples."""
         if self.generation != runtime_generation():  # Taichi restarted: every buffer here is gone
-            self.__init__(self.field, self.background, self.render_config)
+            self.__init__(self.field, self.background, self.render_config, self.occupancy)
         self.sync_parameters()
+        if self.occupancy is not None:
+            self.grid.upload()
         up, ws = self.transfers, self.ws
         K_dev = up.upload(ws, "in.K", K.detach().cpu().float().numpy().reshape(1, 3, 3))
         w2c_dev = up.upload(ws, "in.w2c", world_to_camera.detach().cpu().float().numpy().reshape(1, 3, 4))
@@ -247,10 +260,17 @@ class DeviceRenderer:
         pixels = np.concatenate([pixels, np.repeat(pixels[-1:], padded - n_pixels, axis=0)])
         codes = ws.get("codes", (chunk, code.shape[0]))
         launch("fill_codes", fill_rows_kernel, code, codes)
+        shared = None
+        if self.occupancy is not None:  # every packed sample reads this one row (no per-sample copy)
+            shared = up.upload(ws, "in.latent_row", latent.detach().cpu().float().numpy().reshape(1, -1))
         per_ray = np.empty((padded, PER_RAY), np.float32)
         for start in range(0, padded, chunk):
             rows = up.upload(ws, "in.pixels", pixels[start:start + chunk])
-            rendered = self.forward_pass.forward(rows, K_dev, w2c_dev, codes, chunk, generator=None)
+            if shared is None:
+                rendered = self.forward_pass.forward(rows, K_dev, w2c_dev, codes, chunk, generator=None)
+            else:
+                rendered = self.forward_pass.forward_packed(rows, K_dev, w2c_dev, codes, chunk, None,
+                                                            shared_code=shared)  # fmt: skip
             per_ray[start:start + chunk] = up.download(rendered.per_ray)
         per_ray = per_ray[:n_pixels]
         per_ray = torch.from_numpy(per_ray)
@@ -264,14 +284,15 @@ class DeviceRenderer:
 _LAST: list[DeviceRenderer] = []
 
 
-def device_renderer(field: TaichiField, background: torch.nn.Module,
-                    render_config: RenderConfig) -> DeviceRenderer:
-    """The ``DeviceRenderer`` of this field, background and configuration: the last one made when it is
-    for the same objects (and the Taichi runtime has not restarted since), else a new one."""
+def device_renderer(field: TaichiField, background: torch.nn.Module, render_config: RenderConfig,
+                    occupancy=None) -> DeviceRenderer:  # fmt: skip
+    """The ``DeviceRenderer`` of this field, background, configuration and grid: the last one made when
+    it is for the same objects (and the Taichi runtime has not restarted since), else a new one."""
     made = _LAST[0] if _LAST else None
     if (made is None or made.field is not field or made.background is not background
-            or made.render_config != render_config or made.generation != runtime_generation()):
-        _LAST[:] = [made := DeviceRenderer(field, background, render_config)]
+            or made.render_config != render_config or made.occupancy is not occupancy
+            or made.generation != runtime_generation()):
+        _LAST[:] = [made := DeviceRenderer(field, background, render_config, occupancy)]
     return made
 
 
@@ -288,12 +309,11 @@ def render_image_on_device(field: torch.nn.Module, background: torch.nn.Module, 
                            render_config: RenderConfig, chunk: int = 8192,
                            occupancy=None) -> dict[str, torch.Tensor]:  # fmt: skip
     """``models.render_image``, through ``DeviceRenderer`` where ``renders_on_device`` says so (same
-    shapes, the same image; on the latent's device), else ``models.render_image`` itself. With an
-    ``occupancy`` grid (skipping empty space, ``models.skip_empty``) it is ``models.render_image``: the
-    device path has no packed samples yet."""
-    if occupancy is not None or not renders_on_device(field, background):
+    shapes, the same image; on the latent's device), else ``models.render_image`` itself; with an
+    ``occupancy`` grid (skipping empty space, ``models.skip_empty``) either way."""
+    if not renders_on_device(field, background):
         return render_image(field, background, latent, K, world_to_camera, height, width, render_config,
                             chunk=chunk, occupancy=occupancy)  # fmt: skip
-    out = device_renderer(field, background, render_config).render_image(latent, K, world_to_camera, height,
-                                                                          width, chunk=chunk)  # fmt: skip
+    renderer = device_renderer(field, background, render_config, occupancy)
+    out = renderer.render_image(latent, K, world_to_camera, height, width, chunk=chunk)
     return {key: value.to(latent.device) for key, value in out.items()}

@@ -135,3 +135,50 @@ def test_a_renderer_outlives_a_restart_of_taichi(arch):
     _start(arch)
     assert runtime_generation() != generation
     _assert_same(device.render_image(code, K, w2c, SIZE, SIZE), before)
+
+
+@pytest.mark.parametrize("n_fine", [0, 12])
+def test_the_device_renderer_skips_empty_space_as_render_image_does(arch, monkeypatch, n_fine):
+    """Through an occupancy grid (models.device_skip): the image render_image renders with the same grid,
+    with fewer field evaluations than the dense image, one shared code read by every packed sample, and
+    no torch tensor reaching a kernel."""
+    from models.skip_empty import ClassOccupancy, SkipStats
+
+    field, bg = _models("network")
+    cfg = RenderConfig(n_coarse=16, n_fine=n_fine, occupancy_resolution=16, early_stop_eps=1e-3)
+    occupancy = ClassOccupancy(cfg)
+    # A ball of radius 1 occupied (dilated), empty space around it (this random field is dense
+    # everywhere, so its own grid would skip nothing).
+    occupancy.grid.update(lambda p: (p.norm(dim=1) < 1.0).float() * 100.0, fraction=1.0)
+    assert 0.05 < occupancy.grid.occupied_fraction() < 0.5
+    code = torch.linspace(-0.5, 0.5, LATENT)
+    K, w2c = _camera()
+    # Chunks of 100 rays on both sides (the device renderer balances 128 into 4 x 100), so that both
+    # report the same last chunk's kept samples.
+    expected = render_image(field, bg, code, K, w2c, SIZE, SIZE, cfg, chunk=100, occupancy=occupancy)
+    expected_stats = dict(SkipStats.last)
+
+    launched = []
+
+    def no_torch(name, kernel, *args):
+        bad = [type(a).__name__ for a in args if isinstance(a, torch.Tensor)]
+        assert not bad, f"{name} was given a torch tensor: it would be copied host <-> device"
+        launched.append(name)
+        backend_launch(name, kernel, *args)
+
+    for module in ("models.device_render", "models.device_skip", "renderer.dense"):
+        monkeypatch.setattr(f"{module}.launch", no_torch)
+    device = DeviceRenderer(field, bg, cfg, occupancy)
+    got = device.render_image(code, K, w2c, SIZE, SIZE, chunk=128)
+    assert {"occupancy_march", "pack_kept", "composite_packed"} <= set(launched)
+    _assert_same(got, expected)
+    assert device.forward_pass.last_stats == pytest.approx(expected_stats)  # the last chunk's
+    assert expected_stats["field_per_ray"] < 0.8 * expected_stats["dense_per_ray"]
+    # render_image_on_device takes the grid on Vulkan and Metal, and gives the same image everywhere.
+    monkeypatch.undo()  # on x64 it is render_image, on torch tensors
+    via = render_image_on_device(field, bg, code, K, w2c, SIZE, SIZE, cfg, chunk=128, occupancy=occupancy)
+    _assert_same(via, expected)
+    # A grid that changed since (an update during training) is the one the next image marches.
+    occupancy.grid.update(lambda p: (p.norm(dim=1) < 0.5).float() * 100.0, fraction=1.0, reset=True)
+    _assert_same(device.render_image(code, K, w2c, SIZE, SIZE, chunk=128),
+                 render_image(field, bg, code, K, w2c, SIZE, SIZE, cfg, chunk=128, occupancy=occupancy))

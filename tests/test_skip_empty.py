@@ -160,7 +160,7 @@ def test_occupancy_owner_rotates_codes_and_round_trips(arch):
 
 
 @pytest.mark.slow
-def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, keep_taichi_arch, monkeypatch):
+def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, keep_taichi_arch):
     """train.py --render-skip-empty on: the grid leaves warm-up, lands in the checkpoint, and the
     inference path (render.py, fit.py, evaluate.py) renders with it; a checkpoint without one gets a
     grid estimated from the model."""
@@ -184,14 +184,9 @@ def test_training_with_skipping_saves_the_grid_and_inference_uses_it(tmp_path, k
     assert "checkpoint's 16^3 grid" in use_skip_empty(model, "on")
     skipped = render_view(model, model.latents.mean(), K, w2c, 32, 32)
     assert abs(skipped["color"] - dense["color"]).max() < 0.05
-    # auto (the inference scripts' default): on for a run trained with skipping, off where the field
-    # renders on the Taichi device, and off for a run trained without it.
+    # auto (the inference scripts' default): on for a run trained with skipping (wherever the field
+    # renders: the device renderer skips too), and off for a run trained without it.
     assert use_skip_empty(model, "auto").startswith("empty-space skipping: on, the checkpoint's")
-    import export.inference
-
-    monkeypatch.setattr(export.inference, "renders_on_device", lambda field, background: True)
-    assert "renders on the Taichi device" in use_skip_empty(model, "auto") and model.occupancy is None
-    monkeypatch.undo()
     del model.payload["occupancy"]
     assert "trained without it" in use_skip_empty(model, "auto") and model.occupancy is None
     assert "estimated now" in use_skip_empty(model, "on")
