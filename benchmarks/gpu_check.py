@@ -74,6 +74,7 @@ RENDERER_TESTS = (
     "tests/test_field_backend.py",
     "tests/test_packed.py",  # empty-space skipping's kernels: on by default in training (issue 12)
     "tests/test_occupancy.py",
+    "tests/test_device_skip.py",  # the same skipping on ti.ndarrays (the device-resident step)
 )
 # Seconds each stage may take at most (its subprocess is killed after that). They are caps, not
 # estimates: the CUDA stages' caps sum to 445 s, inside the default --budget; the Vulkan ones run after

@@ -25,7 +25,9 @@ use there). Each reports the host <-> device bytes per image.
 With ``--render-skip-empty off on`` (a trained checkpoint needed: a fresh network has no empty space)
 each arch also renders through the class occupancy grid (``<arch>+skip-empty``: the checkpoint's grid,
 or one estimated from the model, as ``render.py --render-skip-empty on``), interleaved with the dense
-path, and the ratio of the two on the same arch is reported (``speedup_vs_dense``).
+path, and the ratio of the two on the same arch is reported (``speedup_vs_dense``). With
+``--field-backend taichi`` on Vulkan and Metal the device renderer does the same
+(``<arch>-device+skip-empty``, ``models.device_skip``), against ``<arch>-device``.
 """
 
 from __future__ import annotations
@@ -162,15 +164,28 @@ def main(argv: list[str] | None = None) -> dict:
                 render_image(field, background, latent, K, w2c, args.size, args.size, skip_cfg,
                              chunk=args.chunk, occupancy=occupancy)
 
+            def device_skip_render(field=field, background=background, latent=latent, skip_cfg=skip_cfg,
+                                   occupancy=occupancy) -> None:
+                render_image_on_device(field, background, latent, K, w2c, args.size, args.size, skip_cfg,
+                                       chunk=args.chunk, occupancy=occupancy)
+
             render_image(field, background, latent, K, w2c, 16, 16, skip_cfg, chunk=args.chunk,
                          occupancy=occupancy)  # compile kernels
             contenders[f"{arch}+skip-empty"] = skip_render
+            if renders_on_device(field, background):  # the device renderer through the grid
+                render_image_on_device(field, background, latent, K, w2c, 16, 16, skip_cfg, chunk=args.chunk,
+                                       occupancy=occupancy)  # fmt: skip
+                contenders[f"{arch}-device+skip-empty"] = device_skip_render
         times: dict[str, list[float]] = {name: [] for name in contenders}
         copied: dict[str, int] = {}
         for name, fn in contenders.items():  # compile the kernels, then count one image's copies
             render_image(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)
             render_image_on_device(field, background, latent, K, w2c, 16, 16, cfg, chunk=args.chunk)
-            log = device_renderer(field, background, cfg).transfers if name.endswith("-device") else None
+            log = None
+            if name.endswith("-device"):
+                log = device_renderer(field, background, cfg).transfers
+            elif name.endswith("-device+skip-empty"):
+                log = device_renderer(field, background, skip_cfg, occupancy).transfers
             before = TORCH_COPIES.bytes + (log.uploaded + log.downloaded if log else 0)
             fn()
             copied[name] = TORCH_COPIES.bytes + (log.uploaded + log.downloaded if log else 0) - before
@@ -184,9 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
                                            "times_s": times[name], "device": str(device),
                                            "baseline": reference_name, "bytes_copied_per_image": copied[name]}
         if occupancy is not None:
-            skip = results["contenders"][f"{arch}+skip-empty"]
-            skip["speedup_vs_dense"] = results["contenders"][arch]["median_s"] / skip["median_s"]
-            skip["occupied_fraction"] = occupancy.grid.occupied_fraction()
+            for dense_name in (arch, f"{arch}-device"):
+                skip = results["contenders"].get(f"{dense_name}+skip-empty")
+                if skip is not None:
+                    dense_s = results["contenders"][dense_name]["median_s"]
+                    skip["speedup_vs_dense"] = dense_s / skip["median_s"]
+                    skip["occupied_fraction"] = occupancy.grid.occupied_fraction()
         if device.type == "cuda":
             results["gpu"] = torch.cuda.get_device_name(device)
     if not base_times:  # nothing ran: still time the CPU reference once
@@ -204,14 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['samples_per_ray']} samples/ray), "
         f"median of {args.repeats}"
     )
-    print(f"{'renderer':<22}{'median s':>10}{'rays/s':>12}{'vs reference':>14}{'MB copied':>11}"
+    print(f"{'renderer':<26}{'median s':>10}{'rays/s':>12}{'vs reference':>14}{'MB copied':>11}"
           f"{'vs dense':>10}")
     for name, entry in results["contenders"].items():
         if "median_s" in entry:
             copied = entry.get("bytes_copied_per_image")
             megabytes = f"{copied / 1e6:>11.2f}" if copied is not None else f"{'':>11}"
             dense = f"{entry['speedup_vs_dense']:>9.2f}x" if "speedup_vs_dense" in entry else ""
-            print(f"{name:<22}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
+            print(f"{name:<26}{entry['median_s']:>10.3f}{entry['rays_per_s']:>12.0f}"
                   f"{entry['speedup_vs_reference']:>13.2f}x{megabytes}{dense}")
     if args.json:
         from common.atomic import write_json

@@ -16,6 +16,9 @@ With ``--render-skip-empty`` (the cpu preset with torch on the CPU; ``--preset``
 has empty space and the grid has left warm-up), then alternates measured steps with skipping off and on
 (one value alone measures that one) and reports, per setting, the step time in ms (median; with "on"
 the grid update's cost is spread over its period and listed apart) and the field evaluations per ray.
+``--device-step`` times the device-resident step (Taichi field, every array a ``ti.ndarray``) both ways:
+
+    python benchmarks/train_step.py --arch vulkan --render-skip-empty off on --device-step --checkpoint CKPT
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "preset's)")
     parser.add_argument("--occupancy-every", type=int, default=None,
                         help="with --render-skip-empty: steps between grid updates (default: the preset's)")
+    parser.add_argument("--device-step", action="store_true",
+                        help="with --render-skip-empty: time the device-resident step (models.device_step, "
+                             "the Taichi field; what a Vulkan or Metal GPU trains with) instead of the "
+                             "torch-tensor step")
     parser.add_argument("--cpu-preset-step", action="store_true",
                         help="with --checkpoint: time the cpu preset's samples per ray and batch (at most "
                              "the checkpoint's identities) on the checkpoint's networks")
@@ -174,6 +181,46 @@ def measure_skip_empty(trainer: Trainer, settings: list[str], steps: int, warmup
     return samples
 
 
+def measure_skip_empty_device(trainer: Trainer, settings: list[str], steps: int, warmup: int
+                              ) -> dict[str, list]:
+    """``measure_skip_empty`` for the device-resident step (``--device-step``): two ``DeviceTrainStep``s
+    made from the same state, one dense and one through the grid, alternating step by step (each trains
+    its own device copy of the networks from there)."""
+    import time
+
+    from models.device_step import DeviceTrainStep
+
+    skip_step = trainer.device_step  # made with the trainer's occupancy grid
+    trainer.sync_to_torch()
+    dense_step = DeviceTrainStep(trainer.field, trainer.background, trainer.latents, trainer.optimizers,
+                                 trainer.module.render_config, trainer.config.loss)
+    by_setting = {"off": dense_step, "on": skip_step}
+    occupancy = trainer.module.occupancy
+    cfg = trainer.module.render_config
+    samples: dict[str, list] = {name: [] for name in settings}
+    timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
+    every, occupancy.every = occupancy.every, 10**9  # updates are timed apart, once per measured step
+    try:
+        for i in range(warmup + steps):
+            for name in settings:
+                trainer.device_step = by_setting[name]
+                per, rays = timed_step(trainer, timed)
+                trainer.step += 1
+                dense = float(cfg.n_coarse + cfg.n_fine)
+                evals = skip_step.rendering.last_stats["field_per_ray"] if name == "on" else dense
+                if name == "on":
+                    started = time.perf_counter()
+                    skip_step.update_occupancy(trainer.step, trainer.ray_generator, force=True)
+                    per["grid update"] = time.perf_counter() - started
+                if i >= warmup:
+                    samples[name].append({**per, "rays": rays, "field_per_ray": evals})
+    finally:
+        trainer.device_step = skip_step
+        occupancy.every = every
+        trainer.timer = NullTimer()
+    return samples
+
+
 def main_skip_empty(args) -> dict:
     """``--render-skip-empty``: see the module docstring."""
     import time
@@ -214,16 +261,21 @@ def main_skip_empty(args) -> dict:
                                         **schedule)
     config.data = training_data(config.data)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, Path(run_dir), backend, payload, set())
+        field_backend = "taichi" if args.device_step else "torch"
+        trainer = Trainer(config, Path(run_dir), backend, payload, set(), field_backend,
+                          device_step=args.device_step)
         if payload is not None:  # a dense run's checkpoint: estimate the grid from every cell first
             trainer.module.occupancy.update(trainer.step, trainer.field, trainer.latents.codes)
+            if trainer.device_step is not None:
+                trainer.device_step.grid.upload()
         started = time.perf_counter()
         for _ in range(pretrain):
             trainer.train_step()
             trainer.step += 1
         pretrain_s = time.perf_counter() - started
         occupancy = trainer.module.occupancy
-        measured = measure_skip_empty(trainer, args.render_skip_empty, args.steps, args.warmup)
+        measure_fn = measure_skip_empty_device if args.device_step else measure_skip_empty
+        measured = measure_fn(trainer, args.render_skip_empty, args.steps, args.warmup)
         update_s = statistics.median(s["grid update"] for s in measured.get("on", [{"grid update": 0.0}]))
     cfg = trainer.module.render_config
     results = {}
@@ -236,13 +288,15 @@ def main_skip_empty(args) -> dict:
             "step_ms_with_grid_update": (medians["step"] + amortised) * 1e3 if name == "on" else None,
             "field_evals_per_ray": statistics.mean(s["field_per_ray"] for s in samples),
             "ms_per_step_median": {k: v * 1e3 for k, v in medians.items()}, "rays_per_step": rays}
-        print(f"\n== --render-skip-empty {name} ({backend.arch}), {cfg.n_coarse} + {cfg.n_fine} samples, "
-              f"{rays} rays, {args.steps} steps ==")
+        step_kind = "device-resident step" if args.device_step else "torch-tensor step"
+        print(f"\n== --render-skip-empty {name} ({backend.arch}, {step_kind}), {cfg.n_coarse} + {cfg.n_fine} "
+              f"samples, {rays} rays, {args.steps} steps ==")
         print(breakdown_table(medians, rays, shares))
         print(f"field evaluations per ray: {results[name]['field_evals_per_ray']:.1f}")
     summary = {
         "machine": machine(),
-        "arch": backend.arch, "steps": args.steps, "pretrain_steps": pretrain, "checkpoint": args.checkpoint,
+        "arch": backend.arch, "device_step": args.device_step, "steps": args.steps,
+        "pretrain_steps": pretrain, "checkpoint": args.checkpoint,
         "samples_per_ray": [cfg.n_coarse, cfg.n_fine], "cpu_preset_step": args.cpu_preset_step,
         "rays_per_step": results[next(iter(results))]["rays_per_step"],
         "pretrain_s": pretrain_s, "grid_update_ms": update_s * 1e3,

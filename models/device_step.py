@@ -231,12 +231,12 @@ class DeviceTrainStep:
         if self.grid is not None:
             self.grid.flush()
 
-    def update_occupancy(self, step: int, generator: torch.Generator | None) -> bool:
-        """The grid's update when ``step`` is a multiple of ``occupancy_every`` (as
+    def update_occupancy(self, step: int, generator: torch.Generator | None, force: bool = False) -> bool:
+        """The grid's update when ``step`` is a multiple of ``occupancy_every`` or ``force`` is set (as
         ``ClassOccupancy.maybe_update`` on the torch path, with the same draws from ``generator``): the
         field's density on the device's parameters, the table's codes, and what the steps since the
         last update saw. True when it ran."""
-        if self.grid is None or step % self.occupancy.every != 0:
+        if self.grid is None or (step % self.occupancy.every != 0 and not force):
             return False
         self.grid.flush()
         codes = torch.from_numpy(self.transfers.download(self.table.params[0].value))

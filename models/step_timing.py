@@ -145,6 +145,9 @@ def timed_step(trainer, timed: TimedField) -> tuple[dict[str, float], int]:
     return per, metrics["rays"]
 
 
+DOWNLOADED = "loss sums (and packed sample counts) from the device"
+
+
 def profile_steps(trainer, n_steps: int, trace_path, warmup: int = 2) -> dict[str, float]:
     """``n_steps`` timed steps under the Taichi kernel profiler and torch.profiler, after ``warmup``
     steps that compile the kernels; prints the phase table and the kernel table, writes a Chrome trace
@@ -158,7 +161,7 @@ def profile_steps(trainer, n_steps: int, trace_path, warmup: int = 2) -> dict[st
     trainer.module.field = timed
     steps, rays = [], 0
     copied = {"torch tensors copied by Taichi (each way)": 0, "batch to the device": 0,
-              "loss sums from the device": 0}
+              DOWNLOADED: 0}
     try:
         with profile(trace_path=trace_path, print_table=False) as prof:
             for _ in range(n_steps):
@@ -168,7 +171,7 @@ def profile_steps(trainer, n_steps: int, trace_path, warmup: int = 2) -> dict[st
                 copied["torch tensors copied by Taichi (each way)"] += TORCH_COPIES.bytes
                 if trainer.device_step is not None:
                     copied["batch to the device"] += trainer.device_step.transfers.uploaded
-                    copied["loss sums from the device"] += trainer.device_step.transfers.downloaded
+                    copied[DOWNLOADED] += trainer.device_step.transfers.downloaded
     finally:
         trainer.module.field = timed.field
         trainer.timer = NullTimer()
