@@ -39,8 +39,7 @@ from torch import nn
 import renderer
 from models.render import RayOutput, RenderConfig
 from renderer.occupancy import OccupancyGrid
-from renderer.reference import occupancy_cells
-from renderer.specs import offsets_from_counts, ray_indices
+from renderer.specs import occupancy_cells, offsets_from_counts, ray_indices
 
 
 class ClassOccupancy:

@@ -42,7 +42,7 @@ def capacity(n: int) -> int:
     a multiple of 256 (at most 9 % padding; ``MIN_CAPACITY`` at least).
 
     >>> capacity(0), capacity(256), capacity(1000), capacity(100_000)
-    (256, 256, 1024, 100608)
+    (256, 256, 1024, 101120)
     """
     if n <= MIN_CAPACITY:
         return MIN_CAPACITY

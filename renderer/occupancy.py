@@ -37,7 +37,7 @@ import torch
 
 from renderer.backend import kernel_device, launch, to_kernel
 from renderer.sampling import hash_uniform
-from renderer.specs import PackedSamples, Rays, draw_key, mix_key, offsets_from_counts
+from renderer.specs import PackedSamples, Rays, draw_key, mix_key, occupancy_cells, offsets_from_counts
 
 f32_1d = ti.types.ndarray(dtype=ti.f32, ndim=1)
 f32_2d = ti.types.ndarray(dtype=ti.f32, ndim=2)
@@ -256,8 +256,6 @@ class OccupancyGrid:
         >>> grid.occupied_at(torch.zeros(4, 3)).tolist()
         [True, True, True, True]
         """
-        from renderer.reference import occupancy_cells  # the torch form of the kernels' cell_of
-
         cells = occupancy_cells(points, self.resolution, self.radius).to(self.occupied.device)
         return (self.occupied[cells] != 0).to(points.device)
 

@@ -40,6 +40,7 @@ from renderer.specs import (
     draw_key,
     expand_background,
     mix_key,
+    occupancy_cells,
     offsets_from_counts,
     pcg_hash,
 )
@@ -325,18 +326,6 @@ def composite_packed(
 
 
 # ---------------------------------------------------------------- occupancy grid (renderer.occupancy)
-
-
-def occupancy_cells(points: torch.Tensor, resolution: int, radius: float) -> torch.Tensor:
-    """Flat cell index ``(i * res + j) * res + k`` of points in the cube [-radius, radius]^3 (outside
-    points clamp to the border): points (..., 3) -> (...) int64.
-
-    >>> occupancy_cells(torch.tensor([[-1.0, -1.0, 0.9], [0.1, 0.1, 0.1]]), 2, 1.0)
-    tensor([1, 7])
-    """
-    ijk = torch.floor((points + radius) * (resolution / (2.0 * radius))).to(torch.int64)
-    ijk = ijk.clamp(0, resolution - 1)
-    return (ijk[..., 0] * resolution + ijk[..., 1]) * resolution + ijk[..., 2]
 
 
 def occupancy_cell_points(

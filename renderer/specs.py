@@ -154,3 +154,16 @@ class PackedSamples(NamedTuple):
     offsets: torch.Tensor
     counts: torch.Tensor
     bins: torch.Tensor
+
+
+def occupancy_cells(points: torch.Tensor, resolution: int, radius: float) -> torch.Tensor:
+    """The occupancy grid's cell convention (``renderer.occupancy.cell_of`` in Taichi): the flat cell
+    index ``(i * res + j) * res + k`` of points in the cube [-radius, radius]^3 (outside points clamp to
+    the border): points (..., 3) -> (...) int64.
+
+    >>> occupancy_cells(torch.tensor([[-1.0, -1.0, 0.9], [0.1, 0.1, 0.1]]), 2, 1.0)
+    tensor([1, 7])
+    """
+    ijk = torch.floor((points + radius) * (resolution / (2.0 * radius))).to(torch.int64)
+    ijk = ijk.clamp(0, resolution - 1)
+    return (ijk[..., 0] * resolution + ijk[..., 1]) * resolution + ijk[..., 2]

@@ -479,10 +479,11 @@ def test_composite_without_samples_shows_background(arch):
 def test_docstring_examples(arch):
     """The examples in the renderer's docstrings run and print what they say."""
     import doctest
-    import sys
+    import importlib
 
-    for name in ("renderer.rays", "renderer.sampling", "renderer.composite", "renderer.reference"):
-        result = doctest.testmod(sys.modules[name], optionflags=doctest.ELLIPSIS)
+    for name in ("renderer.rays", "renderer.sampling", "renderer.composite", "renderer.reference",
+                 "renderer.specs", "renderer.device_packed"):
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, name
 
 
