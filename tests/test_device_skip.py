@@ -117,6 +117,9 @@ def test_the_device_skip_step_is_the_torch_skip_paths(arch, monkeypatch, backgro
     cfg = RenderConfig(n_coarse=16, n_fine=n_fine, occupancy_resolution=16, early_stop_eps=eps)
     loss_cfg = LossConfig()
     batch = _batch(n_rays=64)
+    batch["pixels"][:3] = torch.tensor([[0.0, 0.0], [31.0, 0.0], [31.0, 31.0]])  # corners: miss the sphere
+    rays = renderer.generate_rays(batch["pixels"], batch["K"], batch["world_to_camera"], radius=cfg.radius)
+    assert bool((rays.far[:3] == rays.near[:3]).all()) and bool((rays.far[3:] > rays.near[3:]).all())
 
     def models():
         field, bg, table, optimizers = _models(background, latent_opt)
