@@ -111,10 +111,12 @@ class DeviceGrid:
 class PackedEvaluation(Evaluation):
     """One field evaluation over packed samples: ``rows`` is the buffers' capacity, ``n`` the samples
     in them (the rest is padding); ``row_identity`` (rows,) the table row of each sample's code (None
-    when every sample reads one shared code)."""
+    when every sample reads one shared code); ``offsets`` / ``counts`` (R,) each ray's samples."""
 
     n: int = 0
     row_identity: Ndarray | None = None
+    offsets: Ndarray | None = None
+    counts: Ndarray | None = None
 
 
 class PackedRendered(NamedTuple):
@@ -193,7 +195,8 @@ class DeviceSkipForward(DeviceForward):
         with self.phase("field forward"):
             acts = field_forward(self.field_values, points, codes, self.field.spec(), self._buffers(prefix),
                                  repeat=repeat)  # fmt: skip
-        return PackedEvaluation(prefix, cap, repeat, acts, codes, n=n, row_identity=row_identity)
+        return PackedEvaluation(prefix, cap, repeat, acts, codes, n=n, row_identity=row_identity,
+                                offsets=packed["offsets"], counts=packed["counts"])
 
     def forward_packed(self, pixels: Ndarray, K: Ndarray, world_to_camera: Ndarray, ray_codes: Ndarray,
                        n_rays: int, generator: torch.Generator | None, table: Ndarray | None = None,

@@ -50,7 +50,7 @@ from renderer.device import (
     scatter_add_rows_kernel,
     split_grads_kernel,
 )
-from renderer.device_packed import dense_to_packed_kernel, split_packed_grads_kernel
+from renderer.device_packed import dense_to_packed_kernel, split_packed_grads_kernel, sum_rows_per_ray_kernel
 from renderer.optimizers import adam_update, sgd_update
 from renderer.packed import packed_backward_kernel
 
@@ -335,16 +335,22 @@ class DeviceTrainStep:
         table_grad = self.table.params[0].grad
         values, grads = [p.value for p in self.field_params], [p.grad for p in self.field_params]
         for evaluation in passes:
-            # Dense: one code per ray (its samples' gradients summed by field_backward's repeat); packed:
-            # one code row per sample, gathered from the table by its ray's identity, scattered back alike.
+            # Dense: one code per ray (its samples' gradients summed by field_backward's repeat). Packed:
+            # one code row per sample (gathered from the table by its ray's identity), whose gradients are
+            # summed per ray (a ray's samples lie back to back) before the one scatter per ray.
             packed = isinstance(evaluation, PackedEvaluation)
-            code_rows, index = (evaluation.rows, evaluation.row_identity) if packed else (n_rays, identity)
+            code_rows = evaluation.rows if packed else n_rays
             grad_codes = ws.get(evaluation.prefix + "grad_codes", (code_rows, self.field.latent_dim))
             with self._phase("field backward"):
                 field_backward(values, evaluation.acts, evaluation.codes, evaluation.grad_sigma,
                                evaluation.grad_rgb, self.field.spec(), self._buffers(evaluation.prefix),
                                grads=grads, grad_latents=grad_codes, repeat=evaluation.per_ray)  # fmt: skip
-            launch("scatter_codes", scatter_add_rows_kernel, grad_codes, index, 1, table_grad)
+            if packed:
+                per_ray = ws.get(evaluation.prefix + "grad_codes_per_ray", (n_rays, self.field.latent_dim))
+                launch("sum_codes_per_ray", sum_rows_per_ray_kernel, grad_codes, evaluation.offsets,
+                       evaluation.counts, per_ray)  # fmt: skip
+                grad_codes = per_ray
+            launch("scatter_codes", scatter_add_rows_kernel, grad_codes, identity, 1, table_grad)
         if state.bg is not None:
             acts, codes = state.bg
             grad_codes = ws.get("bg.grad_codes", (n_rays, self.field.latent_dim))

@@ -150,6 +150,18 @@ def row_identity_kernel(identity: i64_1d, ray: i32_1d, out: i64_1d):
 
 
 @ti.kernel
+def sum_rows_per_ray_kernel(rows: f32_2d, offsets: i32_1d, counts: i32_1d, out: f32_2d):
+    """out[r] = sum of rows[offsets[r] .. offsets[r] + counts[r] - 1]: packed (cap, C) -> (R, C). A ray's
+    samples' latent gradients summed before one scatter into the table per ray (as the dense path's
+    ``repeat``), instead of one atomic add per sample into a few shared table rows."""
+    for ray, c in ti.ndrange(out.shape[0], out.shape[1]):
+        total = 0.0
+        for i in range(offsets[ray], offsets[ray] + counts[ray]):
+            total += rows[i, c]
+        out[ray, c] = total
+
+
+@ti.kernel
 def coarse_weights_kernel(
     weights: f32_1d, t: f32_1d, slot: i32_1d, offsets: i32_1d, counts: i32_1d, kept: i32_1d,
     dense: f32_2d, cut: f32_1d,
