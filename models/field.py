@@ -138,12 +138,18 @@ class ConditionedField(nn.Module):
         hidden = weight[:, :n_hidden] if n_hidden else None
         return hidden, weight[:, n_hidden:n_hidden + n_chunk], weight[:, n_hidden + n_chunk:]
 
-    def forward(self, points: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    takes_ray_index = True  # forward(points, latents, ray=...): packed samples with one code per ray
+
+    def forward(self, points: torch.Tensor, latents: torch.Tensor,
+                ray: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Evaluate the field, one latent per sample or one per ray.
 
         Shapes: points (N, 3), latents (N, L) -> sigma (N,) >= 0, rgb (N, 3) in (0, 1); or
         points (R, S, 3), latents (R, L) -> sigma (R, S), rgb (R, S, 3) (every sample of a ray shares
-        its ray's code, which is never copied per sample).
+        its ray's code, which is never copied per sample); or packed samples, points (N, 3) with
+        ``ray`` (N,) int64 naming each one's row of latents (R, L) -> (N,), (N, 3): each layer's latent
+        term is computed once per ray and added to its samples (no (N, L) copy of the codes, and the
+        latent product runs on R rows, not N).
 
         Example:
             >>> field = ConditionedField(FieldConfig(depth=2, width=8), latent_dim=4)
@@ -154,6 +160,8 @@ class ConditionedField(nn.Module):
         if latents.shape[-1] != self.latent_dim:
             raise ValueError(f"latents have {latents.shape[-1]} values per row; this field expects "
                              f"{self.latent_dim}.")
+        if ray is not None:
+            return self._forward_packed(points, latents, ray)
         per_sample = points.dim() == 2
         grouped = points[:, None, :] if per_sample else points  # (R, S, 3)
         if latents.dim() != 2 or grouped.dim() != 3 or grouped.shape[0] != latents.shape[0]:
@@ -180,3 +188,22 @@ class ConditionedField(nn.Module):
         if per_sample:
             return sigma[:, 0], rgb[:, 0]
         return sigma, rgb
+
+    def _forward_packed(self, points: torch.Tensor, latents: torch.Tensor,
+                        ray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``forward`` with ``ray``: points (N, 3), latents (R, L), ray (N,) -> sigma (N,), rgb (N, 3)."""
+        if points.dim() != 2 or latents.dim() != 2 or ray.shape != points.shape[:1]:
+            raise ValueError(f"packed samples need points (N, 3), latents (R, L) and ray (N,); got "
+                             f"{tuple(points.shape)}, {tuple(latents.shape)} and {tuple(ray.shape)}.")
+        enc = positional_encoding(points, self.cfg.n_frequencies, self.cfg.include_input)
+        hidden = None
+        for i, (layer, chunk) in enumerate(zip(self.layers, self.latent_chunks(latents), strict=True)):
+            hidden_w, chunk_w, enc_w = self.weight_blocks(i)
+            per_ray = torch.addmm(layer.bias, chunk, chunk_w.T)  # (R, width): once per ray
+            pre = enc @ enc_w.T if hidden is None else (hidden @ hidden_w.T).addmm_(enc, enc_w.T)
+            if torch.is_grad_enabled():
+                hidden = F.relu(pre + per_ray.index_select(0, ray))
+            else:
+                hidden = pre.add_(per_ray.index_select(0, ray)).relu_()
+        sigma = F.softplus(self.density_head(hidden)).view(-1)
+        return sigma, torch.sigmoid(self.color_head(hidden))

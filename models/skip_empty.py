@@ -171,7 +171,9 @@ def field_at_samples(field: nn.Module, points: torch.Tensor, latents: torch.Tens
 
     Where every ray shares one code (``render_image`` expands a single latent: a zero row stride), the
     samples go to the field as one ray of N samples, so its latent term is computed once instead of per
-    sample and no (N, L) copy of the code is made.
+    sample and no (N, L) copy of the code is made. Otherwise a field that takes a ray index
+    (``ConditionedField.takes_ray_index``) computes each latent term once per ray and adds it to the
+    ray's samples; any other field (the Taichi field) gets each sample's code row (an (N, L) gather).
 
         >>> from models.field import ConditionedField, FieldConfig
         >>> field = ConditionedField(FieldConfig(depth=2, width=8), latent_dim=4)
@@ -183,6 +185,8 @@ def field_at_samples(field: nn.Module, points: torch.Tensor, latents: torch.Tens
     if latents.shape[0] > 1 and latents.stride(0) == 0:
         sigma, rgb = field(points[None], latents[:1])
         return sigma[0], rgb[0]
+    if getattr(field, "takes_ray_index", False):
+        return field(points, latents, ray=ray)
     return field(points, latents[ray])
 
 

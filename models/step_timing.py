@@ -84,13 +84,18 @@ class TimedField(nn.Module):
         self.field = field
         self.timer = timer  # may be swapped for a fresh PhaseTimer between steps
 
-    def forward(self, points: torch.Tensor, latents: torch.Tensor):
-        """The wrapped field's forward (either shape contract of ``ConditionedField``), timed."""
+    @property
+    def takes_ray_index(self) -> bool:
+        """Whether the wrapped field takes packed samples with a ray index (``ConditionedField``)."""
+        return getattr(self.field, "takes_ray_index", False)
+
+    def forward(self, points: torch.Tensor, latents: torch.Tensor, ray: torch.Tensor | None = None):
+        """The wrapped field's forward (any shape contract of ``ConditionedField``), timed."""
         tracking = torch.is_grad_enabled() and latents.requires_grad
         if tracking:
             latents = _Mark.apply(self.timer, "end", latents)
         with self.timer.phase("field forward"):
-            sigma, rgb = self.field(points, latents)
+            sigma, rgb = self.field(points, latents) if ray is None else self.field(points, latents, ray=ray)
         if tracking:
             sigma, rgb = _Mark.apply(self.timer, "start", sigma, rgb)
         return sigma, rgb

@@ -322,3 +322,29 @@ def test_the_step_benchmarks_time_the_dense_path(tmp_path):
     spec.loader.exec_module(step_report)
     config = step_report.step_config("cpu", str(tmp_path / "cache"), identities=16)
     assert TrainConfig.cpu().render.skip_empty and not config.render.skip_empty
+
+
+def test_packed_samples_with_a_ray_index_are_the_per_sample_codes():
+    """ConditionedField(points, latents (R, L), ray=...) computes each latent term once per ray: the same
+    values and gradients (parameters, codes) as each sample holding a copy of its ray's code, with
+    gradients on and off, and rays without samples in between."""
+    torch.manual_seed(4)
+    field = ConditionedField(FieldConfig(depth=3, width=16, n_frequencies=2), latent_dim=6)
+    codes = torch.randn(5, 6, requires_grad=True)
+    ray = torch.tensor([0, 0, 0, 2, 2, 4, 4, 4, 4])  # rays 1 and 3 own no sample
+    points = torch.randn(9, 3)
+    by_ray = field(points, codes, ray=ray)
+    copies = field(points, codes[ray])
+    for a, b in zip(by_ray, copies, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    params = [codes, *field.parameters()]
+    grads = [torch.autograd.grad(sigma.sum() + rgb.square().sum(), params)
+             for sigma, rgb in (field(points, codes, ray=ray), field(points, codes[ray]))]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads[0][0][1].abs().sum() == 0 and grads[0][0][4].abs().sum() > 0
+    with torch.no_grad():
+        for a, b in zip(field(points, codes, ray=ray), copies, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="packed samples need"):
+        field(points, codes, ray=ray[:4])
