@@ -36,7 +36,7 @@ from typing import NamedTuple
 import taichi as ti
 import torch
 
-from models.device_render import DeviceForward, Evaluation, _sample_key
+from models.device_forward import DeviceForward, Evaluation, _sample_key
 from models.skip_empty import ClassOccupancy, SkipStats
 from models.taichi_field import field_forward
 from renderer.backend import launch

@@ -11,7 +11,8 @@ come out (12 bytes); ``transfers`` counts both.
     terms = step.run(batch, generator)        # {"rgb", "mask", "hard", "total"} or None (not finite)
     step.to_torch()                           # parameters, table and optimiser state back into torch
 
-Its forward pass is ``models.device_render.DeviceForward`` (shared with device-resident rendering).
+Its forward pass is ``models.device_forward.DeviceForward`` (shared with device-resident rendering), or
+``models.device_skip.DeviceSkipForward`` through an occupancy grid.
 It does what ``models.trainer.Trainer.train_step`` does on the torch path, kernel for kernel: the
 same stratified samples and importance draws from the same generator (so, seeded alike, both paths
 render the same rays), one field evaluation per sample (coarse, then fine), compositing, the LOLNeRF
@@ -32,8 +33,8 @@ import taichi as ti
 import torch
 
 from models.background import ConstantBackground
+from models.device_forward import DeviceForward, Rendered
 from models.device_losses import loss_grads_kernel, loss_scales, loss_sums_kernel, loss_terms
-from models.device_render import DeviceForward, Rendered
 from models.device_skip import DeviceGrid, DeviceSkipForward, PackedEvaluation, PackedRendered, device_density
 from models.losses import LossConfig
 from models.render import RenderConfig

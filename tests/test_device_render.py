@@ -66,7 +66,7 @@ def test_the_device_renderer_renders_render_images_image(arch, monkeypatch, back
         launched.append(name)
         backend_launch(name, kernel, *args)
 
-    for module in ("models.device_render", "renderer.dense"):
+    for module in ("models.device_render", "models.device_forward", "renderer.dense"):
         monkeypatch.setattr(f"{module}.launch", no_torch)
     device = DeviceRenderer(field, bg, cfg)
     got = device.render_image(code, K, w2c, SIZE, SIZE, chunk=128)  # 400 pixels: the last chunk padded
@@ -166,7 +166,7 @@ def test_the_device_renderer_skips_empty_space_as_render_image_does(arch, monkey
         launched.append(name)
         backend_launch(name, kernel, *args)
 
-    for module in ("models.device_render", "models.device_skip", "renderer.dense"):
+    for module in ("models.device_render", "models.device_forward", "models.device_skip", "renderer.dense"):
         monkeypatch.setattr(f"{module}.launch", no_torch)
     device = DeviceRenderer(field, bg, cfg, occupancy)
     got = device.render_image(code, K, w2c, SIZE, SIZE, chunk=128)

@@ -142,7 +142,8 @@ def test_the_device_skip_step_is_the_torch_skip_paths(arch, monkeypatch, backgro
         launched.append(name)
         backend_launch(name, kernel, *args)
 
-    for module in ("models.device_step", "models.device_skip", "renderer.dense", "renderer.optimizers"):
+    for module in ("models.device_step", "models.device_forward", "models.device_skip", "renderer.dense",
+                   "renderer.optimizers"):
         monkeypatch.setattr(f"{module}.launch", no_torch)
     field2, bg2, table2, optimizers2 = models()
     occupancy2 = _grid(cfg)

@@ -106,7 +106,7 @@ def test_the_device_step_computes_the_torch_paths_losses_and_gradients(arch, mon
         launched.append(name)
         backend_launch(name, kernel, *args)
 
-    for module in ("models.device_step", "renderer.dense", "renderer.optimizers"):
+    for module in ("models.device_step", "models.device_forward", "renderer.dense", "renderer.optimizers"):
         monkeypatch.setattr(f"{module}.launch", no_torch)
     field2, bg2, table2, optimizers2 = _models(background, latent_opt)
     step = DeviceTrainStep(field2, bg2, table2, optimizers2, render_cfg, loss_cfg)
