@@ -111,6 +111,19 @@ class DeviceForward:
                                  repeat=n_samples)  # fmt: skip
         return Evaluation(prefix, rows, n_samples, acts, codes)
 
+    def importance(self, t_coarse: Ndarray, weights: Ndarray, near: Ndarray, far: Ndarray,
+                   generator: torch.Generator | None) -> tuple[Ndarray, Ndarray, Ndarray, Ndarray]:
+        """Importance samples from the coarse weights and their merge with the coarse depths, as
+        ``renderer.sample_importance_and_merge``: t_coarse, weights (R, S) -> t_fine (R, F), and flat
+        (R * (S + F)) t_all, order (i64: merged slot -> coarse bin, or S + fine index), deltas."""
+        n_rays, width = t_coarse.shape[0], self.render_config.n_coarse + self.render_config.n_fine
+        t_fine = self.ws.get("t_fine", (n_rays, self.render_config.n_fine))
+        t_all, deltas = self.ws.get("t_all", (n_rays * width,)), self.ws.get("deltas", (n_rays * width,))
+        order = self.ws.get("order", (n_rays * width,), ti.i64)
+        launch("sample_importance_and_merge", importance_merge_kernel, t_coarse, weights, near, far,
+               *_sample_key(generator), t_fine, t_all, order, deltas)  # fmt: skip
+        return t_fine, t_all, order, deltas
+
     def forward(self, pixels: Ndarray, K: Ndarray, world_to_camera: Ndarray, codes: Ndarray, n_rays: int,
                 generator: torch.Generator | None) -> Rendered:  # fmt: skip
         """Rays -> coarse samples -> field -> importance samples -> field -> background -> compositing.
@@ -144,13 +157,9 @@ class DeviceForward:
             launch("composite_forward", composite_forward_kernel, sigma_c, rgb_c, t_coarse, deltas_c,
                    ws.zeros("c.background", (n_rays, 3)), weights_c, ws.get("c.per_ray", (n_rays, PER_RAY)),
                    n_coarse)  # fmt: skip
-            weights_c_rows = ws.get("c.weights_rows", (n_rays, n_coarse))
-            launch("layout", flat_to_rows_kernel, weights_c, weights_c_rows)
-            t_fine = ws.get("t_fine", (n_rays, n_fine))
-            t_all, deltas = ws.get("t_all", (n_rays * width,)), ws.get("deltas", (n_rays * width,))
-            order = ws.get("order", (n_rays * width,), ti.i64)
-            launch("sample_importance_and_merge", importance_merge_kernel, t_coarse_rows, weights_c_rows,
-                   near, far, *_sample_key(generator), t_fine, t_all, order, deltas)  # fmt: skip
+            weights_rows = ws.get("c.weights_rows", (n_rays, n_coarse))
+            launch("layout", flat_to_rows_kernel, weights_c, weights_rows)
+            t_fine, t_all, order, deltas = self.importance(t_coarse_rows, weights_rows, near, far, generator)
             fine = self.evaluate("f.", origins, directions, t_fine, codes, n_rays, n_fine)
             launch("merge_outputs", merge_outputs_kernel, order, coarse.acts.sigma, coarse.acts.rgb,
                    fine.acts.sigma, fine.acts.rgb, n_coarse, sigma, rgb)  # fmt: skip

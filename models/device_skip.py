@@ -66,7 +66,6 @@ from renderer.device_packed import (
 from renderer.occupancy import march_kernel
 from renderer.packed import packed_forward_kernel
 from renderer.rays import rays_kernel
-from renderer.sampling import importance_merge_kernel
 
 Ndarray = ti.lang._ndarray.Ndarray
 MIN_WEIGHT = 1e-4  # a training sample's weight above which its cell counts as used (OccupancyGrid.mark_used)
@@ -243,11 +242,7 @@ class DeviceSkipForward(DeviceForward):
                    packed_c["offsets"], packed_c["counts"], kept_c, weights_rows, cut)  # fmt: skip
             t_coarse_rows = ws.get("t_coarse_rows", (n_rays, n_coarse))
             launch("layout", flat_to_rows_kernel, t_dense, t_coarse_rows)
-            t_fine = ws.get("t_fine", (n_rays, n_fine))
-            t_all, deltas = ws.get("t_all", (n_rays * width,)), ws.get("deltas", (n_rays * width,))
-            order = ws.get("order", (n_rays * width,), ti.i64)
-            launch("sample_importance_and_merge", importance_merge_kernel, t_coarse_rows, weights_rows,
-                   near, far, *_sample_key(generator), t_fine, t_all, order, deltas)  # fmt: skip
+            t_fine, t_all, order, deltas = self.importance(t_coarse_rows, weights_rows, near, far, generator)
             keep_f = ws.get("f.keep", (n_rays * n_fine,), ti.u8)
             launch("fine_keep", fine_keep_kernel, origins, directions, near, far, t_fine, cut, grid.occupied,
                    grid.radius, grid.resolution, keep_f)  # fmt: skip

@@ -135,3 +135,28 @@ def tiny_run(tmp_path_factory):
     from tiny_run import make_tiny_run
 
     return make_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+# Modules whose kernel launches the device-resident path makes (each imports renderer.backend.launch).
+DEVICE_PATH_MODULES = ("models.device_step", "models.device_forward", "models.device_skip",
+                       "models.device_render", "renderer.dense", "renderer.optimizers")
+
+
+@pytest.fixture
+def forbid_torch_launches(monkeypatch):
+    """Make every launch of the device-resident path fail if any argument is a torch tensor (on Vulkan it
+    would be copied host <-> device); returns the list of launched kernel names, filled as they run.
+    ``monkeypatch.undo()`` lifts it."""
+    from renderer.backend import launch
+
+    launched: list[str] = []
+
+    def no_torch(name, kernel, *args):
+        bad = [type(a).__name__ for a in args if isinstance(a, torch.Tensor)]
+        assert not bad, f"{name} was given a torch tensor: it would be copied host <-> device"
+        launched.append(name)
+        launch(name, kernel, *args)
+
+    for module in DEVICE_PATH_MODULES:
+        monkeypatch.setattr(f"{module}.launch", no_torch)
+    return launched

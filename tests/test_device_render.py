@@ -19,7 +19,6 @@ from models.field import FieldConfig
 from models.render import RenderConfig, render_image
 from models.taichi_background import TaichiBackground
 from models.taichi_field import TaichiField
-from renderer.backend import launch as backend_launch
 from renderer.specs import PER_RAY
 
 LATENT, SIZE = 8, 20
@@ -51,23 +50,14 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("background", ["network", "constant"])
 @pytest.mark.parametrize("n_fine", [0, 12])
-def test_the_device_renderer_renders_render_images_image(arch, monkeypatch, background, n_fine):
+def test_the_device_renderer_renders_render_images_image(arch, request, background, n_fine):
     field, bg = _models(background)
     cfg = RenderConfig(n_coarse=16, n_fine=n_fine)
     K, w2c = _camera()
     code = torch.linspace(-0.5, 0.5, LATENT)
     expected = render_image(field, bg, code, K, w2c, SIZE, SIZE, cfg, chunk=128)
 
-    launched = []
-
-    def no_torch(name, kernel, *args):
-        bad = [type(a).__name__ for a in args if isinstance(a, torch.Tensor)]
-        assert not bad, f"{name} was given a torch tensor: it would be copied host <-> device"
-        launched.append(name)
-        backend_launch(name, kernel, *args)
-
-    for module in ("models.device_render", "models.device_forward", "renderer.dense"):
-        monkeypatch.setattr(f"{module}.launch", no_torch)
+    launched = request.getfixturevalue("forbid_torch_launches")
     device = DeviceRenderer(field, bg, cfg)
     got = device.render_image(code, K, w2c, SIZE, SIZE, chunk=128)  # 400 pixels: the last chunk padded
     assert {"dense_forward", "composite_forward"} <= set(launched)
@@ -138,7 +128,7 @@ def test_a_renderer_outlives_a_restart_of_taichi(arch):
 
 
 @pytest.mark.parametrize("n_fine", [0, 12])
-def test_the_device_renderer_skips_empty_space_as_render_image_does(arch, monkeypatch, n_fine):
+def test_the_device_renderer_skips_empty_space_as_render_image_does(arch, request, monkeypatch, n_fine):
     """Through an occupancy grid (models.device_skip): the image render_image renders with the same grid,
     with fewer field evaluations than the dense image, one shared code read by every packed sample, and
     no torch tensor reaching a kernel."""
@@ -158,16 +148,7 @@ def test_the_device_renderer_skips_empty_space_as_render_image_does(arch, monkey
     expected = render_image(field, bg, code, K, w2c, SIZE, SIZE, cfg, chunk=100, occupancy=occupancy)
     expected_stats = dict(SkipStats.last)
 
-    launched = []
-
-    def no_torch(name, kernel, *args):
-        bad = [type(a).__name__ for a in args if isinstance(a, torch.Tensor)]
-        assert not bad, f"{name} was given a torch tensor: it would be copied host <-> device"
-        launched.append(name)
-        backend_launch(name, kernel, *args)
-
-    for module in ("models.device_render", "models.device_forward", "models.device_skip", "renderer.dense"):
-        monkeypatch.setattr(f"{module}.launch", no_torch)
+    launched = request.getfixturevalue("forbid_torch_launches")
     device = DeviceRenderer(field, bg, cfg, occupancy)
     got = device.render_image(code, K, w2c, SIZE, SIZE, chunk=128)
     assert {"occupancy_march", "pack_kept", "composite_packed"} <= set(launched)

@@ -108,7 +108,7 @@ def _torch_skip_step(field, bg, table, optimizers, batch, cfg, loss_cfg, occupan
 @pytest.mark.parametrize("background, latent_opt, n_fine, density_bias, eps",
                          [("network", "adam", 8, 0.0, 1e-4), ("constant", "sgd", 8, 6.0, 1e-4),
                           ("network", "adam", 16, 2.0, 0.05), ("network", "sgd", 0, 6.0, 1e-4)])
-def test_the_device_skip_step_is_the_torch_skip_paths(arch, monkeypatch, background, latent_opt, n_fine,
+def test_the_device_skip_step_is_the_torch_skip_paths(arch, request, background, latent_opt, n_fine,
                                                       density_bias, eps):
     """Losses, gradients, kept samples and the grid's record of the step, against render_rays_skip_empty
     on the same grid. Density biases of 2 and 6 make rays stop early (the coarse cut-off and the packed
@@ -134,17 +134,7 @@ def test_the_device_skip_step_is_the_torch_skip_paths(arch, monkeypatch, backgro
     grads = {"field": [p.grad.clone() for p in field.parameter_list()],
              "bg": [p.grad.clone() for p in bg.parameters()], "table": table.codes.grad.clone()}
 
-    launched = []
-
-    def no_torch(name, kernel, *args):
-        bad = [type(a).__name__ for a in args if isinstance(a, torch.Tensor)]
-        assert not bad, f"{name} was given a torch tensor: it would be copied host <-> device"
-        launched.append(name)
-        backend_launch(name, kernel, *args)
-
-    for module in ("models.device_step", "models.device_forward", "models.device_skip", "renderer.dense",
-                   "renderer.optimizers"):
-        monkeypatch.setattr(f"{module}.launch", no_torch)
+    launched = request.getfixturevalue("forbid_torch_launches")
     field2, bg2, table2, optimizers2 = models()
     occupancy2 = _grid(cfg)
     step = DeviceTrainStep(field2, bg2, table2, optimizers2, cfg, loss_cfg, occupancy=occupancy2)

@@ -88,7 +88,7 @@ def _close(device: np.ndarray, reference: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("background, latent_opt, n_fine", [("network", "adam", 8), ("constant", "sgd", 8),
                                                             ("network", "sgd", 0)])
-def test_the_device_step_computes_the_torch_paths_losses_and_gradients(arch, monkeypatch, background,
+def test_the_device_step_computes_the_torch_paths_losses_and_gradients(arch, request, background,
                                                                        latent_opt, n_fine):
     render_cfg, loss_cfg = RenderConfig(n_coarse=8, n_fine=n_fine), LossConfig()
     batch = _batch()
@@ -98,16 +98,7 @@ def test_the_device_step_computes_the_torch_paths_losses_and_gradients(arch, mon
              "bg": [p.grad.clone() for p in bg.parameters()], "table": table.codes.grad.clone()}
 
     # The device step, from the same initial state, must see no torch tensor in any launch.
-    launched = []
-
-    def no_torch(name, kernel, *args):
-        bad = [type(a).__name__ for a in args if isinstance(a, torch.Tensor)]
-        assert not bad, f"{name} was given a torch tensor: it would be copied host <-> device"
-        launched.append(name)
-        backend_launch(name, kernel, *args)
-
-    for module in ("models.device_step", "models.device_forward", "renderer.dense", "renderer.optimizers"):
-        monkeypatch.setattr(f"{module}.launch", no_torch)
+    launched = request.getfixturevalue("forbid_torch_launches")
     field2, bg2, table2, optimizers2 = _models(background, latent_opt)
     step = DeviceTrainStep(field2, bg2, table2, optimizers2, render_cfg, loss_cfg)
     terms = step.run(batch, torch.Generator().manual_seed(5))
