@@ -111,6 +111,16 @@ class DeviceForward:
                                  repeat=n_samples)  # fmt: skip
         return Evaluation(prefix, rows, n_samples, acts, codes)
 
+    def rays(self, pixels: Ndarray, K: Ndarray, world_to_camera: Ndarray,
+             n_rays: int) -> tuple[Ndarray, Ndarray, Ndarray, Ndarray]:  # fmt: skip
+        """The pixels' rays, as ``renderer.generate_rays``: origins, directions (R, 3), near, far (R,)."""
+        ws = self.ws
+        origins, directions = ws.get("origins", (n_rays, 3)), ws.get("directions", (n_rays, 3))
+        near, far = ws.get("near", (n_rays,)), ws.get("far", (n_rays,))
+        launch("generate_rays", rays_kernel, pixels, K, world_to_camera, float(self.render_config.radius),
+               origins, directions, near, far)  # fmt: skip
+        return origins, directions, near, far
+
     def importance(self, t_coarse: Ndarray, weights: Ndarray, near: Ndarray, far: Ndarray,
                    generator: torch.Generator | None) -> tuple[Ndarray, Ndarray, Ndarray, Ndarray]:
         """Importance samples from the coarse weights and their merge with the coarse depths, as
@@ -134,10 +144,7 @@ class DeviceForward:
         ws, cfg = self.ws, self.render_config
         n_coarse, n_fine = cfg.n_coarse, cfg.n_fine
         width = n_coarse + n_fine
-        origins, directions = ws.get("origins", (n_rays, 3)), ws.get("directions", (n_rays, 3))
-        near, far = ws.get("near", (n_rays,)), ws.get("far", (n_rays,))
-        launch("generate_rays", rays_kernel, pixels, K, world_to_camera, float(cfg.radius), origins,
-               directions, near, far)  # fmt: skip
+        origins, directions, near, far = self.rays(pixels, K, world_to_camera, n_rays)
         t_coarse = ws.get("t_coarse", (n_rays * n_coarse,))
         launch("sample_stratified", stratified_kernel, near, far, *_sample_key(generator), t_coarse, n_coarse)
         t_coarse_rows = ws.get("t_coarse_rows", (n_rays, n_coarse))

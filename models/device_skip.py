@@ -65,7 +65,6 @@ from renderer.device_packed import (
 )
 from renderer.occupancy import march_kernel
 from renderer.packed import packed_forward_kernel
-from renderer.rays import rays_kernel
 
 Ndarray = ti.lang._ndarray.Ndarray
 MIN_WEIGHT = 1e-4  # a training sample's weight above which its cell counts as used (OccupancyGrid.mark_used)
@@ -212,10 +211,7 @@ class DeviceSkipForward(DeviceForward):
         ws, cfg, grid = self.ws, self.render_config, self.grid
         n_coarse, n_fine, eps = cfg.n_coarse, cfg.n_fine, float(cfg.early_stop_eps)
         width = n_coarse + n_fine
-        origins, directions = ws.get("origins", (n_rays, 3)), ws.get("directions", (n_rays, 3))
-        near, far = ws.get("near", (n_rays,)), ws.get("far", (n_rays,))
-        launch("generate_rays", rays_kernel, pixels, K, world_to_camera, float(cfg.radius), origins,
-               directions, near, far)  # fmt: skip
+        origins, directions, near, far = self.rays(pixels, K, world_to_camera, n_rays)
         t_dense = ws.get("t_coarse", (n_rays * n_coarse,))
         deltas_dense = ws.get("c.deltas_dense", (n_rays * n_coarse,))
         keep_c = ws.get("c.keep", (n_rays * n_coarse,), ti.u8)

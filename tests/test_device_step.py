@@ -86,6 +86,17 @@ def _close(device: np.ndarray, reference: torch.Tensor, what: str) -> None:
     np.testing.assert_allclose(device, ref, rtol=1e-4, atol=2e-5 * scale, err_msg=what)
 
 
+def assert_same_step(step: DeviceTrainStep, terms: dict, expected: dict, grads: dict) -> None:
+    """The device step's loss terms and gradients (field, background, table) against the torch path's."""
+    for key in ("rgb", "mask", "hard", "total"):
+        assert terms[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    for i, (dev, ref) in enumerate(zip(step.field_params, grads["field"], strict=True)):
+        _close(dev.grad.to_numpy(), ref, f"field parameter {i}")
+    for i, (dev, ref) in enumerate(zip(step.bg_params, grads["bg"], strict=True)):
+        _close(dev.grad.to_numpy(), ref, f"background parameter {i}")
+    _close(step.table.params[0].grad.to_numpy(), grads["table"], "latent table")
+
+
 @pytest.mark.parametrize("background, latent_opt, n_fine", [("network", "adam", 8), ("constant", "sgd", 8),
                                                             ("network", "sgd", 0)])
 def test_the_device_step_computes_the_torch_paths_losses_and_gradients(arch, request, background,
@@ -103,13 +114,7 @@ def test_the_device_step_computes_the_torch_paths_losses_and_gradients(arch, req
     step = DeviceTrainStep(field2, bg2, table2, optimizers2, render_cfg, loss_cfg)
     terms = step.run(batch, torch.Generator().manual_seed(5))
     assert {"dense_forward", "composite_backward", "adam"} <= set(launched)
-    for key in ("rgb", "mask", "hard", "total"):
-        assert terms[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-    for i, (dev, ref) in enumerate(zip(step.field_params, grads["field"], strict=True)):
-        _close(dev.grad.to_numpy(), ref, f"field parameter {i}")
-    for i, (dev, ref) in enumerate(zip(step.bg_params, grads["bg"], strict=True)):
-        _close(dev.grad.to_numpy(), ref, f"background parameter {i}")
-    _close(step.table.params[0].grad.to_numpy(), grads["table"], "latent table")
+    assert_same_step(step, terms, expected, grads)
     assert step.transfers.uploaded == 116 * 48 and step.transfers.downloaded == 12
 
     # The optimisers: torch's step on the torch path's gradients vs the kernels on the device's.
