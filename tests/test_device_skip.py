@@ -172,3 +172,30 @@ def test_update_occupancy_is_the_torch_paths_update(arch):
     assert torch.equal(occupancy.grid.occupied, reference.grid.occupied)
     assert 0.0 < reference.grid.occupied_fraction() < 1.0
     assert np.array_equal(step.grid.occupied.to_numpy(), reference.grid.occupied.numpy())
+
+
+def test_an_empty_grid_renders_the_background_on_both_paths(arch):
+    """No occupied cell: no sample is evaluated (the device's packed buffers hold padding only), every ray
+    shows its background, and the device step's losses and background and table gradients are the
+    torch path's, with no gradient reaching the field from the padding."""
+    cfg, loss_cfg = RenderConfig(n_coarse=16, n_fine=8, occupancy_resolution=16), LossConfig()
+    batch = _batch(n_rays=40)
+    field, bg, table, optimizers = _models("network", "adam")
+    occupancy = ClassOccupancy(cfg)
+    occupancy.grid.occupied.zero_()
+    expected, stats = _torch_skip_step(field, bg, table, optimizers, batch, cfg, loss_cfg, occupancy, seed=2)
+    assert stats["field_per_ray"] == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in field.parameters())
+    field2, bg2, table2, optimizers2 = _models("network", "adam")
+    step = DeviceTrainStep(field2, bg2, table2, optimizers2, cfg, loss_cfg, occupancy=occupancy)
+    terms = step.run(batch, torch.Generator().manual_seed(2))
+    assert step.rendering.last_stats["field_per_ray"] == 0.0
+    for key in ("rgb", "mask", "hard", "total"):
+        assert terms[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    for p in step.field_params:
+        assert not np.any(p.grad.to_numpy()), "padding rows must add nothing to the field's gradients"
+    for i, (dev, ref) in enumerate(zip(step.bg_params, bg.parameters(), strict=True)):
+        np.testing.assert_allclose(dev.grad.to_numpy(), ref.grad.numpy(), rtol=1e-4, atol=1e-7,
+                                   err_msg=f"background parameter {i}")
+    np.testing.assert_allclose(step.table.params[0].grad.to_numpy(), table.codes.grad.numpy(), rtol=1e-4,
+                               atol=1e-7)
