@@ -94,6 +94,7 @@ STAGE_BUDGETS_S = {
     "renderer-vulkan-65536": 35,
     "train-step-vulkan": 45,
     "render-vulkan-256": 30,
+    "device-skip-vulkan": 60,
 }
 DEFAULT_BUDGET_S = 450
 SYNTHETIC_IDENTITIES = 64  # the paper batch takes 64 identities per step
@@ -396,6 +397,18 @@ def render_figures(report: dict | None, arch: str) -> dict:
             "speedup_vs_reference": entry["speedup_vs_reference"]}
 
 
+def device_skip_figures(report: dict | None) -> dict:
+    """The device-resident step with empty-space skipping off and on (``train_step.py --render-skip-empty
+    off on --device-step``)."""
+    if not report or "step_ratio_off_over_on" not in report:
+        return {}
+    off, on = report["results"]["off"], report["results"]["on"]
+    return {"off_ms": off["step_ms"], "on_ms": on["step_ms_with_grid_update"],
+            "step_ratio": report["step_ratio_off_over_on"],
+            "field_evals_per_ray": [off["field_evals_per_ray"], on["field_evals_per_ray"]],
+            "rays_per_step": report["rays_per_step"]}
+
+
 def require_figures(record: dict, figures: dict) -> dict:
     """``figures``; a stage that exited 0 but left none (a benchmark that skipped its arch) is failed."""
     if record.get("ok") and not figures:
@@ -424,6 +437,12 @@ def run_arch(runner: Runner, arch: str, cache: Path, figures: dict) -> None:
     record = runner.run(name, [py, "benchmarks/render.py", "--arch", arch, *device, "--preset", "paper",
                                "--size", "256", "--repeats", "3", "--json", str(out / f"{name}.json")])
     got["render_256"] = require_figures(record, render_figures(read_json(out / f"{name}.json"), arch))
+    if arch == "vulkan":  # what a Vulkan GPU trains with: the device-resident step, skipping empty space
+        name = "device-skip-vulkan"
+        record = runner.run(name, [py, "benchmarks/train_step.py", "--arch", arch, "--render-skip-empty",
+                                   "off", "on", "--device-step", "--pretrain", "100", "--steps", "6",
+                                   "--warmup", "2", "--json", str(out / f"{name}.json")])  # fmt: skip
+        got["device_skip"] = require_figures(record, device_skip_figures(read_json(out / f"{name}.json")))
 
 
 def run_gpu_stages(args: argparse.Namespace, gpu: str, started: float) -> dict:
@@ -542,6 +561,12 @@ def markdown(summary: dict) -> str:
         if g:
             lines.append(f"| render 256² (paper network) | {g['seconds']:.3f} s, {g['rays_per_s']:.0f} "
                          f"rays/s, {g['speedup_vs_reference']:.2f}× the reference |")
+        d = got.get("device_skip") or {}
+        if d:
+            lines.append(f"| device-resident step, cpu preset ({d['rays_per_step']} rays), skipping off → on "
+                         f"| {d['off_ms']:.1f} → {d['on_ms']:.1f} ms ({d['step_ratio']:.2f}×), field "
+                         f"evaluations per ray {d['field_evals_per_ray'][0]:.1f} → "
+                         f"{d['field_evals_per_ray'][1]:.1f} |")
         p = got.get("train_200") or {}
         if p:
             lines.append(f"| {TRAIN_STEPS} paper steps, PSNR | {p['psnr_first']:.2f} → "

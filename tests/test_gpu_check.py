@@ -207,6 +207,8 @@ def test_summary_from_real_benchmark_outputs(tmp_path, tiny_run, keep_taichi_arc
         "train_step": ["benchmarks/train_step.py", "--arch", "cpu", "--cache", cache, "--steps", "1",
                        "--warmup", "0"],
         "render": ["benchmarks/render.py", "--arch", "cpu", "--size", "8", "--repeats", "1"],
+        "device_skip": ["benchmarks/train_step.py", "--arch", "cpu", "--cache", cache, "--render-skip-empty",
+                        "off", "on", "--device-step", "--pretrain", "4", "--steps", "1", "--warmup", "0"],
     }
     reports = {}
     for name, argv in commands.items():
@@ -221,7 +223,8 @@ def test_summary_from_real_benchmark_outputs(tmp_path, tiny_run, keep_taichi_arc
     figures = {"cpu": {"renderer_4096": gpu_check.renderer_figures(reports["renderer"]),
                        "train_step": gpu_check.train_step_figures(reports["train_step"]),
                        "render_256": gpu_check.render_figures(reports["render"], "cpu"),
-                       "train_200": {"psnr_first": trend[0], "psnr_last": trend[1]}}}
+                       "train_200": {"psnr_first": trend[0], "psnr_last": trend[1]},
+                       "device_skip": gpu_check.device_skip_figures(reports["device_skip"])}}
     assert figures["cpu"]["renderer_4096"]["rays"] == 64 and figures["cpu"]["renderer_4096"]["agreement_ok"]
     assert figures["cpu"]["train_step"]["ms_per_step"] > 0 and figures["cpu"]["render_256"]["rays_per_s"] > 0
     summary = {"gpu": "none (CPU test)", "python": "3", "setup": {}, "ok": False, "elapsed_s": 1.0,
@@ -235,6 +238,8 @@ def test_summary_from_real_benchmark_outputs(tmp_path, tiny_run, keep_taichi_arc
     text = md_path.read_text()
     assert text.startswith("# gpu_check: FAILED") and "| train-200-cuda | FAILED |" in text
     assert "renderer fwd+bwd, 64 × 24" in text and "PSNR" in text and "rays/s" in text
+    assert figures["cpu"]["device_skip"]["field_evals_per_ray"][0] == 64.0
+    assert "device-resident step, cpu preset (1024 rays), skipping off → on" in text
 
 
 def test_a_gpu_run_that_fails_writes_both_summaries_and_exits_1(tmp_path, monkeypatch, capsys):
