@@ -47,6 +47,11 @@ MAX_SEGMENTS = 3
 # argument, so it can be tuned per arch); README's benchmarks/field.py section has the measured choice.
 TILE = 4
 BLOCK_ROWS = 128  # rows summed in registers per atomic add of the weight gradient
+# dense_grad_input with ``repeat``: up to this many multiply-adds per output entry (repeat x outputs) one
+# thread sums a block of rows itself; beyond it (one code shared by thousands of samples) the per-row
+# gradients are summed by a block reduction. One thread's loop over a whole block of that size is slow
+# on a GPU, and Mesa's lavapipe stops a loop after 65,535 iterations in all (docs/TAICHI.md).
+DIRECT_REPEAT_MACS = 32768
 SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: z above it passes through unchanged
 
 
@@ -220,6 +225,29 @@ def _grad_input_kernel(
                 if accumulate:
                     g += out[n, out_start + j]
                 out[n, out_start + j] = g
+
+
+@ti.kernel
+def _sum_row_blocks_kernel(rows: f32_2d, repeat: ti.i32, block_rows: ti.i32, out: f32_2d, out_start: ti.i32,
+                           accumulate: ti.i32):  # fmt: skip
+    """out[m, out_start + j] (+)= sum of rows[m * repeat .. m * repeat + repeat - 1, j]: rows (N, size).
+
+    One thread per (output row, block of ``block_rows`` rows, column) sums its block, then one atomic add;
+    the first loop (run before the second: two tasks of one launch) clears the columns unless
+    ``accumulate``."""
+    size = rows.shape[1]
+    n_out_rows = rows.shape[0] // repeat
+    if not accumulate:
+        for m, j in ti.ndrange(n_out_rows, size):
+            out[m, out_start + j] = 0.0
+    n_blocks = (repeat + block_rows - 1) // block_rows
+    for m, b, j in ti.ndrange(n_out_rows, n_blocks, size):
+        first = m * repeat + b * block_rows
+        last = ti.min(first + block_rows, (m + 1) * repeat)
+        total = 0.0
+        for n in range(first, last):
+            total += rows[n, j]
+        ti.atomic_add(out[m, out_start + j], total)
 
 
 @ti.func
@@ -432,12 +460,21 @@ def dense_grad_input(
         out = empty_like_kind(grad_k, (grad_k.shape[0] // repeat, size))
         out_start, accumulate = 0, False
     gate = as_kernel_arg(relu_gate) if relu_gate is not None else _dummy(grad_k)
-    if grad_k.shape[0] > 0 and size > 0:
-        launch(
-            "dense_grad_input", _grad_input_kernel,
-            grad_k, weight_k, w_start, out, out_start, size, int(accumulate),
-            gate, int(relu_gate is not None), repeat, tile_size(),
-        )  # fmt: skip
+    if grad_k.shape[0] == 0 or size == 0:
+        return out
+    if repeat > 1 and relu_gate is None and repeat * grad_k.shape[1] > DIRECT_REPEAT_MACS:
+        # Per-row gradients first, then a block reduction over each code's rows (see DIRECT_REPEAT_MACS).
+        rows = empty_like_kind(grad_k, (grad_k.shape[0], size))
+        launch("dense_grad_input", _grad_input_kernel, grad_k, weight_k, w_start, rows, 0, size, 0, gate, 0,
+               1, tile_size())  # fmt: skip
+        launch("sum_row_blocks", _sum_row_blocks_kernel, rows, repeat, BLOCK_ROWS, out, out_start,
+               int(accumulate))  # fmt: skip
+        return out
+    launch(
+        "dense_grad_input", _grad_input_kernel,
+        grad_k, weight_k, w_start, out, out_start, size, int(accumulate),
+        gate, int(relu_gate is not None), repeat, tile_size(),
+    )  # fmt: skip
     return out
 
 

@@ -152,3 +152,22 @@ def test_one_code_per_ray_matches_torch(arch, mode):
     assert_close(lat_grad, ref_lat, "d codes")
     for name in ref_grads:
         assert_close(grads[name], ref_grads[name], f"d {name}")
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_a_code_shared_by_thousands_of_samples_gets_its_summed_gradient(arch, accumulate):
+    """dense_grad_input with a large ``repeat`` (one code read by every sample: fitting a photo's code
+    through packed samples) sums per-row gradients by blocks: right on every arch (one thread looping
+    over all 5,000 x 64 products stopped after 65,535 iterations on lavapipe and returned a wrong sum),
+    into the given columns, added to what is there when asked."""
+    from renderer.dense import DIRECT_REPEAT_MACS, dense_grad_input
+
+    g = torch.Generator().manual_seed(8)
+    grad_pre, weight = torch.randn(2 * 5000, 64, generator=g), torch.randn(64, 20, generator=g)
+    assert 5000 * 64 > DIRECT_REPEAT_MACS  # the block-reduction path
+    out = torch.randn(2, 12, generator=g)
+    expected = out.clone()
+    sums = (grad_pre @ weight[:, 5:13]).view(2, 5000, 8).sum(1)
+    expected[:, 3:11] = expected[:, 3:11] + sums if accumulate else sums
+    got = dense_grad_input(grad_pre, weight, 5, 8, out=out, out_start=3, accumulate=accumulate, repeat=5000)
+    assert_close(got, expected, "summed gradient", rtol=1e-4)
