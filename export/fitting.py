@@ -20,6 +20,7 @@ from export.inference import model_device, render_view, training_losses
 from export.metrics import psnr, ssim
 from models import compute_losses, render_rays
 from models.checkpoint import LoadedCheckpoint
+from models.device_render import renders_on_device
 from models.render import pixel_grid
 from models.skip_empty import render_rays_skip_empty
 
@@ -98,10 +99,11 @@ def fit_latent(
     w2c_t = torch.as_tensor(np.asarray(world_to_camera), dtype=torch.float32).to(device)
     loss_config = training_losses(model)
 
+    if renders_on_device(model.field, model.background):
+        return fit_latent_on_device(model, pixels, target_rgb, target_mask, K_t, w2c_t, config, progress)
     latent = torch.nn.Parameter(model.latents.mean().clone())
     optimizer = torch.optim.Adam([latent], lr=config.lr)
-    gamma = config.final_lr_fraction ** (1.0 / max(config.steps - 1, 1))
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, _decay(config))
     generator = torch.Generator().manual_seed(int(config.seed))
     n_rays = min(config.rays_per_step, pixels.shape[0])
     history = []
@@ -131,6 +133,58 @@ def fit_latent(
         history.append({k: float(v.detach()) for k, v in terms.items()})
         bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
     return FitResult(latent.detach().cpu().clone(), history)
+
+
+def _decay(config: FitConfig) -> float:
+    """The learning rate's factor per step: ``final_lr_fraction`` after ``steps - 1`` steps."""
+    return config.final_lr_fraction ** (1.0 / max(config.steps - 1, 1))
+
+
+def fit_latent_on_device(model: LoadedCheckpoint, pixels: torch.Tensor, target_rgb: torch.Tensor,
+                         target_mask: torch.Tensor | None, K: torch.Tensor, world_to_camera: torch.Tensor,
+                         config: FitConfig, progress: bool = False) -> FitResult:  # fmt: skip
+    """``fit_latent``'s loop on the Taichi device (``models.device_step`` with the networks frozen), for
+    the Taichi field on a Vulkan or Metal GPU, where torch tensors would be copied per kernel launch:
+    per step only the chosen pixels, their colours and mask go in and three loss sums come out. The
+    same draws from the same seed as the torch loop, so the same code up to float rounding.
+
+    pixels (H * W, 2), target_rgb (H * W, 3), target_mask (H * W,) or None, K (3, 3), world_to_camera
+    (3, 4), on the CPU.
+    """
+    from models.device_step import DeviceTrainStep
+    from models.latents import LatentTable
+    from models.taichi_background import TaichiBackground
+
+    table = LatentTable(1, model.latents.codes.shape[1])
+    with torch.no_grad():
+        table.codes.copy_(model.latents.mean()[None])
+    frozen = [*model.field.parameter_list()]
+    if isinstance(model.background, TaichiBackground):
+        frozen += model.background.parameter_list()
+    optimizers = {"networks": torch.optim.Adam(frozen, lr=0.0),  # holds the frozen weights; never steps
+                  "latents": torch.optim.Adam(table.parameters(), lr=config.lr)}
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizers["latents"], _decay(config))
+    step = DeviceTrainStep(model.field, model.background, table, optimizers, model.render_config,
+                           training_losses(model), occupancy=getattr(model, "occupancy", None),
+                           train_networks=False)  # fmt: skip
+    generator = torch.Generator().manual_seed(int(config.seed))
+    n_rays = min(config.rays_per_step, pixels.shape[0])
+    history = []
+    bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
+    for _ in bar:
+        index = torch.randperm(pixels.shape[0], generator=generator)[:n_rays]
+        batch = {"pixels": pixels[index], "K": K[None], "world_to_camera": world_to_camera[None],
+                 "rgb": target_rgb[index], "identity": torch.zeros(n_rays, dtype=torch.int64)}
+        if target_mask is not None:
+            batch["mask"] = target_mask[index]
+        terms = step.run(batch, generator)
+        scheduler.step()
+        if terms is None:  # not finite: the step changed nothing
+            terms = dict.fromkeys(("rgb", "mask", "hard", "total"), float("nan"))
+        history.append(terms)
+        bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
+    step.table.to_torch()
+    return FitResult(table.codes[0].detach().cpu().clone(), history)
 
 
 def reconstruction_scores(

@@ -164,8 +164,10 @@ class DeviceTrainStep:
     ``optimizers`` as the trainer's: {"networks": Adam over field + background parameters, "latents":
     Adam or SGD over the table}. ``occupancy`` (a ``models.skip_empty.ClassOccupancy``, with
     ``--render-skip-empty on``): render through its grid with packed samples (``models.device_skip``)
-    and update it with ``update_occupancy``. ``timer`` (a ``models.step_timing.PhaseTimer``) may be
-    swapped in to time the phases.
+    and update it with ``update_occupancy``. ``train_networks=False`` freezes the field and background
+    (no parameter gradients, no network update, the grid left as it is): only the latent table learns,
+    as when fitting a new photo's code (``export.fitting``). ``timer`` (a
+    ``models.step_timing.PhaseTimer``) may be swapped in to time the phases.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class DeviceTrainStep:
         render_config: RenderConfig,
         loss_config: LossConfig,
         occupancy: ClassOccupancy | None = None,
+        train_networks: bool = True,
     ):
         if not isinstance(field, TaichiField):
             raise ValueError("the device-resident step needs the Taichi field (--field-backend taichi).")
@@ -205,6 +208,7 @@ class DeviceTrainStep:
         self._bg_color = None if self.bg_params else self.ws.get("bg_color", (3,))
         field_values, bg_values = [p.value for p in self.field_params], [p.value for p in self.bg_params]
         self.occupancy = occupancy
+        self.train_networks = train_networks
         self.grid = None if occupancy is None else DeviceGrid(self.ws, occupancy, self.transfers)
         if self.grid is None:
             self.rendering = DeviceForward(self.ws, field, background, render_config, field_values, bg_values,
@@ -299,7 +303,8 @@ class DeviceTrainStep:
         with self._phase("backward"):
             self._backward(inputs, state)
         with self._phase("optimiser"):
-            self.networks.step()
+            if self.train_networks:
+                self.networks.step()
             self.table.step()
         return terms
 
@@ -313,7 +318,7 @@ class DeviceTrainStep:
         if self.grid is not None:
             return self.rendering.forward_packed(inputs["pixels"], inputs["K"], inputs["w2c"], codes, n_rays,
                                                  generator, table=table, identity=inputs["identity"],
-                                                 observe=True)  # fmt: skip
+                                                 observe=self.train_networks)  # fmt: skip
         return self.rendering.forward(inputs["pixels"], inputs["K"], inputs["w2c"], codes, n_rays, generator)
 
     def _backward(self, inputs: dict, state: Rendered | PackedRendered) -> None:
@@ -331,7 +336,8 @@ class DeviceTrainStep:
         else:
             self._composite_backward_dense(state, grad_per_ray, grad_weights, grad_bg)
         passes = [state.coarse] + ([state.fine] if state.fine is not None else [])
-        self.networks.zero_grad()
+        if self.train_networks:
+            self.networks.zero_grad()
         self.table.zero_grad()
         table_grad = self.table.params[0].grad
         values, grads = [p.value for p in self.field_params], [p.grad for p in self.field_params]
@@ -345,7 +351,8 @@ class DeviceTrainStep:
             with self._phase("field backward"):
                 field_backward(values, evaluation.acts, evaluation.codes, evaluation.grad_sigma,
                                evaluation.grad_rgb, self.field.spec(), self._buffers(evaluation.prefix),
-                               grads=grads, grad_latents=grad_codes, repeat=evaluation.per_ray)  # fmt: skip
+                               grads=grads, grad_latents=grad_codes, repeat=evaluation.per_ray,
+                               param_grads=self.train_networks)  # fmt: skip
             if packed:
                 per_ray = ws.get(evaluation.prefix + "grad_codes_per_ray", (n_rays, self.field.latent_dim))
                 launch("sum_codes_per_ray", sum_rows_per_ray_kernel, grad_codes, evaluation.offsets,
@@ -356,7 +363,8 @@ class DeviceTrainStep:
             acts, codes = state.bg
             grad_codes = ws.get("bg.grad_codes", (n_rays, self.field.latent_dim))
             background_backward([p.value for p in self.bg_params], acts, codes, grad_bg, self._buffers("bg."),
-                                grads=[p.grad for p in self.bg_params], grad_latents=grad_codes)  # fmt: skip
+                                grads=[p.grad for p in self.bg_params], grad_latents=grad_codes,
+                                param_grads=self.train_networks)  # fmt: skip
             launch("scatter_codes", scatter_add_rows_kernel, grad_codes, identity, 1, table_grad)
 
     def _evaluation_grads(self, state: Rendered | PackedRendered) -> None:

@@ -83,9 +83,11 @@ def background_forward(
 def background_backward(params: Sequence[Array], acts: BackgroundActivations, latents: Array, grad_rgb: Array,
                         buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers,
                         grads: Sequence[Array] | None = None,
-                        grad_latents: Array | None = None) -> tuple[list[Array], Array | None]:
-    """Parameter gradients (ADDED to ``grads`` buffers when given) and the latent gradient (written to
-    ``grad_latents`` (R, L) when given), from grad_rgb (R, 3)."""
+                        grad_latents: Array | None = None,
+                        param_grads: bool = True) -> tuple[list[Array], Array | None]:
+    """Parameter gradients (ADDED to ``grads`` buffers when given; skipped, None, with
+    ``param_grads=False``) and the latent gradient (written to ``grad_latents`` (R, L) when given), from
+    grad_rgb (R, 3)."""
     hiddens, n_rows = acts.hiddens, grad_rgb.shape[0]
     n_layers = len(hiddens) + 1
     out: list[Array | None] = [None] * len(params)
@@ -93,8 +95,9 @@ def background_backward(params: Sequence[Array], acts: BackgroundActivations, la
     for i in reversed(range(n_layers)):
         hidden_in = hiddens[i - 1] if i > 0 else None
         segments = [Segment(hidden_in)] if hidden_in is not None else input_segments(acts.enc, latents)
-        w, b = (None, None) if grads is None else (grads[2 * i], grads[2 * i + 1])
-        out[2 * i], out[2 * i + 1] = dense_grad_params(grad_pre, segments, grad_weight=w, grad_bias=b)
+        if param_grads:
+            w, b = (None, None) if grads is None else (grads[2 * i], grads[2 * i + 1])
+            out[2 * i], out[2 * i + 1] = dense_grad_params(grad_pre, segments, grad_weight=w, grad_bias=b)
         if hidden_in is not None:
             grad_pre = dense_grad_input(grad_pre, params[2 * i], relu_gate=hidden_in,
                                         out=buffers(f"bg_g_hidden{i % 2}", (n_rows, hidden_in.shape[1])))

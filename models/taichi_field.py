@@ -123,13 +123,14 @@ def field_backward(params: Sequence[Array], acts: FieldActivations, latents: Arr
                    grad_rgb: Array, spec: FieldSpec,
                    buffers: Callable[[str, tuple[int, ...]], Array] = torch_buffers,
                    grads: Sequence[Array] | None = None, grad_latents: Array | None = None,
-                   repeat: int = 1) -> tuple[list[Array], Array | None]:
+                   repeat: int = 1, param_grads: bool = True) -> tuple[list[Array], Array | None]:
     """Gradients of every parameter and of the latents, from grad_sigma (N, 1) and grad_rgb (N, 3).
 
     ``grads``: buffers shaped like ``params`` that the parameter gradients are ADDED to (None: new
     zero-initialised tensors). ``grad_latents`` (N / repeat, L): a buffer the latent gradient is written
-    to, summed over each code's rows (None: no latent gradient). Returns (parameter gradients,
-    grad_latents).
+    to, summed over each code's rows (None: no latent gradient). ``param_grads=False`` skips the
+    parameter gradients (a frozen network: fitting a latent), which are then None. Returns (parameter
+    gradients, grad_latents).
     """
     hiddens = acts.hiddens
     n_rows, n_hidden = acts.enc.shape[0], len(hiddens)
@@ -137,7 +138,9 @@ def field_backward(params: Sequence[Array], acts: FieldActivations, latents: Arr
     last = hiddens[-1]
     width = last.shape[1]
 
-    def param_grads(k: int, g_pre: Array, segments: list[Segment]) -> None:
+    def add_param_grads(k: int, g_pre: Array, segments: list[Segment]) -> None:
+        if not param_grads:
+            return
         w, b = (None, None) if grads is None else (grads[k], grads[k + 1])
         out[k], out[k + 1] = dense_grad_params(g_pre, segments, grad_weight=w, grad_bias=b)
 
@@ -146,14 +149,14 @@ def field_backward(params: Sequence[Array], acts: FieldActivations, latents: Arr
     g_sigma = act_backward("softplus", acts.sigma, acts.sigma_pre, grad_sigma,
                            grad_pre=buffers("g_sigma", (n_rows, 1)))
     g_rgb = act_backward("sigmoid", acts.rgb, None, grad_rgb, grad_pre=buffers("g_rgb", (n_rows, 3)))
-    param_grads(d, g_sigma, [Segment(last)])
-    param_grads(d + 2, g_rgb, [Segment(last)])
+    add_param_grads(d, g_sigma, [Segment(last)])
+    add_param_grads(d + 2, g_rgb, [Segment(last)])
     grad_pre = dense_grad_input(g_sigma, params[d], relu_gate=last, out=buffers("g_hidden0", (n_rows, width)))
     dense_grad_input(g_rgb, params[d + 2], out=grad_pre, accumulate=True, relu_gate=last)
     for i in reversed(range(n_hidden)):
         hidden_in = hiddens[i - 1] if i > 0 else None
         start, size = spec.offsets[i], spec.sizes[i]
-        param_grads(2 * i, grad_pre, layer_segments(hidden_in, latents, start, size, acts.enc, repeat))
+        add_param_grads(2 * i, grad_pre, layer_segments(hidden_in, latents, start, size, acts.enc, repeat))
         hidden_width = 0 if hidden_in is None else width
         if grad_latents is not None:
             accumulate = spec.mode == "whole" and i != n_hidden - 1

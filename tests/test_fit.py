@@ -177,3 +177,43 @@ def test_fit_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     assert fit.main(["--checkpoint", str(fake), "--out", str(tmp_path / "o"), "photo.jpg"]) == 2
     err = capsys.readouterr().err
     assert "not a LOLNeRF checkpoint" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("skip_empty", ["off", "on"])
+def test_the_device_fit_is_the_torch_fit(arch, tiny_run, request, monkeypatch, skip_empty):
+    """With the Taichi field on a Vulkan or Metal GPU, fit_latent runs on the Taichi device
+    (fit_latent_on_device, networks frozen): the same draws give the torch loop's code and losses, with
+    and without the occupancy grid, and no torch tensor reaches a kernel."""
+    from dataset import PreparedDataset
+    from export.inference import use_skip_empty
+    from models.field_backend import as_backend, background_as_backend
+
+    model = load_model(latest_checkpoint(tiny_run))
+    model.field = as_backend(model.field, "taichi")
+    model.background = background_as_backend(model.background, "taichi")
+    use_skip_empty(model, skip_empty)
+    heldout = PreparedDataset(model.config.data.cache, "heldout")
+    image, mask = np.asarray(heldout.images[0]), np.asarray(heldout.masks[0])
+    K, w2c = heldout.K[0], heldout.world_to_camera[0]
+    config = FitConfig(steps=6, rays_per_step=256, seed=3)
+    monkeypatch.setattr(fitting, "renders_on_device", lambda field, background: False)
+    reference = fitting.fit_latent(model, image, mask, K, w2c, config)
+    monkeypatch.setattr(fitting, "renders_on_device", lambda field, background: True)
+    launched = request.getfixturevalue("forbid_torch_launches")
+    grid_before = None if model.occupancy is None else model.occupancy.state_dict()
+    device = fitting.fit_latent(model, image, mask, K, w2c, config)
+    assert {"dense_forward", "adam"} <= set(launched) and "dense_grad_params" not in launched  # frozen
+    moved = (reference.latent - model.latents.mean()).abs().max()
+    assert moved > 1e-3  # the fit moved the code, so agreeing means something
+    torch.testing.assert_close(device.latent, reference.latent, rtol=0, atol=2e-4 * float(moved) + 1e-6)
+    for a, b in zip(device.history, reference.history, strict=True):
+        # Each term to float32 rounding of its sum over the batch's 256 x 32 samples (the device sums in
+        # another order); the total is their small difference, so it is held to their errors.
+        for key in ("rgb", "mask", "hard"):
+            assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-7), key
+        assert a["total"] == pytest.approx(b["total"], abs=1e-4)
+    if skip_empty == "on":  # fitting on the device leaves the class grid as it was
+        after = model.occupancy.state_dict()
+        for key in ("density", "occupied", "used"):
+            assert torch.equal(after["grid"][key], grid_before["grid"][key]), key
+        assert torch.equal(after["observed"], grid_before["observed"])
