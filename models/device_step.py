@@ -5,7 +5,8 @@ to the device and back (docs/TAICHI.md, Torch interop). This step keeps everythi
 from kernel to kernel: rays, samples, field inputs, activations and outputs, compositing weights, every
 gradient, the network parameters, the latent table and the optimisers' moments. Per step only the
 batch goes in (pixels, cameras, colours, masks, identity rows: 116 bytes a ray) and the three loss sums
-come out (12 bytes); ``transfers`` counts both.
+come out (12 bytes; skipping empty space, also the two packed sample counts, 8 bytes, and the grid's
+update every ``occupancy_every`` steps); ``transfers`` counts them all.
 
     step = DeviceTrainStep(field, background, latents, optimizers, RenderConfig.cpu(), LossConfig())
     terms = step.run(batch, generator)        # {"rgb", "mask", "hard", "total"} or None (not finite)
