@@ -107,12 +107,9 @@ class DeviceGrid:
 
 @dataclass
 class PackedEvaluation(Evaluation):
-    """One field evaluation over packed samples: ``rows`` is the buffers' capacity, ``n`` the samples
-    in them (the rest is padding); ``row_identity`` (rows,) the table row of each sample's code (None
-    when every sample reads one shared code); ``offsets`` / ``counts`` (R,) each ray's samples."""
+    """One field evaluation over packed samples: ``rows`` is the buffers' capacity (rows past each
+    ray's samples are padding); ``offsets`` / ``counts`` (R,) each ray's samples, back to back."""
 
-    n: int = 0
-    row_identity: Ndarray | None = None
     offsets: Ndarray | None = None
     counts: Ndarray | None = None
 
@@ -125,7 +122,6 @@ class PackedRendered(NamedTuple):
     width: int  # samples per ray in the dense merged list (the hard loss averages over them)
     coarse: PackedEvaluation
     fine: PackedEvaluation | None
-    n: int  # kept samples in the merged packed list
     sigma: Ndarray  # (cap,) merged packed densities, then colours (cap * 3), depths, intervals
     rgb: Ndarray
     t: Ndarray
@@ -140,8 +136,6 @@ class PackedRendered(NamedTuple):
     weights: Ndarray  # (R * width,) dense weights, zero where skipped
     packed_weights: Ndarray  # (cap,)
     per_ray: Ndarray  # (R, PER_RAY)
-    origins: Ndarray
-    directions: Ndarray
 
 
 class DeviceSkipForward(DeviceForward):
@@ -182,7 +176,6 @@ class DeviceSkipForward(DeviceForward):
         points = ws.get(prefix + "points", (cap, 3))
         launch("packed_points", packed_points_kernel, origins, directions, packed["t"], packed["ray"], n,
                points)  # fmt: skip
-        row_identity = None
         if shared_code is not None:
             codes, repeat = shared_code, cap  # (1, L): row n reads row n // cap = 0
         else:
@@ -193,8 +186,8 @@ class DeviceSkipForward(DeviceForward):
         with self.phase("field forward"):
             acts = field_forward(self.field_values, points, codes, self.field.spec(), self._buffers(prefix),
                                  repeat=repeat)  # fmt: skip
-        return PackedEvaluation(prefix, cap, repeat, acts, codes, n=n, row_identity=row_identity,
-                                offsets=packed["offsets"], counts=packed["counts"])
+        return PackedEvaluation(prefix, cap, repeat, acts, codes, offsets=packed["offsets"],
+                                counts=packed["counts"])
 
     def forward_packed(self, pixels: Ndarray, K: Ndarray, world_to_camera: Ndarray, ray_codes: Ndarray,
                        n_rays: int, generator: torch.Generator | None, table: Ndarray | None = None,
@@ -244,6 +237,8 @@ class DeviceSkipForward(DeviceForward):
                    grid.radius, grid.resolution, keep_f)  # fmt: skip
             t_fine_flat = ws.get("f.t_dense", (n_rays * n_fine,))
             launch("layout", rows_to_flat_kernel, t_fine, t_fine_flat)
+            # Fine samples need no interval of their own (the merge gives every kept sample its interval in
+            # the merged list), so their depths also fill the pack's interval slot, which goes unread.
             n_f, packed_f = self._pack("f.", keep_f, t_fine_flat, t_fine_flat, n_rays, n_fine)
             fine = self._evaluate_packed("f.", origins, directions, packed_f, n_f, *codes)
             counts = ws.get("m.counts", (n_rays,), ti.i32)
@@ -282,16 +277,17 @@ class DeviceSkipForward(DeviceForward):
             "field_per_ray": (n_c + n_f) / max(n_rays, 1),
             "dense_per_ray": float(width),
         }
-        return PackedRendered(n_rays, width, coarse, fine, n_c + n_f, sigma, rgb, t, deltas_m, offsets,
-                              counts, kept, slot, source, background, bg, weights, packed_weights, per_ray,
-                              origins, directions)  # fmt: skip
+        return PackedRendered(n_rays, width, coarse, fine, sigma, rgb, t, deltas_m, offsets, counts, kept,
+                              slot, source, background, bg, weights, packed_weights, per_ray)  # fmt: skip
 
 
-def device_density(forward: DeviceSkipForward, ws: Workspace):
+def device_density(forward: DeviceSkipForward):
     """A density function for ``ClassOccupancy.update`` on the device copies of the field's parameters:
     ``(points (1, M, 3), code (1, L)) -> (sigma (1, M), None)`` as CPU tensors. Each call uploads the
     points and the code and downloads the densities (16 bytes a point), once every ``occupancy_every``
     steps."""
+
+    ws = forward.ws
 
     def density(points: torch.Tensor, code: torch.Tensor):
         pts = points.reshape(-1, 3).detach().cpu().float().numpy()

@@ -246,7 +246,7 @@ class DeviceTrainStep:
             return False
         self.grid.flush()
         codes = torch.from_numpy(self.transfers.download(self.table.params[0].value))
-        self.occupancy.update(step, device_density(self.rendering, self.ws), codes, generator)
+        self.occupancy.update(step, device_density(self.rendering), codes, generator)
         self.grid.upload()
         return True
 
