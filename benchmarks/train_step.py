@@ -147,14 +147,39 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def measure_skip_empty(trainer: Trainer, settings: list[str], steps: int, warmup: int) -> dict[str, list]:
-    """Per-step phase times and field evaluations per ray for skipping off/on, alternating step by step
-    on the same trainer (both see the same, evolving model)."""
+    """Per-step phase times and field evaluations per ray for skipping off/on, alternating step by step.
+
+    On the torch-tensor path both settings train the same trainer (both see the same, evolving model).
+    With the device-resident step (``--device-step``) they are two ``DeviceTrainStep``s made from the
+    same state, one dense and one through the grid (each trains its own device copy of the networks)."""
     import time
 
     from models.skip_empty import SkipStats
 
     occupancy = trainer.module.occupancy
     cfg = trainer.module.render_config
+    skip_step = trainer.device_step  # None on the torch-tensor path; else made with the occupancy grid
+    steps_by_setting = {}
+    if skip_step is not None:
+        from models.device_step import DeviceTrainStep
+
+        trainer.sync_to_torch()
+        steps_by_setting = {"off": DeviceTrainStep(trainer.field, trainer.background, trainer.latents,
+                                                   trainer.optimizers, cfg, trainer.config.loss),
+                            "on": skip_step}  # fmt: skip
+
+    def use(name: str) -> None:
+        if skip_step is not None:
+            trainer.device_step = steps_by_setting[name]
+        else:
+            trainer.module.occupancy = occupancy if name == "on" else None
+
+    def update_grid() -> None:
+        if skip_step is not None:
+            skip_step.update_occupancy(trainer.step, trainer.ray_generator, force=True)
+        else:
+            occupancy.update(trainer.step, timed.field, trainer.latents.codes, trainer.ray_generator)
+
     samples: dict[str, list] = {name: [] for name in settings}
     timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
     trainer.module.field = timed
@@ -162,59 +187,19 @@ def measure_skip_empty(trainer: Trainer, settings: list[str], steps: int, warmup
     try:
         for i in range(warmup + steps):
             for name in settings:
-                trainer.module.occupancy = occupancy if name == "on" else None
+                use(name)
                 per, rays = timed_step(trainer, timed)
                 trainer.step += 1
-                dense = float(cfg.n_coarse + cfg.n_fine)
-                evals = SkipStats.last["field_per_ray"] if name == "on" else dense
+                evals = SkipStats.last["field_per_ray"] if name == "on" else float(cfg.n_coarse + cfg.n_fine)
                 if name == "on":
                     started = time.perf_counter()
-                    occupancy.update(trainer.step, timed.field, trainer.latents.codes, trainer.ray_generator)
+                    update_grid()
                     per["grid update"] = time.perf_counter() - started
                 if i >= warmup:
                     samples[name].append({**per, "rays": rays, "field_per_ray": evals})
     finally:
         trainer.module.field = timed.field
         trainer.module.occupancy = occupancy
-        occupancy.every = every
-        trainer.timer = NullTimer()
-    return samples
-
-
-def measure_skip_empty_device(trainer: Trainer, settings: list[str], steps: int, warmup: int
-                              ) -> dict[str, list]:
-    """``measure_skip_empty`` for the device-resident step (``--device-step``): two ``DeviceTrainStep``s
-    made from the same state, one dense and one through the grid, alternating step by step (each trains
-    its own device copy of the networks from there)."""
-    import time
-
-    from models.device_step import DeviceTrainStep
-
-    skip_step = trainer.device_step  # made with the trainer's occupancy grid
-    trainer.sync_to_torch()
-    dense_step = DeviceTrainStep(trainer.field, trainer.background, trainer.latents, trainer.optimizers,
-                                 trainer.module.render_config, trainer.config.loss)
-    by_setting = {"off": dense_step, "on": skip_step}
-    occupancy = trainer.module.occupancy
-    cfg = trainer.module.render_config
-    samples: dict[str, list] = {name: [] for name in settings}
-    timed = TimedField(trainer.module.field, PhaseTimer(trainer.device))
-    every, occupancy.every = occupancy.every, 10**9  # updates are timed apart, once per measured step
-    try:
-        for i in range(warmup + steps):
-            for name in settings:
-                trainer.device_step = by_setting[name]
-                per, rays = timed_step(trainer, timed)
-                trainer.step += 1
-                dense = float(cfg.n_coarse + cfg.n_fine)
-                evals = skip_step.rendering.last_stats["field_per_ray"] if name == "on" else dense
-                if name == "on":
-                    started = time.perf_counter()
-                    skip_step.update_occupancy(trainer.step, trainer.ray_generator, force=True)
-                    per["grid update"] = time.perf_counter() - started
-                if i >= warmup:
-                    samples[name].append({**per, "rays": rays, "field_per_ray": evals})
-    finally:
         trainer.device_step = skip_step
         occupancy.every = every
         trainer.timer = NullTimer()
@@ -274,8 +259,7 @@ def main_skip_empty(args) -> dict:
             trainer.step += 1
         pretrain_s = time.perf_counter() - started
         occupancy = trainer.module.occupancy
-        measure_fn = measure_skip_empty_device if args.device_step else measure_skip_empty
-        measured = measure_fn(trainer, args.render_skip_empty, args.steps, args.warmup)
+        measured = measure_skip_empty(trainer, args.render_skip_empty, args.steps, args.warmup)
         update_s = statistics.median(s["grid update"] for s in measured.get("on", [{"grid update": 0.0}]))
     cfg = trainer.module.render_config
     results = {}
