@@ -9,6 +9,7 @@ The library behind ``fit.py`` (and ``evaluate.py``'s 3DFAW protocol, which fits 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,21 +98,17 @@ def fit_latent(
     pixels = pixel_grid(height, width, device)
     K_t = torch.as_tensor(np.asarray(K), dtype=torch.float32).to(device)
     w2c_t = torch.as_tensor(np.asarray(world_to_camera), dtype=torch.float32).to(device)
-    loss_config = training_losses(model)
-
     if renders_on_device(model.field, model.background):
         return fit_latent_on_device(model, pixels, target_rgb, target_mask, K_t, w2c_t, config, progress)
+    loss_config = training_losses(model)
     latent = torch.nn.Parameter(model.latents.mean().clone())
     optimizer = torch.optim.Adam([latent], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, _decay(config))
-    generator = torch.Generator().manual_seed(int(config.seed))
-    n_rays = min(config.rays_per_step, pixels.shape[0])
-    history = []
-    bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
-    for _ in bar:
-        index = torch.randperm(pixels.shape[0], generator=generator)[:n_rays].to(device)
+
+    def take_step(index: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        index = index.to(device)
         rays = renderer.generate_rays(pixels[index], K_t, w2c_t, radius=model.render_config.radius)
-        codes = latent[None].expand(n_rays, -1)
+        codes = latent[None].expand(index.shape[0], -1)
         if getattr(model, "occupancy", None) is not None:  # --render-skip-empty on
             out = render_rays_skip_empty(model.field, model.background, rays, codes, model.render_config,
                                          model.occupancy, generator=generator)  # fmt: skip
@@ -130,9 +127,27 @@ def fit_latent(
         terms["total"].backward()
         optimizer.step()
         scheduler.step()
-        history.append({k: float(v.detach()) for k, v in terms.items()})
-        bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    history = _fit_loop(config, pixels.shape[0], take_step, progress)
     return FitResult(latent.detach().cpu().clone(), history)
+
+
+def _fit_loop(config: FitConfig, n_pixels: int,
+              take_step: Callable[[torch.Tensor, torch.Generator], dict[str, float]],
+              progress: bool) -> list[dict[str, float]]:  # fmt: skip
+    """The fit's steps, shared by the torch and the device loop: each draws ``rays_per_step`` pixels
+    (CPU indices) from the seeded generator, which ``take_step`` then draws its samples from too;
+    returns the per-step loss terms."""
+    generator = torch.Generator().manual_seed(int(config.seed))
+    n_rays = min(config.rays_per_step, n_pixels)
+    history = []
+    bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
+    for _ in bar:
+        index = torch.randperm(n_pixels, generator=generator)[:n_rays]
+        history.append(take_step(index, generator))
+        bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
+    return history
 
 
 def _decay(config: FitConfig) -> float:
@@ -167,22 +182,18 @@ def fit_latent_on_device(model: LoadedCheckpoint, pixels: torch.Tensor, target_r
     step = DeviceTrainStep(model.field, model.background, table, optimizers, model.render_config,
                            training_losses(model), occupancy=getattr(model, "occupancy", None),
                            train_networks=False)  # fmt: skip
-    generator = torch.Generator().manual_seed(int(config.seed))
-    n_rays = min(config.rays_per_step, pixels.shape[0])
-    history = []
-    bar = tqdm(range(config.steps), desc="fit", disable=not progress, leave=False)
-    for _ in bar:
-        index = torch.randperm(pixels.shape[0], generator=generator)[:n_rays]
+    def take_step(index: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
         batch = {"pixels": pixels[index], "K": K[None], "world_to_camera": world_to_camera[None],
-                 "rgb": target_rgb[index], "identity": torch.zeros(n_rays, dtype=torch.int64)}
+                 "rgb": target_rgb[index], "identity": torch.zeros(index.shape[0], dtype=torch.int64)}
         if target_mask is not None:
             batch["mask"] = target_mask[index]
         terms = step.run(batch, generator)
         scheduler.step()
         if terms is None:  # not finite: the step changed nothing
             terms = dict.fromkeys(("rgb", "mask", "hard", "total"), float("nan"))
-        history.append(terms)
-        bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
+        return terms
+
+    history = _fit_loop(config, pixels.shape[0], take_step, progress)
     step.table.to_torch()
     return FitResult(table.codes[0].detach().cpu().clone(), history)
 
