@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --checkpoint: time the cpu preset's samples per ray and batch (at most "
                              "the checkpoint's identities) on the checkpoint's networks")
     args = parser.parse_args(argv)
+    if args.device_step and not args.render_skip_empty:
+        parser.error("--device-step times the device-resident step with --render-skip-empty off and/or on; "
+                     "add --render-skip-empty (benchmarks/device_step.py times the dense steps).")
     if args.render_skip_empty:
         return main_skip_empty(args)
 
