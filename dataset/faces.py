@@ -560,17 +560,16 @@ class FacesSource:
         return []
 
     def settings(self, prepare_config) -> dict:
-        from pose import template_metadata
+        from dataset.sources import template_settings
 
         return {"faces": asdict(self.config), "generator_version": GENERATOR_VERSION,
                 "portraits": list(self.config.texture_portraits),
-                "pose": prepare_config.to_dict()["pose"],
-                "template_points": template_metadata(prepare_config.pose.template_path)["points"]}
+                "pose": prepare_config.to_dict()["pose"], **template_settings(prepare_config.pose)}
 
     def manifest_extra(self, prepare_config) -> dict:
-        from pose import template_metadata
+        from dataset.sources import template_records
 
-        return {"template": template_metadata(prepare_config.pose.template_path),
+        return {**template_records(prepare_config.pose),
                 "truth": {"files": ["true_cameras.npz", "true_depths.npy", "true_masks.npy"],
                           "depth": "ray distance t along the unit ray direction from the true camera, "
                                    "0 on the background",

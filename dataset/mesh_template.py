@@ -1,13 +1,19 @@
 """Calibrate the 468-point mesh template on faces renders: `python -m dataset.mesh_template`.
 
     python -m dataset.mesh_template --seed 1 --identities 100 --views 3 --out pose/data/mesh_template.json
+    python -m dataset.mesh_template --posed --seed 1 --identities 300 --views 3 \
+        --out pose/data/mesh_posed_template.json
 
 Renders views of the ``faces`` source (``render_landmark_set``: the benchmark's renders, a view Face
 Mesh does not find redrawn as the source does), keeps those textured by a portrait the template frame
 was measured on (``--textures``, default astronaut and grace_hopper and their mirrors; see below),
 triangulates each of the 468 Face Mesh points from its 2D detections under the true cameras and makes
 the result mirror-symmetric (``pose.mesh_template``), and writes it as the template method
-``face_mesh_all``, with its provenance (seed, counts, per-point error under the true cameras).
+``face_mesh_all``, with its provenance (seed, counts, per-point error under the true cameras). With
+``--posed`` it triangulates the posed template instead (``face_mesh_posed``: each point moves linearly
+with sin(yaw) and sin(pitch), ``pose.mesh_template.triangulate_posed``) from the mean of the plain and
+the attention Face Mesh's points (``pose.mesh_template.mean_mesh_points``), as the default solve
+(``PoseConfig.solve_points="mesh_posed"``) reads them.
 
 The shipped ``pose/data/mesh_template.json`` comes from seed 1; ``benchmarks/face_cameras.py`` evaluates
 on seed 0 and refuses to measure the shipped template on its calibration seed.
@@ -33,8 +39,20 @@ from common.conventions import default_intrinsics, orbit_camera
 from dataset import faces
 from pose import NoFaceError, detect_landmarks, save_template
 from pose.landmarks import run_graph
-from pose.mesh_template import MESH_METHOD, N_MESH_POINTS, mirror_index, symmetrise, triangulate
-from pose.template import MESH_TEMPLATE_PATH
+from pose.mesh_template import (
+    MESH_METHOD,
+    MESH_POSED_METHOD,
+    N_MESH_POINTS,
+    POSE_FEATURES,
+    PosedTemplate,
+    mean_mesh_points,
+    mirror_index,
+    symmetrise,
+    symmetrise_posed,
+    triangulate,
+    triangulate_posed,
+)
+from pose.template import MESH_POSED_TEMPLATE_PATH, MESH_TEMPLATE_PATH
 
 REGISTERED_TEXTURES = faces.CALIBRATION_PORTRAITS  # the portraits whose texture sits on its vertices
 RENDER_KEYS = ("identity", "texture", "mesh", "mesh_refined", "vertices", "world_to_camera")
@@ -111,19 +129,29 @@ def mean_mesh() -> np.ndarray:
     return np.mean(bases, axis=0)
 
 
+def render_points(render: dict, key: str) -> np.ndarray:
+    """(468, 2) one ``render_landmark_set`` render's 2D points: "mesh" (the plain Face Mesh's),
+    "mesh_refined" (the attention model's first 468) or "mean_of_models" (their mean, the points the
+    default solve fits: ``pose.mesh_template.mean_mesh_points``)."""
+    if key == "mean_of_models":
+        return mean_mesh_points(render["mesh"], render["mesh_refined"])
+    return render[key][:N_MESH_POINTS, :2]
+
+
 def calibrate(renders: list[dict], size: int, key: str = "mesh") -> tuple[np.ndarray, np.ndarray]:
     """Triangulate the mesh template from renders with known cameras.
 
     Args:
-        renders: ``render_landmark_set`` dicts; key: "mesh" or "mesh_refined" (its first 468 points).
+        renders: ``render_landmark_set`` dicts; key: their points (``render_points``); renders where
+            they are NaN (the attention model found no face) are left out.
         size: the renders' side (their K is ``default_intrinsics(size, size)``).
 
     Returns:
         (template (468, 3) mirror-symmetric head units, per-point RMS pixel error (468,) of the
         detections against the template's projections under the true cameras).
     """
-    usable = [r for r in renders if np.all(np.isfinite(r[key]))]
-    points = np.stack([r[key][:N_MESH_POINTS, :2] for r in usable])
+    usable = [r for r in renders if np.all(np.isfinite(r["mesh" if key == "mean_of_models" else key]))]
+    points = np.stack([render_points(r, key) for r in usable])
     cameras = np.stack([r["world_to_camera"] for r in usable])
     K = default_intrinsics(size, size)
     template = symmetrise(triangulate(points, K, cameras), mirror_index(mean_mesh()))
@@ -131,6 +159,26 @@ def calibrate(renders: list[dict], size: int, key: str = "mesh") -> tuple[np.nda
 
     error = np.sqrt(np.mean(np.sum((project(template, K, cameras) - points) ** 2, axis=-1), axis=0))
     return template, error
+
+
+def calibrate_posed(renders: list[dict], size: int, key: str = "mean_of_models"
+                    ) -> tuple[PosedTemplate, np.ndarray]:
+    """Triangulate the posed template from renders with known cameras, on their ``key`` points
+    (``render_points``; the default: the points the default solve fits).
+
+    Returns:
+        (the mirror-symmetric ``PosedTemplate``, per-point RMS pixel error (468,) of the points against
+        its projections under the true cameras and poses).
+    """
+    points = np.stack([render_points(r, key) for r in renders])
+    cameras = np.stack([r["world_to_camera"] for r in renders])
+    K = default_intrinsics(size, size)
+    model = PosedTemplate(symmetrise_posed(triangulate_posed(points, K, cameras), mirror_index(mean_mesh())))
+    from pose.camera import project
+
+    projected = np.stack([project(model.at(c[:, :3]), K, c) for c in cameras])
+    error = np.sqrt(np.mean(np.sum((projected - points) ** 2, axis=-1), axis=0))
+    return model, error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=faces.PORTRAIT_NAMES,
                         help="portraits whose textured renders are used (default: "
                              f"{' '.join(REGISTERED_TEXTURES)})")
-    parser.add_argument("--out", default=str(MESH_TEMPLATE_PATH), help="template JSON to write")
+    parser.add_argument("--posed", action="store_true",
+                        help="triangulate the posed template (points moving with the pose) of the default "
+                             "solve from the mean of the plain and attention Face Mesh points (default: the "
+                             "fixed template of the plain points)")
+    parser.add_argument("--out", default=None,
+                        help="template JSON to write (default: the shipped pose/data/mesh_template.json, or "
+                             "pose/data/mesh_posed_template.json with --posed)")
     parser.add_argument("--cache", default=None, help="folder to keep the renders' landmarks in (.npz)")
     args = parser.parse_args(argv)
     if args.identities < 1 or args.views < 1 or args.render_size < 64:
@@ -155,11 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     used = [r for r in renders if registered(r, tuple(args.textures))]
     if len(used) < 20:
         parser.error(f"only {len(used)} renders have the chosen textures; render more identities.")
-    template, error = calibrate(used, args.render_size)
-    provenance = {
-        "method": "python -m dataset.mesh_template: each Face Mesh point (mediapipe 0.10.21) triangulated "
+    if args.posed:
+        used = [r for r in used if np.all(np.isfinite(r["mesh_refined"]))]
+        model, error = calibrate_posed(used, args.render_size)
+        method = ("python -m dataset.mesh_template --posed: each Face Mesh point (mediapipe 0.10.21; the "
+                  "mean of the plain and the attention model's) triangulated as A + sin(yaw) B + "
+                  "sin(pitch) C from its 2D detections in faces renders with known cameras and poses, then "
+                  "made mirror-symmetric (pose/mesh_template.py, dataset/mesh_template.py).")
+    else:
+        template, error = calibrate(used, args.render_size)
+        method = ("python -m dataset.mesh_template: each Face Mesh point (mediapipe 0.10.21) triangulated "
                   "from its 2D detections in faces renders with known cameras, then made mirror-symmetric "
-                  "(pose/mesh_template.py, dataset/mesh_template.py).",
+                  "(pose/mesh_template.py, dataset/mesh_template.py).")
+    provenance = {
+        "method": method,
         "faces_seed": args.seed, "identities": args.identities, "views": args.views,
         "render_size": args.render_size, "generator_version": faces.GENERATOR_VERSION,
         "textures": list(args.textures), "renders": len(renders), "renders_used": len(used),
@@ -167,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         "rms_error_px_under_true_cameras": {"median": round(float(np.median(error)), 3),
                                             "max": round(float(error.max()), 3)},
     }
-    save_template({MESH_METHOD: template}, args.out, provenance)
+    out = args.out or (MESH_POSED_TEMPLATE_PATH if args.posed else MESH_TEMPLATE_PATH)
+    if args.posed:
+        save_template({MESH_POSED_METHOD: model.frontal}, out, provenance,
+                      pose_terms=dict(zip(POSE_FEATURES, model.coefficients[1:], strict=True)))
+    else:
+        save_template({MESH_METHOD: template}, out, provenance)
     print(f"{len(used)} of {len(renders)} renders (seed {args.seed}, textures {' '.join(args.textures)}); "
-          f"per-point RMS error under the true cameras {np.median(error):.2f} px median; wrote {args.out}")
+          f"per-point RMS error under the true cameras {np.median(error):.2f} px median; wrote {out}")
     return 0
 
 

@@ -29,6 +29,7 @@ from dataset.faces import FacesConfig, FacesSource
 from dataset.sources import PHOTO_SOURCES, REASONS, DataRootError, default_workers
 from dataset.srn import SrnSource
 from dataset.synthetic import SyntheticConfig, SyntheticSource
+from pose.config import SOLVE_POINTS
 
 SOURCES = {**PHOTO_SOURCES, "srn": SrnSource()}
 GENERATED = ("synthetic", "faces")  # sources without a data root: they draw their own identities
@@ -326,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-error-fraction", type=float, default=None,
                         help=f"reject a camera fit whose error exceeds this fraction of the image width "
                              f"(default: {cpu.pose.max_error_fraction})")
-    parser.add_argument("--solve-points", default=None, choices=("mesh", "paper5"),
-                        help="landmarks the camera solve fits: mesh = all 468 Face Mesh points against the "
+    parser.add_argument("--solve-points", default=None, choices=SOLVE_POINTS,
+                        help="landmarks the camera solve fits: mesh_posed = all 468 Face Mesh points (the "
+                             "mean of its plain and attention models) against the calibrated template that "
+                             "moves with the pose, mesh = the plain model's 468 points against the fixed "
                              "calibrated mesh template, paper5 = the paper's 5 points (default: "
                              f"{cpu.pose.solve_points}; paper5 when --template is given)")
     parser.add_argument("--template", default=None,

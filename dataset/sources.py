@@ -100,6 +100,34 @@ def face_points(landmarks) -> np.ndarray:
     return np.concatenate([landmarks.points, [[x0, y0], [x1, y0], [x0, y1], [x1, y1]]])
 
 
+def template_settings(pose_config) -> dict:
+    """The landmark templates' tables that a ``pose.PoseConfig``'s camera solve reads, for a source's
+    fingerprint (so a template rewritten in place triggers a rebuild): the 5-point one (and the
+    fallback's), and the 468-point one of an all-points solve (with its pose terms for "mesh_posed")."""
+    from pose import template_metadata
+
+    settings = {"template_points": template_metadata(pose_config.template_path)["points"]}
+    if pose_config.solve_points == "mesh":
+        settings["mesh_template_points"] = template_metadata(pose_config.mesh_template_path,
+                                                             "face_mesh_all")["points"]
+    elif pose_config.solve_points == "mesh_posed":
+        posed = template_metadata(pose_config.mesh_template_path, "face_mesh_posed")
+        settings["mesh_posed_template"] = {"points": posed["points"], "pose_terms": posed.get("pose_terms")}
+    return settings
+
+
+def template_records(pose_config) -> dict:
+    """For a manifest: the landmark templates the cameras were solved against (points, units and
+    provenance), the 5-point one and, for an all-points solve, the 468-point one."""
+    from pose import template_metadata
+
+    records = {"template": template_metadata(pose_config.template_path)}
+    if pose_config.solve_points in ("mesh", "mesh_posed"):
+        method = "face_mesh_posed" if pose_config.solve_points == "mesh_posed" else "face_mesh_all"
+        records["mesh_template"] = template_metadata(pose_config.mesh_template_path, method)
+    return records
+
+
 def head_fit_summary(fits: list[dict]) -> dict | None:
     """The manifest's ``head_fit``: how many training photos' faces reach beyond the render sphere."""
     if not fits:
@@ -195,25 +223,12 @@ class PhotoSource:
     def settings(self, config: PrepareConfig) -> dict:
         """The settings that change this source's output (they enter the fingerprint), including the
         template's points, so a template refined in place also triggers a rebuild."""
-        from pose import template_metadata
-
-        settings = {"resolution": config.resolution, "framing": self.framing(config),
-                    "min_image_side": config.min_image_side, "pose": config.to_dict()["pose"],
-                    "template_points": template_metadata(config.pose.template_path)["points"]}
-        if config.pose.solve_points == "mesh":
-            settings["mesh_template_points"] = template_metadata(config.pose.mesh_template_path,
-                                                                 "face_mesh_all")["points"]
-        return settings
+        return {"resolution": config.resolution, "framing": self.framing(config),
+                "min_image_side": config.min_image_side, "pose": config.to_dict()["pose"],
+                **template_settings(config.pose)}
 
     def manifest_extra(self, config: PrepareConfig) -> dict:
-        """The landmark templates the cameras were solved against (points, units and provenance): the
-        5-point one (and the fallback's), and the 468-point one of the default all-points solve."""
-        from pose import template_metadata
-
-        extra = {"template": template_metadata(config.pose.template_path)}
-        if config.pose.solve_points == "mesh":
-            extra["mesh_template"] = template_metadata(config.pose.mesh_template_path, "face_mesh_all")
-        return extra
+        return template_records(config.pose)
 
     def default_workers(self, n_items: int) -> int:
         """One per core, but in-process for small folders: a spawned worker's start-up (imports,

@@ -25,6 +25,7 @@ from scipy.spatial.transform import Rotation
 from common.conventions import default_intrinsics, rotation_from_yaw_pitch_roll, yaw_pitch_roll
 
 from .config import PoseConfig
+from .mesh_template import PosedTemplate
 
 
 @dataclass
@@ -40,7 +41,8 @@ class CameraFit:
         accepted: `reprojection_error_px <= threshold_px`.
         threshold_px: the acceptance threshold used.
         image_size: (H, W).
-        initialisation: which start won ("sqpnp", "epnp", "frontal", or one of these + "+mirrored").
+        initialisation: which start won ("sqpnp", "epnp", "frontal", or one of these + "+mirrored"),
+            + "+posed" when a `PosedTemplate` was then solved jointly with the pose.
     """
 
     K: np.ndarray
@@ -111,6 +113,13 @@ def _jacobian(params: np.ndarray, template: np.ndarray, points: np.ndarray, K: n
     return _projection(params, template, K, optimise_focal)[1]
 
 
+def _posed_residuals(params: np.ndarray, model: PosedTemplate, points: np.ndarray, K: np.ndarray,
+                     optimise_focal: bool) -> np.ndarray:
+    """`_residuals` with the template the posed model gives for the rotation in `params`."""
+    rotation = Rotation.from_rotvec(params[:3]).as_matrix()
+    return _residuals(params, np.ascontiguousarray(model.at(rotation)), points, K, optimise_focal)
+
+
 def _starts(points: np.ndarray, template: np.ndarray, K: np.ndarray) -> dict[str, np.ndarray]:
     """Candidate (rotvec, t) starts: OpenCV PnP solutions, a frontal guess, and their yaw mirrors."""
     starts: dict[str, np.ndarray] = {}
@@ -136,17 +145,19 @@ def _starts(points: np.ndarray, template: np.ndarray, K: np.ndarray) -> dict[str
     return starts
 
 
-def solve_camera(points: np.ndarray, template: np.ndarray, image_size: tuple[int, int],
+def solve_camera(points: np.ndarray, template: np.ndarray | PosedTemplate, image_size: tuple[int, int],
                  focal: float | None = None, optimise_focal: bool | None = None,
                  config: PoseConfig | None = None) -> CameraFit:
     """Fit rotation, translation (and optionally focal length) so the template projects onto the points.
 
     Every start from `_starts` is refined with `least_squares(method="lm")`; the lowest-cost fit with
-    all points in front of the camera wins.
+    all points in front of the camera wins. A `PosedTemplate` is solved at its frontal shape first, then
+    jointly: the template follows the rotation being solved (another LM run from that fit, with
+    finite-difference derivatives, since the template's pose terms depend on the rotation's Euler angles).
 
     Args:
         points: (P, 2) landmark pixels (continuous coordinates), P ≥ 4.
-        template: (P, 3) template points in the same order (head units).
+        template: (P, 3) template points in the same order (head units), or a `PosedTemplate` (P = 468).
         image_size: (H, W) of the image the points are in.
         focal: focal length in pixels (default `config.focal_factor` × W); the start when optimised.
         optimise_focal: also fit the focal length (default `config.optimise_focal`).
@@ -160,7 +171,9 @@ def solve_camera(points: np.ndarray, template: np.ndarray, image_size: tuple[int
     config = config or PoseConfig()
     optimise_focal = config.optimise_focal if optimise_focal is None else optimise_focal
     points = np.asarray(points, np.float64)
-    template = np.asarray(template, np.float64)
+    posed = template if isinstance(template, PosedTemplate) else None
+    # contiguous: cv2.projectPoints refuses strided views (a posed template's tables can be one)
+    template = np.ascontiguousarray(posed.frontal if posed is not None else template, np.float64)
     if points.ndim != 2 or points.shape[1] != 2 or template.shape != (len(points), 3):
         raise ValueError(f"solve_camera needs points (P, 2) and a template (P, 3) in the same order; got "
                          f"{points.shape} and {template.shape} (use load_template(landmarks.method)).")
@@ -182,6 +195,14 @@ def solve_camera(points: np.ndarray, template: np.ndarray, image_size: tuple[int
     if best is None:
         raise ValueError("No camera places all template points in front of it; the landmarks are degenerate.")
     name, result = best
+    if posed is not None:
+        joint = least_squares(_posed_residuals, result.x, method="lm", x_scale="jac",
+                              args=(posed, points, K, optimise_focal))
+        template = posed.at(Rotation.from_rotvec(joint.x[:3]).as_matrix())
+        if np.all(template @ Rotation.from_rotvec(joint.x[:3]).as_matrix()[2] + joint.x[5] > 1e-6):
+            name, result = name + "+posed", joint
+        else:  # the joint fit left the head behind the camera: keep the frontal template's fit
+            template = posed.frontal
     if optimise_focal:
         K = K.copy()
         K[0, 0] = K[1, 1] = K[0, 0] * np.exp(result.x[6])

@@ -6,8 +6,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 Framing = Literal["aligned", "landmarks"]
-SolvePoints = Literal["mesh", "paper5"]
-SOLVE_POINTS = ("mesh", "paper5")
+SolvePoints = Literal["mesh_posed", "mesh", "paper5"]
+SOLVE_POINTS = ("mesh_posed", "mesh", "paper5")
+MESH_SOLVES = ("mesh_posed", "mesh")  # the all-points solves
 
 
 @dataclass(frozen=True)
@@ -27,15 +28,19 @@ class PoseConfig:
         crop_scale: for `framing="landmarks"`, the square crop side is `crop_scale ×
             max(2.0 × eye distance, 1.8 × eye-to-mouth distance)` (FFHQ's alignment rule uses 2.0).
         segmentation_model: Selfie Segmentation model: 0 = general (256×256), 1 = landscape.
-        solve_points: which Face Mesh points the camera solve fits: "mesh" = all 468, against the
-            mesh template calibrated on renders with known cameras (`pose.mesh_template`; median
-            rotation error 2.4° on the faces benchmark's registered textures, README); "paper5" = the
-            official code's 5 points (eye and mouth corners, nose tip) against the 5-point template
-            (3.3° there). The Face Detection fallback always uses its 4 points.
+        solve_points: which Face Mesh points the camera solve fits, against which template (median
+            rotation error on the faces benchmark, README, "Camera error of the landmark solve"):
+            "mesh_posed" = the mean of the plain and the attention Face Mesh's 468 points (two Face
+            Mesh runs) against the posed template, whose points move with the pose, solved jointly
+            with it (`pose.mesh_template`; 1.9°); "mesh" = the plain Face Mesh's 468 points against
+            the fixed mesh template (2.4°); "paper5" = the official code's 5 points (eye and mouth
+            corners, nose tip) against the 5-point template (3.3°). Both mesh templates are calibrated
+            on renders with known cameras. The Face Detection fallback always uses its 4 points.
         template_path: a 5-point template JSON (e.g. one refined by `python -m pose.fit_template`) for
             `solve_points="paper5"` and the fallback; None = the shipped `pose/data/template.json`.
-        mesh_template_path: a 468-point template JSON for `solve_points="mesh"` (one written by
-            `python -m dataset.mesh_template`); None = the shipped `pose/data/mesh_template.json`.
+        mesh_template_path: a 468-point template JSON written by `python -m dataset.mesh_template` for
+            the all-points solves (a posed one, `--posed`, for "mesh_posed"); None = the shipped
+            `pose/data/mesh_posed_template.json` or `pose/data/mesh_template.json`.
     """
 
     min_image_side: int = 32
@@ -47,7 +52,7 @@ class PoseConfig:
     max_error_fraction: float = 0.03
     crop_scale: float = 2.0
     segmentation_model: int = 0
-    solve_points: SolvePoints = "mesh"
+    solve_points: SolvePoints = "mesh_posed"
     template_path: str | None = None
     mesh_template_path: str | None = None
 
@@ -55,15 +60,15 @@ class PoseConfig:
         if self.solve_points not in SOLVE_POINTS:
             raise ValueError(f"PoseConfig.solve_points must be one of {SOLVE_POINTS}, "
                              f"got {self.solve_points!r}.")
-        if self.template_path is not None and self.solve_points == "mesh":
+        if self.template_path is not None and self.solve_points in MESH_SOLVES:
             raise ValueError(
                 "PoseConfig.template_path is a 5-point template, which the default all-points solve "
-                "(solve_points='mesh') does not use; set solve_points='paper5' with it, or pass a 468-point "
-                "template as mesh_template_path.")
+                "(solve_points='mesh_posed' or 'mesh') does not use; set solve_points='paper5' with it, or "
+                "pass a 468-point template as mesh_template_path.")
 
     @classmethod
     def paper(cls) -> PoseConfig:
-        """The defaults (the best-measured solve, all 468 points; the paper's own 5-point solve is
+        """The defaults (the best-measured solve, "mesh_posed"; the paper's own 5-point solve is
         `with_(solve_points="paper5")`)."""
         return cls()
 

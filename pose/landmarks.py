@@ -58,6 +58,9 @@ class FaceLandmarks:
         eye_centres: (2, 2) right then left eye centre in pixels (used for framing).
         mouth_centre: (2,) pixels: midpoint of the mouth corners (Face Mesh) or the mouth keypoint.
         mesh: (468, 3) float64 Face Mesh output in pixels (x·W, y·H, z·W), or None for the fallback.
+        mesh_attention: (478, 3) float64 the same face from Face Mesh's attention model
+            (`refine_landmarks=True`: 468 points, then 10 iris points), or None when it was not run
+            (only `PoseConfig.solve_points="mesh_posed"` runs it) or found no face there.
     """
 
     points: np.ndarray
@@ -68,6 +71,7 @@ class FaceLandmarks:
     eye_centres: np.ndarray
     mouth_centre: np.ndarray
     mesh: np.ndarray | None = field(default=None, repr=False)
+    mesh_attention: np.ndarray | None = field(default=None, repr=False)
 
     def transformed(self, scale: float, offset: np.ndarray) -> FaceLandmarks:
         """The same landmarks after the image map p' = (p − offset) · scale (a crop then a resize)."""
@@ -76,17 +80,19 @@ class FaceLandmarks:
         def move(p: np.ndarray) -> np.ndarray:
             return (p - offset) * scale
 
-        mesh = None
-        if self.mesh is not None:
-            mesh = np.concatenate([move(self.mesh[:, :2]), self.mesh[:, 2:] * scale], axis=1)
+        def move_mesh(mesh: np.ndarray | None) -> np.ndarray | None:
+            return None if mesh is None else np.concatenate([move(mesh[:, :2]), mesh[:, 2:] * scale], axis=1)
+
         box = np.concatenate([move(self.box[:2]), move(self.box[2:])])
         return FaceLandmarks(move(self.points), self.method, self.n_faces, self.chosen, box,
-                             move(self.eye_centres), move(self.mouth_centre), mesh)
+                             move(self.eye_centres), move(self.mouth_centre), move_mesh(self.mesh),
+                             move_mesh(self.mesh_attention))
 
     def summary(self) -> dict:
         """JSON-ready record of the detection choice."""
         return {"method": self.method, "n_faces": self.n_faces, "chosen": self.chosen,
-                "box": [round(float(v), 2) for v in self.box]}
+                "box": [round(float(v), 2) for v in self.box],
+                "attention_mesh": self.mesh_attention is not None}
 
 
 _graphs: dict[tuple, object] = {}
@@ -138,9 +144,29 @@ def choose_face(boxes: np.ndarray, image_size: tuple[int, int]) -> int:
     return int(np.argmax(areas * np.clip(1.0 - distance, 0.0, 1.0) + 1e-9 * areas))
 
 
-def _from_mesh(faces, image_size: tuple[int, int]) -> FaceLandmarks:
+def _meshes(faces, image_size: tuple[int, int]) -> list[np.ndarray]:
     height, width = image_size
-    meshes = [np.array([[p.x * width, p.y * height, p.z * width] for p in face.landmark]) for face in faces]
+    return [np.array([[p.x * width, p.y * height, p.z * width] for p in face.landmark]) for face in faces]
+
+
+def matching_mesh(meshes: list[np.ndarray], mesh: np.ndarray) -> np.ndarray | None:
+    """The mesh among `meshes` (another Face Mesh model's faces) of the same face as `mesh`: the one
+    whose first 468 points lie nearest on average, if that is within a tenth of the face's size.
+
+    >>> face = np.random.default_rng(0).uniform(0, 50, (468, 3))
+    >>> bool(matching_mesh([face + 100, face + 1], face)[0, 0] == face[0, 0] + 1)
+    True
+    """
+    if not meshes:
+        return None
+    distances = [np.linalg.norm(m[:468, :2] - mesh[:468, :2], axis=1).mean() for m in meshes]
+    best = int(np.argmin(distances))
+    size = np.ptp(mesh[:468, :2], axis=0).max()
+    return meshes[best] if distances[best] <= 0.1 * size else None
+
+
+def _from_mesh(faces, image_size: tuple[int, int]) -> FaceLandmarks:
+    meshes = _meshes(faces, image_size)
     boxes = np.array([[m[:, 0].min(), m[:, 1].min(), m[:, 0].max(), m[:, 1].max()] for m in meshes])
     chosen = choose_face(boxes, image_size)
     mesh = meshes[chosen]
@@ -188,7 +214,8 @@ def detect_landmarks(image: np.ndarray, config: PoseConfig | None = None) -> Fac
         config: detection settings (`max_num_faces`, `min_detection_confidence`, fallback switch).
 
     Returns:
-        `FaceLandmarks` with points (5, 2) from Face Mesh, or (4, 2) from the fallback.
+        `FaceLandmarks` with points (5, 2) from Face Mesh, or (4, 2) from the fallback; for
+        `solve_points="mesh_posed"`, Face Mesh's attention model runs too (`mesh_attention`).
 
     Raises:
         NoFaceError: neither detector found a face.
@@ -204,7 +231,14 @@ def detect_landmarks(image: np.ndarray, config: PoseConfig | None = None) -> Fac
     result = run_graph("face_mesh", image, max_num_faces=config.max_num_faces,
                        min_detection_confidence=config.min_detection_confidence)
     if result.multi_face_landmarks:
-        return _from_mesh(result.multi_face_landmarks, image_size)
+        landmarks = _from_mesh(result.multi_face_landmarks, image_size)
+        if config.solve_points == "mesh_posed":
+            attention = run_graph("face_mesh", image, max_num_faces=config.max_num_faces,
+                                  min_detection_confidence=config.min_detection_confidence,
+                                  refine_landmarks=True)
+            landmarks.mesh_attention = matching_mesh(_meshes(attention.multi_face_landmarks or [],
+                                                             image_size), landmarks.mesh)
+        return landmarks
     if config.use_face_detection_fallback:
         # model_selection=1 is the full-range model: faces anywhere up to ~5 m, not only close-ups.
         result = run_graph("face_detection", image, model_selection=1,

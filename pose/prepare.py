@@ -15,7 +15,8 @@ from .framing import aligned_box, crop_and_resize, landmark_box
 from .image_io import load_image
 from .landmarks import MESH_INDICES, FaceLandmarks, detect_landmarks
 from .masks import segment_foreground
-from .template import MESH_METHOD, load_template
+from .mesh_template import PosedTemplate, load_posed_template, mean_mesh_points
+from .template import MESH_METHOD, MESH_POSED_METHOD, load_template
 
 
 @dataclass
@@ -42,19 +43,25 @@ class PreparedPhoto:
 
 
 def solve_inputs(landmarks: FaceLandmarks, config: PoseConfig | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, str]:
+                 ) -> tuple[np.ndarray, np.ndarray | PosedTemplate, str]:
     """The points the camera solve fits and their template, as `config.solve_points` chooses.
 
     Returns:
-        (points (P, 2) pixels, template (P, 3) head units, the template's method name): all 468 mesh
-        points against the mesh template ("face_mesh_all") for `solve_points="mesh"` and a Face Mesh
-        detection; otherwise `landmarks.points` against its method's template (the paper's 5 points, or
-        the fallback's 4).
+        (points (P, 2) pixels, template, the template's method name), for a Face Mesh detection:
+        `solve_points="mesh_posed"`: the mean of the plain and the attention model's 468 points (the
+        plain ones alone where the attention model found no face) and the `PosedTemplate`
+        ("face_mesh_posed"); "mesh": the plain 468 points and the (468, 3) mesh template
+        ("face_mesh_all"). Otherwise `landmarks.points` against its method's (P, 3) template (the
+        paper's 5 points, or the fallback's 4).
     """
     config = config or PoseConfig()
-    if config.solve_points == "mesh" and landmarks.method == "face_mesh" and landmarks.mesh is not None:
-        return (landmarks.mesh[:, :2].copy(), load_template(MESH_METHOD, config.mesh_template_path),
-                MESH_METHOD)
+    if landmarks.method == "face_mesh" and landmarks.mesh is not None:
+        if config.solve_points == "mesh_posed":
+            return (mean_mesh_points(landmarks.mesh, landmarks.mesh_attention),
+                    load_posed_template(config.mesh_template_path), MESH_POSED_METHOD)
+        if config.solve_points == "mesh":
+            return (landmarks.mesh[:, :2].copy(), load_template(MESH_METHOD, config.mesh_template_path),
+                    MESH_METHOD)
     return landmarks.points, load_template(landmarks.method, config.template_path), landmarks.method
 
 
@@ -119,7 +126,7 @@ def prepare_photo(image: np.ndarray | str | os.PathLike, resolution: int, framin
         "n_points": len(points),
         # the named points' errors (all of them for the 5- and 4-point sets), so records stay small
         "per_point_error_px": [round(float(e), 3) for e in (
-            fit.per_point_error_px[list(MESH_INDICES.values())] if template_method == MESH_METHOD
+            fit.per_point_error_px[list(MESH_INDICES.values())] if len(points) == 468
             else fit.per_point_error_px)],
     }
     return PreparedPhoto(

@@ -12,9 +12,10 @@ towards −z, and the origin is the approximate head centre. The template is in 
 
 `pose/data/template.json` (the paper's 5 points and the Face Detection fallback's 4) is written by
 `python -m pose.make_template` from Face Mesh's own 3D output; see that module for how.
-`pose/data/mesh_template.json` (all 468 Face Mesh points, method `"face_mesh_all"`, the default solve's)
-is written by `python -m dataset.mesh_template`, calibrated on renders with known cameras
-(`pose.mesh_template`).
+`pose/data/mesh_template.json` (all 468 Face Mesh points, method `"face_mesh_all"`) and
+`pose/data/mesh_posed_template.json` (the same points moving with the pose, method `"face_mesh_posed"`,
+the default solve's) are written by `python -m dataset.mesh_template`, calibrated on renders with known
+cameras (`pose.mesh_template`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ NOSE_DEPTH = 1.4
 HEAD_RADIUS = 1.5
 TEMPLATE_PATH = Path(__file__).with_name("data") / "template.json"
 MESH_TEMPLATE_PATH = Path(__file__).with_name("data") / "mesh_template.json"
+MESH_POSED_TEMPLATE_PATH = Path(__file__).with_name("data") / "mesh_posed_template.json"
 MESH_METHOD = "face_mesh_all"  # the template method of the 468-point set (pose.mesh_template)
+MESH_POSED_METHOD = "face_mesh_posed"  # the same points, moving with the pose (pose.mesh_template)
 
 
 def default_template_path(method: str) -> Path:
-    """The shipped file holding a method's template: the mesh template for "face_mesh_all", else
-    `pose/data/template.json`."""
-    return MESH_TEMPLATE_PATH if method == MESH_METHOD else TEMPLATE_PATH
+    """The shipped file holding a method's template: the mesh template for "face_mesh_all", the posed one
+    for "face_mesh_posed", else `pose/data/template.json`."""
+    return {MESH_METHOD: MESH_TEMPLATE_PATH, MESH_POSED_METHOD: MESH_POSED_TEMPLATE_PATH}.get(method,
+                                                                                             TEMPLATE_PATH)
 
 
 class TemplateError(ValueError):
@@ -101,8 +105,10 @@ def template_metadata(path: str | Path | None = None, method: str = "face_mesh")
     return json.loads(json.dumps(_read(str(path or default_template_path(method)))))
 
 
-def save_template(points: dict[str, np.ndarray], path: str | Path, provenance: dict) -> None:
-    """Write a template JSON atomically (``common.atomic``) in `load_template`'s format."""
+def save_template(points: dict[str, np.ndarray], path: str | Path, provenance: dict,
+                  pose_terms: dict[str, np.ndarray] | None = None) -> None:
+    """Write a template JSON atomically (``common.atomic``) in `load_template`'s format; a posed template
+    (`pose.mesh_template.PosedTemplate`) also has ``pose_terms``, one (P, 3) table per pose feature."""
     path = Path(path)
     body = {
         "format": 1,
@@ -112,5 +118,8 @@ def save_template(points: dict[str, np.ndarray], path: str | Path, provenance: d
         "points": {name: np.round(np.asarray(p, np.float64), 6).tolist() for name, p in points.items()},
         "provenance": provenance,
     }
+    if pose_terms is not None:
+        body["pose_terms"] = {name: np.round(np.asarray(p, np.float64), 6).tolist()
+                              for name, p in pose_terms.items()}
     write_json(path, body)
     _read.cache_clear()
