@@ -242,3 +242,21 @@ def test_posed_template_files(tmp_path):
     config = PoseConfig(mesh_template_path=str(MESH_TEMPLATE_PATH))  # the fixed one, for the posed solve
     with pytest.raises(TemplateError, match="not a posed template"):
         prepare_photo(skimage.data.astronaut(), 64, framing="landmarks", config=config)
+
+
+def test_cache_fingerprint_covers_the_mesh_templates():
+    """Photo and faces caches are fingerprinted with the templates their solve reads, the posed
+    template's pose terms included, so a cache solved another way (or against another template) is
+    rebuilt rather than reused."""
+    from dataset import PrepareConfig
+    from dataset.faces import FacesConfig, FacesSource
+    from dataset.sources import PHOTO_SOURCES
+
+    posed, fixed = PrepareConfig.cpu(), PrepareConfig.cpu().with_(pose=PoseConfig(solve_points="mesh"))
+    shipped = json.loads(MESH_POSED_TEMPLATE_PATH.read_text())
+    for source in (PHOTO_SOURCES["ffhq"], FacesSource(FacesConfig())):
+        settings = source.settings(posed)
+        assert settings["mesh_posed_template"]["pose_terms"] == shipped["pose_terms"]
+        assert settings["mesh_posed_template"]["points"] == shipped["points"]
+        assert "mesh_template_points" in source.settings(fixed) and settings != source.settings(fixed)
+        assert source.manifest_extra(posed)["mesh_template"]["provenance"] == shipped["provenance"]
