@@ -107,8 +107,8 @@ class DataConfig:
     cache: str = dataclass_field(default="", metadata={
         "help": "prepared-cache directory (default: data/prepared/<source>-...; the run records the "
                 "resolved path). Other preparation settings (--srn-world-scale, --heldout-views, "
-                "--template, --framing, ...) are python -m dataset.prepare flags: prepare with them, then "
-                "train with --cache DIR"})
+                "--solve-points, --template, --framing, ...) are python -m dataset.prepare flags: prepare "
+                "with them, then train with --cache DIR"})
     resolution: int = dataclass_field(default=256, metadata={"help": "side of the square training images"})
     synthetic_identities: int = dataclass_field(default=1024, metadata={
         "help": "identities of the built-in synthetic dataset"})

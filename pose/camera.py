@@ -25,7 +25,7 @@ from scipy.spatial.transform import Rotation
 from common.conventions import default_intrinsics, rotation_from_yaw_pitch_roll, yaw_pitch_roll
 
 from .config import PoseConfig
-from .mesh_template import PosedTemplate
+from .mesh_template import PosedTemplate, pose_features
 
 
 @dataclass
@@ -120,6 +120,37 @@ def _posed_residuals(params: np.ndarray, model: PosedTemplate, points: np.ndarra
     return _residuals(params, np.ascontiguousarray(model.at(rotation)), points, K, optimise_focal)
 
 
+def _feature_gradient(rotvec: np.ndarray, step: float = 1e-6) -> np.ndarray:
+    """(2, 3) d(sin yaw, sin pitch) / d rotvec, by central differences (two smooth scalars of three
+    variables; the Euler conversion has no closed-form derivative in scipy)."""
+    columns = []
+    for axis in np.eye(3) * step:
+        plus = pose_features(Rotation.from_rotvec(rotvec + axis).as_matrix())[1:]
+        minus = pose_features(Rotation.from_rotvec(rotvec - axis).as_matrix())[1:]
+        columns.append((plus - minus) / (2 * step))
+    return np.stack(columns, axis=1)
+
+
+def _posed_jacobian(params: np.ndarray, model: PosedTemplate, points: np.ndarray, K: np.ndarray,
+                    optimise_focal: bool) -> np.ndarray:
+    """(2P, 6 or 7) Jacobian of `_posed_residuals`: the fixed-template Jacobian at the current template,
+    plus, in the rotation columns, the projection's change with the template points times their change
+    with the rotation (d pixel / d point · R · (B ⊗ ∇sin yaw + C ⊗ ∇sin pitch))."""
+    rotation = Rotation.from_rotvec(params[:3]).as_matrix()
+    template = np.ascontiguousarray(model.at(rotation))
+    jacobian = _projection(params, template, K, optimise_focal)[1].copy()
+    focal = K[0, 0] * np.exp(params[6]) if optimise_focal else K[0, 0]
+    camera = template @ rotation.T + params[3:6]
+    z = camera[:, 2]
+    d_pixel = np.zeros((len(template), 2, 3))
+    d_pixel[:, 0, 0] = d_pixel[:, 1, 1] = focal / z
+    d_pixel[:, 0, 2] = -focal * camera[:, 0] / z**2
+    d_pixel[:, 1, 2] = -focal * camera[:, 1] / z**2
+    d_template = np.einsum("fpi,fj->pij", model.coefficients[1:], _feature_gradient(params[:3]))  # (P, 3, 3)
+    jacobian[:, :3] += np.einsum("pkc,cd,pdj->pkj", d_pixel, rotation, d_template).reshape(-1, 3)
+    return jacobian
+
+
 def _starts(points: np.ndarray, template: np.ndarray, K: np.ndarray) -> dict[str, np.ndarray]:
     """Candidate (rotvec, t) starts: OpenCV PnP solutions, a frontal guess, and their yaw mirrors."""
     starts: dict[str, np.ndarray] = {}
@@ -152,8 +183,8 @@ def solve_camera(points: np.ndarray, template: np.ndarray | PosedTemplate, image
 
     Every start from `_starts` is refined with `least_squares(method="lm")`; the lowest-cost fit with
     all points in front of the camera wins. A `PosedTemplate` is solved at its frontal shape first, then
-    jointly: the template follows the rotation being solved (another LM run from that fit, with
-    finite-difference derivatives, since the template's pose terms depend on the rotation's Euler angles).
+    jointly: the template follows the rotation being solved (another LM run from that fit, whose
+    Jacobian adds the template's change with the rotation, `_posed_jacobian`).
 
     Args:
         points: (P, 2) landmark pixels (continuous coordinates), P ≥ 4.
@@ -196,7 +227,7 @@ def solve_camera(points: np.ndarray, template: np.ndarray | PosedTemplate, image
         raise ValueError("No camera places all template points in front of it; the landmarks are degenerate.")
     name, result = best
     if posed is not None:
-        joint = least_squares(_posed_residuals, result.x, method="lm", x_scale="jac",
+        joint = least_squares(_posed_residuals, result.x, jac=_posed_jacobian, method="lm", x_scale="jac",
                               args=(posed, points, K, optimise_focal))
         template = posed.at(Rotation.from_rotvec(joint.x[:3]).as_matrix())
         if np.all(template @ Rotation.from_rotvec(joint.x[:3]).as_matrix()[2] + joint.x[5] > 1e-6):

@@ -260,3 +260,20 @@ def test_cache_fingerprint_covers_the_mesh_templates():
         assert settings["mesh_posed_template"]["points"] == shipped["points"]
         assert "mesh_template_points" in source.settings(fixed) and settings != source.settings(fixed)
         assert source.manifest_extra(posed)["mesh_template"]["provenance"] == shipped["provenance"]
+
+
+@pytest.mark.parametrize("optimise_focal", [False, True])
+def test_posed_jacobian_matches_finite_differences(optimise_focal):
+    from pose.camera import _posed_jacobian, _posed_residuals
+
+    model = load_posed_template()
+    K = default_intrinsics(256, 256)
+    truth = np.c_[rotation_from_yaw_pitch_roll(28.0, -11.0, 4.0), [0.1, 0.2, 7.2]]
+    points = project(model.at(truth[:, :3]), K, truth) + np.random.default_rng(2).normal(0, 1.0, (468, 2))
+    params = np.r_[0.3, -0.2, 0.05, 0.1, 0.2, 7.0, 0.03][:7 if optimise_focal else 6]
+    analytic = _posed_jacobian(params, model, points, K, optimise_focal)
+    numeric = np.stack([(_posed_residuals(params + e, model, points, K, optimise_focal)
+                         - _posed_residuals(params - e, model, points, K, optimise_focal)) / 2e-6
+                        for e in np.eye(len(params)) * 1e-6], axis=1)
+    assert analytic.shape == numeric.shape
+    assert np.abs(analytic - numeric).max() < 1e-4 * np.abs(numeric).max()
