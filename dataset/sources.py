@@ -105,13 +105,14 @@ def template_settings(pose_config) -> dict:
     fingerprint (so a template rewritten in place triggers a rebuild): the 5-point one (and the
     fallback's), and the 468-point one of an all-points solve (with its pose terms for "mesh_posed")."""
     from pose import template_metadata
+    from pose.template import MESH_METHOD, MESH_POSED_METHOD
 
     settings = {"template_points": template_metadata(pose_config.template_path)["points"]}
     if pose_config.solve_points == "mesh":
         settings["mesh_template_points"] = template_metadata(pose_config.mesh_template_path,
-                                                             "face_mesh_all")["points"]
+                                                             MESH_METHOD)["points"]
     elif pose_config.solve_points == "mesh_posed":
-        posed = template_metadata(pose_config.mesh_template_path, "face_mesh_posed")
+        posed = template_metadata(pose_config.mesh_template_path, MESH_POSED_METHOD)
         settings["mesh_posed_template"] = {"points": posed["points"], "pose_terms": posed.get("pose_terms")}
     return settings
 
@@ -120,10 +121,11 @@ def template_records(pose_config) -> dict:
     """For a manifest: the landmark templates the cameras were solved against (points, units and
     provenance), the 5-point one and, for an all-points solve, the 468-point one."""
     from pose import template_metadata
+    from pose.template import MESH_METHOD, MESH_POSED_METHOD
 
     records = {"template": template_metadata(pose_config.template_path)}
     if pose_config.solve_points in ("mesh", "mesh_posed"):
-        method = "face_mesh_posed" if pose_config.solve_points == "mesh_posed" else "face_mesh_all"
+        method = MESH_POSED_METHOD if pose_config.solve_points == "mesh_posed" else MESH_METHOD
         records["mesh_template"] = template_metadata(pose_config.mesh_template_path, method)
     return records
 

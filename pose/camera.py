@@ -229,8 +229,9 @@ def solve_camera(points: np.ndarray, template: np.ndarray | PosedTemplate, image
     if posed is not None:
         joint = least_squares(_posed_residuals, result.x, jac=_posed_jacobian, method="lm", x_scale="jac",
                               args=(posed, points, K, optimise_focal))
-        template = posed.at(Rotation.from_rotvec(joint.x[:3]).as_matrix())
-        if np.all(template @ Rotation.from_rotvec(joint.x[:3]).as_matrix()[2] + joint.x[5] > 1e-6):
+        joint_rotation = Rotation.from_rotvec(joint.x[:3]).as_matrix()
+        template = posed.at(joint_rotation)
+        if np.all(template @ joint_rotation[2] + joint.x[5] > 1e-6):
             name, result = name + "+posed", joint
         else:  # the joint fit left the head behind the camera: keep the frontal template's fit
             template = posed.frontal
