@@ -20,8 +20,9 @@ import numpy as np
 
 from dataset.config import PrepareConfig
 
-# Below this many photos per worker, spawning workers costs more than it saves (benchmarks/prepare.py).
-PHOTOS_PER_WORKER = 300
+# Below this many photos per worker, spawning workers costs more than it saves (benchmarks/prepare.py:
+# with the default two-model solve, 2 workers break even at about 25 photos on 2 cores).
+PHOTOS_PER_WORKER = 50
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
