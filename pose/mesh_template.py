@@ -1,7 +1,8 @@
-"""The full Face Mesh template: all 468 points, calibrated against renders with known cameras.
+"""The full Face Mesh templates: all 468 points, calibrated against renders with known cameras.
 
-The default camera solve (`PoseConfig.solve_points = "mesh"`) fits all 468 of Face Mesh's 2D landmarks
-to a 468-point template, `pose/data/mesh_template.json`. That template is not Face Mesh's 3D output: on
+The all-points camera solves fit all 468 of Face Mesh's 2D landmarks to a 468-point template: the fixed
+one, `pose/data/mesh_template.json` (`PoseConfig.solve_points = "mesh"`), or the posed one below (the
+default). That template is not Face Mesh's 3D output: on
 renders with known cameras, Face Mesh's 2D points are biased with pose (a 5-point solve against the
 measured template reads pitch at 0.76× the truth, an all-points solve against the mean mesh is off by
 5° in pitch; README, "Camera error of the landmark solve"). The shipped template is instead the set of
