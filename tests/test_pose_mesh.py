@@ -105,8 +105,8 @@ def test_config_points_and_templates():
 
 
 def test_all_points_solves_on_photos():
-    """Both all-points solves on a real photo and its mirror: accepted, mirrored yaw and roll, and close to
-    the 5-point solve (the photos have no ground truth; README, Camera error)."""
+    """The two all-points solves and the 5-point one on a real photo and its mirror: accepted, mirrored yaw
+    and roll, and close to each other (the photos have no ground truth; README, Camera error)."""
     image = skimage.data.astronaut()
     methods = {"mesh_posed": MESH_POSED_METHOD, "mesh": MESH_METHOD, "paper5": "face_mesh"}
     angles = {}
