@@ -151,41 +151,7 @@ def triangulate(points: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray,
     [[0.1, -0.2, -1.0]]
     """
     points = np.asarray(points, np.float64)
-    n_views = points.shape[0]
-    K = np.broadcast_to(np.asarray(K, np.float64), (n_views, 3, 3))
-    world_to_camera = np.asarray(world_to_camera, np.float64)
-    seen = np.all(np.isfinite(points), axis=2)  # (N, P)
-    uv = np.where(seen[..., None], points, 0.0)
-    weight = seen.astype(np.float64)
-    projection = K @ world_to_camera  # (N, 3, 4)
-    # DLT rows per view and point: (u P3 - P1) . [X, 1] = 0 and (v P3 - P2) . [X, 1] = 0.
-    rows = uv[..., :, None] * projection[:, None, 2:3, :] - projection[:, None, :2, :]  # (N, P, 2, 4)
-    A, b = rows[..., :3], -rows[..., 3]
-    normal = np.einsum("np,npki,npkj->pij", weight, A, A)
-    rhs = np.einsum("np,npki,npk->pi", weight, A, b)
-    enough = seen.sum(0) >= 2
-    normal[~enough] = np.eye(3)
-    X = np.linalg.solve(normal, rhs[..., None])[..., 0]
-    rotation, translation = world_to_camera[:, :, :3], world_to_camera[:, :, 3]
-    for _ in range(iterations):
-        camera = np.einsum("nij,pj->npi", rotation, X) + translation[:, None]  # (N, P, 3)
-        z = camera[..., 2]
-        fx, fy = K[:, 0, 0][:, None], K[:, 1, 1][:, None]
-        pixels = np.stack([fx * camera[..., 0] / z + K[:, 0, 2][:, None],
-                           fy * camera[..., 1] / z + K[:, 1, 2][:, None]], axis=-1)
-        residual = pixels - uv  # (N, P, 2)
-        d_pixel = np.zeros((*camera.shape[:2], 2, 3))  # d pixel / d camera point
-        d_pixel[..., 0, 0] = fx / z
-        d_pixel[..., 0, 2] = -fx * camera[..., 0] / z**2
-        d_pixel[..., 1, 1] = fy / z
-        d_pixel[..., 1, 2] = -fy * camera[..., 1] / z**2
-        J = np.einsum("npkc,ncj->npkj", d_pixel, rotation)  # (N, P, 2, 3)
-        normal = np.einsum("np,npki,npkj->pij", weight, J, J)
-        normal[~enough] = np.eye(3)
-        step = np.linalg.solve(normal, np.einsum("np,npki,npk->pi", weight, J, residual)[..., None])[..., 0]
-        X = X - step
-    X[~enough] = np.nan
-    return X
+    return _triangulate_linear_model(points, K, world_to_camera, np.ones((len(points), 1)), iterations)[:, 0]
 
 
 def triangulate_posed(points: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray,
@@ -212,43 +178,57 @@ def triangulate_posed(points: np.ndarray, K: np.ndarray, world_to_camera: np.nda
     >>> bool(np.allclose(triangulate_posed(uv, K, cams), truth, atol=1e-6))
     True
     """
-    points = np.asarray(points, np.float64)
-    n_views, n_points = points.shape[:2]
-    K = np.broadcast_to(np.asarray(K, np.float64), (n_views, 3, 3))
     world_to_camera = np.asarray(world_to_camera, np.float64)
     features = np.stack([pose_features(c[:, :3]) for c in world_to_camera])  # (N, 3)
+    coefficients = _triangulate_linear_model(points, K, world_to_camera, features, iterations)
+    return np.ascontiguousarray(np.transpose(coefficients, (1, 0, 2)))
+
+
+def _triangulate_linear_model(points: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray,
+                              features: np.ndarray, iterations: int) -> np.ndarray:
+    """(P, F, 3) per point, the coefficients C of X = Σ_f features[n, f] C[f] (each view n its own
+    features; F = 1 with features 1 is a fixed point) that best match the detections: the linear (DLT)
+    least-squares solution, then Gauss–Newton on the sum of squared pixel errors. NaN detections are
+    left out; a point seen in fewer views than its 3F unknowns need (2 equations a view) is NaN."""
+    points = np.asarray(points, np.float64)
+    n_views, n_points = points.shape[:2]
+    n_unknowns = 3 * features.shape[1]
+    K = np.broadcast_to(np.asarray(K, np.float64), (n_views, 3, 3))
+    world_to_camera = np.asarray(world_to_camera, np.float64)
     seen = np.all(np.isfinite(points), axis=2)  # (N, P)
     uv = np.where(seen[..., None], points, 0.0)
     weight = seen.astype(np.float64)
-    enough = seen.sum(0) >= 5  # 9 unknowns, 2 equations a view
-    projection = K @ world_to_camera
+    enough = 2 * seen.sum(0) >= n_unknowns
+    projection = K @ world_to_camera  # (N, 3, 4)
+    # DLT rows per view and point: (u P3 - P1) . [X, 1] = 0 and (v P3 - P2) . [X, 1] = 0, with X linear
+    # in the unknowns (flattened feature-major).
     rows = uv[..., :, None] * projection[:, None, 2:3, :] - projection[:, None, :2, :]  # (N, P, 2, 4)
-    # Unknowns per point: coefficients (3 features, 3 axes), flattened feature-major.
-    A = np.einsum("npki,nf->npkfi", rows[..., :3], features).reshape(n_views, n_points, 2, 9)
+    A = np.einsum("npki,nf->npkfi", rows[..., :3], features).reshape(n_views, n_points, 2, n_unknowns)
     normal = np.einsum("np,npki,npkj->pij", weight, A, A)
-    normal[~enough] = np.eye(9)
+    normal[~enough] = np.eye(n_unknowns)
     rhs = np.einsum("np,npki,npk->pi", weight, A, -rows[..., 3])
-    C = np.linalg.solve(normal, rhs[..., None])[..., 0].reshape(n_points, 3, 3)
+    C = np.linalg.solve(normal, rhs[..., None])[..., 0].reshape(n_points, -1, 3)
     rotation, translation = world_to_camera[:, :, :3], world_to_camera[:, :, 3]
     fx, fy = K[:, 0, 0][:, None], K[:, 1, 1][:, None]
     for _ in range(iterations):
         X = np.einsum("pfi,nf->npi", C, features)
-        camera = np.einsum("nij,npj->npi", rotation, X) + translation[:, None]
+        camera = np.einsum("nij,npj->npi", rotation, X) + translation[:, None]  # (N, P, 3)
         z = camera[..., 2]
         pixels = np.stack([fx * camera[..., 0] / z + K[:, 0, 2][:, None],
                            fy * camera[..., 1] / z + K[:, 1, 2][:, None]], axis=-1)
-        d_pixel = np.zeros((n_views, n_points, 2, 3))
+        d_pixel = np.zeros((n_views, n_points, 2, 3))  # d pixel / d camera point
         d_pixel[..., 0, 0] = fx / z
         d_pixel[..., 0, 2] = -fx * camera[..., 0] / z**2
         d_pixel[..., 1, 1] = fy / z
         d_pixel[..., 1, 2] = -fy * camera[..., 1] / z**2
-        J = np.einsum("npkc,ncj,nf->npkfj", d_pixel, rotation, features).reshape(n_views, n_points, 2, 9)
+        J = np.einsum("npkc,ncj,nf->npkfj", d_pixel, rotation, features).reshape(n_views, n_points, 2,
+                                                                                 n_unknowns)
         normal = np.einsum("np,npki,npkj->pij", weight, J, J)
-        normal[~enough] = np.eye(9)
+        normal[~enough] = np.eye(n_unknowns)
         gradient = np.einsum("np,npki,npk->pi", weight, J, pixels - uv)
-        C = C - np.linalg.solve(normal, gradient[..., None])[..., 0].reshape(n_points, 3, 3)
+        C = C - np.linalg.solve(normal, gradient[..., None])[..., 0].reshape(n_points, -1, 3)
     C[~enough] = np.nan
-    return np.ascontiguousarray(np.transpose(C, (1, 0, 2)))
+    return C
 
 
 def symmetrise_posed(coefficients: np.ndarray, mirror: np.ndarray) -> np.ndarray:
