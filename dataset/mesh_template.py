@@ -150,9 +150,10 @@ def calibrate(renders: list[dict], size: int, key: str = "mesh") -> tuple[np.nda
         (template (468, 3) mirror-symmetric head units, per-point RMS pixel error (468,) of the
         detections against the template's projections under the true cameras).
     """
-    usable = [r for r in renders if np.all(np.isfinite(r["mesh" if key == "mean_of_models" else key]))]
-    points = np.stack([render_points(r, key) for r in usable])
-    cameras = np.stack([r["world_to_camera"] for r in usable])
+    points = [render_points(r, key) for r in renders]
+    usable = [i for i, p in enumerate(points) if np.all(np.isfinite(p))]
+    points = np.stack([points[i] for i in usable])
+    cameras = np.stack([renders[i]["world_to_camera"] for i in usable])
     K = default_intrinsics(size, size)
     template = symmetrise(triangulate(points, K, cameras), mirror_index(mean_mesh()))
     from pose.camera import project

@@ -151,6 +151,12 @@ def _posed_jacobian(params: np.ndarray, model: PosedTemplate, points: np.ndarray
     return jacobian
 
 
+def _in_front(template: np.ndarray, params: np.ndarray) -> bool:
+    """Whether every template point lies in front of the camera (rotvec, t[, log focal]) `params`."""
+    rotation = Rotation.from_rotvec(params[:3]).as_matrix()
+    return bool(np.all(template @ rotation[2] + params[5] > 1e-6))
+
+
 def _starts(points: np.ndarray, template: np.ndarray, K: np.ndarray) -> dict[str, np.ndarray]:
     """Candidate (rotvec, t) starts: OpenCV PnP solutions, a frontal guess, and their yaw mirrors."""
     starts: dict[str, np.ndarray] = {}
@@ -219,9 +225,7 @@ def solve_camera(points: np.ndarray, template: np.ndarray | PosedTemplate, image
         x0 = np.r_[start, 0.0] if optimise_focal else start
         result = least_squares(_residuals, x0, jac=_jacobian, method="lm", x_scale="jac",
                                args=(template, points, K, optimise_focal))
-        rotation = Rotation.from_rotvec(result.x[:3]).as_matrix()
-        in_front = np.all(template @ rotation[2] + result.x[5] > 1e-6)
-        if in_front and (best is None or result.cost < best[1].cost):
+        if _in_front(template, result.x) and (best is None or result.cost < best[1].cost):
             best = (name, result)
     if best is None:
         raise ValueError("No camera places all template points in front of it; the landmarks are degenerate.")
@@ -229,12 +233,9 @@ def solve_camera(points: np.ndarray, template: np.ndarray | PosedTemplate, image
     if posed is not None:
         joint = least_squares(_posed_residuals, result.x, jac=_posed_jacobian, method="lm", x_scale="jac",
                               args=(posed, points, K, optimise_focal))
-        joint_rotation = Rotation.from_rotvec(joint.x[:3]).as_matrix()
-        template = posed.at(joint_rotation)
-        if np.all(template @ joint_rotation[2] + joint.x[5] > 1e-6):
-            name, result = name + "+posed", joint
-        else:  # the joint fit left the head behind the camera: keep the frontal template's fit
-            template = posed.frontal
+        joint_template = posed.at(Rotation.from_rotvec(joint.x[:3]).as_matrix())
+        if _in_front(joint_template, joint.x):  # else keep the frontal template's fit
+            name, result, template = name + "+posed", joint, joint_template
     if optimise_focal:
         K = K.copy()
         K[0, 0] = K[1, 1] = K[0, 0] * np.exp(result.x[6])
